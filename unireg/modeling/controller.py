@@ -1,0 +1,29 @@
+"""Controller: condition vector + instance feature -> kernels of one level's dynamic head.
+
+The instance feature is GroupNorm + ReLU + global average pooling of the level's decoder
+features, so the head adapts to the pair as well as to the prompt. The output layer starts at
+zero weight with its bias holding a working base head: training starts from a plain network
+and learns how conditions should bend it.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .dynamic_head import DynamicHead
+
+
+class Controller(nn.Module):
+    def __init__(self, condition_dim: int, feature_channels: int, hidden: int, head: DynamicHead):
+        super().__init__()
+        groups = next(g for g in (8, 4, 2, 1) if feature_channels % g == 0)
+        self.instance = nn.Sequential(nn.GroupNorm(groups, feature_channels), nn.ReLU(),
+                                      nn.AdaptiveAvgPool3d(1), nn.Flatten())
+        self.mlp = nn.Sequential(nn.Linear(condition_dim + feature_channels, hidden), nn.LeakyReLU(0.2))
+        self.out = nn.Linear(hidden, head.num_params)
+        nn.init.zeros_(self.out.weight)
+        with torch.no_grad():
+            self.out.bias.copy_(head.base_params())
+
+    def forward(self, condition: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        return self.out(self.mlp(torch.cat([condition, self.instance(features)], dim=1)))

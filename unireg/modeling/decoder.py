@@ -1,0 +1,52 @@
+"""3-D convolutional parts: a shared multi-scale stem and the per-level fusion blocks.
+
+The stem gives full-resolution detail the slice-wise ViT cannot see (through-plane structure,
+fine edges); each decoder level fuses fixed features with moving features warped by the
+current estimate, so every level only has to explain what is still misaligned.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+def conv_block(in_channels: int, out_channels: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv3d(in_channels, out_channels, 3, stride=stride, padding=1), nn.LeakyReLU(0.2),
+        nn.Conv3d(out_channels, out_channels, 3, padding=1), nn.LeakyReLU(0.2),
+    )
+
+
+class Stem3d(nn.Module):
+    """Image [N,1,D,H,W] -> {stride: features} for strides 2, 4, 8, ..."""
+
+    def __init__(self, channels: tuple[int, ...], max_stride: int):
+        super().__init__()
+        self.strides = []
+        blocks, in_ch, s = [], 1, 2
+        for c in channels:
+            if s > max_stride:
+                break
+            blocks.append(conv_block(in_ch, c, stride=2))
+            self.strides.append(s)
+            in_ch, s = c, s * 2
+        self.blocks = nn.ModuleList(blocks)
+        self.channels = {s: c for s, c in zip(self.strides, channels)}
+
+    def forward(self, image: torch.Tensor) -> dict[int, torch.Tensor]:
+        out, x = {}, image
+        for stride, block in zip(self.strides, self.blocks):
+            x = block(x)
+            out[stride] = x
+        return out
+
+
+class FusionLevel(nn.Module):
+    """Concatenated fixed / warped-moving / coarser features -> per-voxel level features."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.block = conv_block(in_channels, out_channels)
+
+    def forward(self, *features: torch.Tensor) -> torch.Tensor:
+        return self.block(torch.cat(features, dim=1))

@@ -1,0 +1,101 @@
+"""UniRegModel: the network, tensors in and fields out.
+
+    fixed, moving [B,1,D,H,W] in [0,1]
+      -> SAM slice backbone (shared) + 3-D stem (shared)
+      -> coarse-to-fine fusion levels, each with a controller-generated dynamic head
+      -> stationary velocity at the finest level -> scaling and squaring -> displacement
+
+All fields are in voxels of the input grid, channels in (d, h, w) order.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import UniRegConfig
+from ..prompt import Prompt, parse_prompt
+from .backbone import SliceBackbone
+from .condition import ConditionEncoder
+from .controller import Controller
+from .decoder import FusionLevel, Stem3d
+from .dynamic_head import DynamicHead
+from .text_encoder import TextEmbedder
+from .transform import SpatialTransformer, VelocityIntegrator, resize_field
+
+
+@dataclass
+class FieldOutput:
+    velocity: torch.Tensor       # [B,3,...] at the finest level, voxels of that level
+    displacement: torch.Tensor   # [B,3,D,H,W] voxels of the input grid
+
+
+class UniRegModel(nn.Module):
+    def __init__(self, config: UniRegConfig, embedder: TextEmbedder | None = None):
+        super().__init__()
+        self.config = config
+        self.backbone = SliceBackbone(config)
+        self.stem = Stem3d(config.stem_channels, max_stride=config.level_strides[0])
+        self.condition = ConditionEncoder(config, embedder or TextEmbedder(config.text_model))
+        self.heads = [DynamicHead(c, config.head_hidden) for c in config.decoder_channels]
+        levels, controllers, previous = [], [], None
+        for stride, channels, head in zip(config.level_strides, config.decoder_channels, self.heads):
+            in_ch = 2 * self.stem.channels[stride]
+            in_ch += 2 * config.vit_out_chans if previous is None else previous
+            levels.append(FusionLevel(in_ch, channels))
+            controllers.append(Controller(self.condition.out_dim, channels, config.controller_hidden, head))
+            previous = channels
+        self.levels = nn.ModuleList(levels)
+        self.controllers = nn.ModuleList(controllers)
+        self.integrate = VelocityIntegrator(config.integration_steps)
+        self.transformer = SpatialTransformer()
+
+    @property
+    def embedder(self) -> TextEmbedder:
+        return self.condition.embedder
+
+    def forward(self, fixed: torch.Tensor, moving: torch.Tensor,
+                prompts: "list[str | Prompt] | str | Prompt") -> FieldOutput:
+        self._check_inputs(fixed, moving)
+        batch = fixed.shape[0]
+        if isinstance(prompts, (str, Prompt)):
+            prompts = [prompts] * batch
+        if len(prompts) != batch:
+            raise ValueError(f"got {len(prompts)} prompts for a batch of {batch} pairs")
+        condition = self.condition([parse_prompt(p) for p in prompts], fixed.device)
+
+        both = torch.cat([fixed, moving])
+        sam_fixed, sam_moving = self.backbone(both).chunk(2)
+        stem = {s: f.chunk(2) for s, f in self.stem(both).items()}
+
+        velocity, features = None, None
+        for level, stride in enumerate(self.config.level_strides):
+            stem_fixed, stem_moving = stem[stride]
+            if velocity is None:  # coarsest level: nothing to warp yet
+                velocity = stem_fixed.new_zeros(batch, 3, *stem_fixed.shape[2:])
+                features = self.levels[level](stem_fixed, stem_moving, sam_fixed, sam_moving)
+            else:
+                velocity = resize_field(velocity, stem_fixed.shape[2:])
+                warped = self.transformer(stem_moving, self.integrate(velocity))
+                coarser = F.interpolate(features, size=stem_fixed.shape[2:], mode="trilinear", align_corners=False)
+                features = self.levels[level](stem_fixed, warped, coarser)
+            params = self.controllers[level](condition, features)
+            velocity = velocity + self.heads[level](features, params)
+
+        displacement = resize_field(self.integrate(velocity), fixed.shape[2:])
+        return FieldOutput(velocity=velocity, displacement=displacement)
+
+    def warp(self, image: torch.Tensor, displacement: torch.Tensor, nearest: bool = False) -> torch.Tensor:
+        return self.transformer(image, displacement, nearest=nearest)
+
+    def _check_inputs(self, fixed: torch.Tensor, moving: torch.Tensor) -> None:
+        if fixed.dim() != 5 or fixed.shape[1] != 1:
+            raise ValueError(f"fixed must be [B,1,D,H,W], got {tuple(fixed.shape)}")
+        if moving.shape != fixed.shape:
+            raise ValueError(f"fixed {tuple(fixed.shape)} and moving {tuple(moving.shape)} must share a grid; "
+                             f"resample them first (UniReg.register does)")
+        div = self.config.size_divisor
+        if any(n % div for n in fixed.shape[2:]):
+            raise ValueError(f"spatial size {tuple(fixed.shape[2:])} must be a multiple of {div}")
