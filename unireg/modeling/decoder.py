@@ -11,9 +11,13 @@ import torch.nn as nn
 
 
 def conv_block(in_channels: int, out_channels: int, stride: int = 1) -> nn.Sequential:
+    """Two 3x3x3 convolutions; group norm (4 channels a group) keeps activations O(1) so the
+    dynamic head, whose weights are generated, sees well-scaled features from the first step."""
     return nn.Sequential(
-        nn.Conv3d(in_channels, out_channels, 3, stride=stride, padding=1), nn.LeakyReLU(0.2),
-        nn.Conv3d(out_channels, out_channels, 3, padding=1), nn.LeakyReLU(0.2),
+        nn.Conv3d(in_channels, out_channels, 3, stride=stride, padding=1),
+        nn.GroupNorm(max(1, out_channels // 4), out_channels), nn.LeakyReLU(0.2),
+        nn.Conv3d(out_channels, out_channels, 3, padding=1),
+        nn.GroupNorm(max(1, out_channels // 4), out_channels), nn.LeakyReLU(0.2),
     )
 
 

@@ -1,0 +1,34 @@
+"""Small synthetic volumes made inside the tests: blobs with TotalSegmentator label ids."""
+from __future__ import annotations
+
+import numpy as np
+
+from unireg.organs import ORGAN_TO_ID
+
+
+def blob_volume(shape=(32, 32, 32), shift=(0.0, 0.0, 0.0), scale=1.0, seed=0):
+    """Body ellipsoid with a 'liver' and a 'spleen' sphere; returns (HU int16, labels uint8).
+
+    Arrays are in nibabel (i, j, k) order. ``shift`` (voxels) and ``scale`` move the organs.
+    """
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape], indexing="ij"))
+    centre = (np.array(shape, dtype=np.float32) - 1) / 2
+    rel = (grid - centre[:, None, None, None]) / (np.array(shape, dtype=np.float32)[:, None, None, None] / 2)
+    hu = np.full(shape, -1000, dtype=np.float32)
+    labels = np.zeros(shape, dtype=np.uint8)
+    body = (rel ** 2).sum(0) < 0.85 ** 2
+    hu[body] = -100
+    organs = {"liver": (np.array([-0.25, 0.0, 0.0]), 0.3, 60.0), "spleen": (np.array([0.35, 0.1, 0.05]), 0.18, 45.0)}
+    for name, (c, r, value) in organs.items():
+        c = c + np.array(shift) / (np.array(shape) / 2)
+        mask = (((rel - c[:, None, None, None]) ** 2).sum(0) < (r * scale) ** 2) & body
+        hu[mask] = value
+        labels[mask] = ORGAN_TO_ID[name]
+    hu += rng.normal(0, 5, size=shape).astype(np.float32)
+    return hu.astype(np.int16), labels
+
+
+def dice(a: np.ndarray, b: np.ndarray, label: int) -> float:
+    ma, mb = a == label, b == label
+    return float(2 * (ma & mb).sum() / max(ma.sum() + mb.sum(), 1))

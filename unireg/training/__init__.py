@@ -1,0 +1,1 @@
+"""Training: objective, DeepSpeed trainer, checkpoints and export."""

@@ -1,0 +1,43 @@
+"""One forward pass and loss for a batch of pairs — shared by the trainer, adaptation and tests.
+
+A batch is the loader's dict: ``fixed``/``moving`` [B,1,D,H,W] in [0,1], ``fixed_seg``/
+``moving_seg`` label ids, ``organs`` (prompted organ names per pair), ``prompt`` strings and
+``smoothness`` (per-pair λ in [0,1], NaN = the prompt's default).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..losses import RegistrationLoss
+from ..organs import ORGAN_TO_ID
+from ..prompt import parse_prompt
+
+
+def organ_masks(labels: torch.Tensor, organs: list[list[str]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Label ids [B,1,...] + organ names per sample -> one-hot masks [B,K,...] and validity [B,K]."""
+    k = max(1, max((len(o) for o in organs), default=0))
+    masks = labels.new_zeros((labels.shape[0], k, *labels.shape[2:]), dtype=torch.float32)
+    valid = torch.zeros(labels.shape[0], k, device=labels.device)
+    for b, names in enumerate(organs):
+        for j, name in enumerate(names):
+            masks[b, j] = (labels[b, 0] == ORGAN_TO_ID[name]).float()
+            valid[b, j] = 1.0
+    return masks, valid
+
+
+def registration_step(model, batch: dict, loss_fn: RegistrationLoss) -> dict:
+    """Forward the pairs, warp images and prompted organ masks, return the loss terms."""
+    fixed, moving = batch["fixed"], batch["moving"]
+    prompts = [parse_prompt(p) for p in batch["prompt"]]
+    out = model(fixed, moving, prompts)
+    warped = model.warp(moving, out.displacement)
+    lam = torch.tensor([model.condition.smoothness_of(p) for p in prompts], device=fixed.device)
+    organs = batch.get("organs") or [list(p.organs) for p in prompts]
+    fixed_masks = warped_masks = valid = None
+    if "fixed_seg" in batch and any(organs):
+        fixed_masks, valid = organ_masks(batch["fixed_seg"], organs)
+        moving_masks, _ = organ_masks(batch["moving_seg"], organs)
+        warped_masks = model.warp(moving_masks.to(fixed.dtype), out.displacement)
+    terms = loss_fn(fixed, warped, out.velocity, lam, fixed_masks, warped_masks, valid)
+    terms["displacement"] = out.displacement
+    return terms
