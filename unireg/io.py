@@ -188,10 +188,20 @@ def voxel_world(shape, affine: np.ndarray) -> np.ndarray:
 
 def sample_at_world(volume: np.ndarray, affine: np.ndarray, points: np.ndarray, order: int, cval: float,
                     mode: str = "constant") -> np.ndarray:
-    """Values of ``volume`` (i,j,k) at world points [3, N] (linear or nearest)."""
+    """Values of ``volume`` (i,j,k) at world points [3, N] (linear or nearest).
+
+    As in ITK, a voxel is a cube: points up to half a voxel beyond the edge centres take the
+    edge value, points further out take ``cval`` (mode "constant") - so fields exported for
+    ITK reproduce our resampling exactly.
+    """
     inv = np.linalg.inv(affine)
     ijk = inv[:3, :3] @ points + inv[:3, 3:4]
-    return ndimage.map_coordinates(volume, ijk, order=order, mode=mode, cval=cval, prefilter=False)
+    values = ndimage.map_coordinates(volume, ijk, order=order, mode="nearest", prefilter=False)
+    if mode == "constant":
+        upper = np.array(volume.shape, dtype=ijk.dtype)[:, None] - 0.5
+        outside = ((ijk < -0.5) | (ijk > upper)).any(axis=0)
+        values[outside] = cval
+    return values
 
 
 def field_on_grid(world_field: np.ndarray, field_affine: np.ndarray, shape, affine: np.ndarray) -> np.ndarray:
