@@ -63,6 +63,11 @@ class UniReg(UniRegModel):
         save_file({k: v.contiguous() for k, v in self.embedder.cache.items()}, str(folder / PROMPT_CACHE_NAME))
         return folder
 
+    def load_sam_checkpoint(self, path: "str | Path"):
+        """Initialise the backbone from an official SAM file (``sam_vit_b_01ec64.pth`` etc.)."""
+        from .modeling.sam_checkpoint import load_sam_image_encoder
+        return load_sam_image_encoder(self.backbone.image_encoder, path)
+
     # ----------------------------------------------------------------------------- registration
     def register(self, fixed, moving, prompt: "str | Prompt | None" = None, moving_labels=None,
                  fixed_labels=None, optimize_steps: int = 0, fixed_affine=None, moving_affine=None) -> RegistrationResult:
