@@ -31,7 +31,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["unireg", "unireg.*", "data_tools", "data_tools.*", "app", "app.*"]),
-    package_data={"unireg": ["checkpoints/*/*.json", "checkpoints/*/*.safetensors",
+    package_data={"unireg": ["training/*.json", "checkpoints/*/*.json", "checkpoints/*/*.safetensors",
                              "checkpoints/*/*.md", "checkpoints/*/*.png"]},
     include_package_data=True,
     install_requires=CORE,

@@ -58,7 +58,8 @@ class UniReg(UniRegModel):
         if cache_vocabulary:
             self.embedder.embed([organ_phrase(o) for o in ORGANS] + [WHOLE_BODY])
         self.config.save(folder / CONFIG_NAME)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        state = {k: (v.float() if v.is_floating_point() else v).detach().cpu().contiguous()
+                 for k, v in self.state_dict().items()}  # fp32 on disk whatever the training precision
         save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
         save_file({k: v.contiguous() for k, v in self.embedder.cache.items()}, str(folder / PROMPT_CACHE_NAME))
         return folder

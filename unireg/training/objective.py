@@ -25,11 +25,14 @@ def organ_masks(labels: torch.Tensor, organs: list[list[str]]) -> tuple[torch.Te
     return masks, valid
 
 
-def registration_step(model, batch: dict, loss_fn: RegistrationLoss) -> dict:
-    """Forward the pairs, warp images and prompted organ masks, return the loss terms."""
+def registration_step(model, batch: dict, loss_fn: RegistrationLoss, forward=None) -> dict:
+    """Forward the pairs, warp images and prompted organ masks, return the loss terms.
+
+    ``forward`` is what runs the network (a DeepSpeed engine wrapping ``model``), default ``model``.
+    """
     fixed, moving = batch["fixed"], batch["moving"]
     prompts = [parse_prompt(p) for p in batch["prompt"]]
-    out = model(fixed, moving, prompts)
+    out = (forward or model)(fixed, moving, prompts)
     warped = model.warp(moving, out.displacement)
     lam = torch.tensor([model.condition.smoothness_of(p) for p in prompts], device=fixed.device)
     organs = batch.get("organs") or [list(p.organs) for p in prompts]

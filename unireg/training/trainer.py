@@ -1,0 +1,254 @@
+"""DeepSpeed trainer: shards -> engine -> checkpoints -> exported model.
+
+The same loop trains ``tiny`` in one CPU process (gloo) and ``vit_h`` on many GPU nodes under
+the ``deepspeed`` launcher. The data stream is deterministic in (seed, epoch) and the trainer
+records how many batches of the current epoch it consumed, so ``--resume auto`` continues
+with the very batch a stopped run would have seen next.
+"""
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..api import UniReg
+from ..losses import RegistrationLoss
+from ..modeling.text_encoder import WHOLE_BODY
+from ..organs import ORGANS, organ_phrase
+from ..prompt import parse_prompt
+from .checkpoint import CheckpointManager
+from .config import TrainConfig
+from .objective import registration_step
+
+logger = logging.getLogger(__name__)
+
+
+def init_distributed() -> None:
+    """Gloo on CPU, NCCL on GPU; a plain single process gets a one-rank group of its own."""
+    import deepspeed
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    backend = "nccl" if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu" else "gloo"
+    deepspeed.init_distributed(dist_backend=backend)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def build_model(config: TrainConfig) -> UniReg:
+    section = config.model
+    if section.from_pretrained:
+        model = UniReg.from_pretrained(section.from_pretrained)
+        if section.overrides:
+            logger.warning("model.overrides are ignored when fine-tuning from %s", section.from_pretrained)
+    else:
+        model = UniReg(config.model_config())
+    if section.sam_checkpoint:
+        report = model.load_sam_checkpoint(config.resolve(section.sam_checkpoint))
+        logger.info("%s", report)
+    model.backbone.gradient_checkpointing = section.activation_checkpointing
+    # Cache the vocabulary once so training never waits on the text model mid-run.
+    model.embedder.embed([organ_phrase(o) for o in ORGANS] + [WHOLE_BODY])
+    return model.train()
+
+
+def shard_urls(spec, resolve) -> list[str] | str:
+    """A folder (all pairs-*.tar in it), a brace pattern / URL string, or a list of those."""
+    if isinstance(spec, (list, tuple)):
+        return [u for s in spec for u in _as_list(shard_urls(s, resolve))]
+    path = resolve(str(spec))
+    if path.is_dir():
+        urls = sorted(str(p) for p in path.glob("*.tar"))
+        if not urls:
+            raise FileNotFoundError(f"no .tar shards in {path}")
+        return urls
+    return str(path) if path.exists() else str(spec)
+
+
+def _as_list(x):
+    return x if isinstance(x, list) else [x]
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, max_steps: int | None = None):
+        import deepspeed
+        self.config = config
+        self.run = config.run
+        self.total_steps = config.run.steps
+        self.stop_at = min(max_steps, self.total_steps) if max_steps else self.total_steps
+        init_distributed()
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        torch.manual_seed(self.run.seed)
+        self.output_dir = Path(self.run.output_dir)  # relative to the working directory, like any run folder
+        self.model = build_model(config)
+        ds_config = config.deepspeed_dict()
+        scheduler = ds_config.get("scheduler", {}).get("params", {})
+        if "total_num_steps" in scheduler:
+            scheduler["total_num_steps"] = self.total_steps
+        self.engine, _, _, _ = deepspeed.initialize(model=self.model, model_parameters=self.model.parameters(),
+                                                    config=ds_config)
+        self.batch_size = self.engine.train_micro_batch_size_per_gpu()
+        self.grad_accum = self.engine.gradient_accumulation_steps()
+        self.dtype = next(self.engine.module.parameters()).dtype
+        self.loss_fn = RegistrationLoss(**vars(config.loss))
+        self.checkpoints = CheckpointManager(self.output_dir / "checkpoints", self.run.keep_last)
+        self.task = parse_prompt(self.run.task) if self.run.task else None
+        self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
+        if self.rank == 0:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            self.engine.module.config.save(self.output_dir / "model_config.json")
+
+    # ------------------------------------------------------------------------------------ data
+    def _loader(self, epoch: int):
+        from ..data import make_loader
+        d = self.config.data
+        return make_loader(shard_urls(d.train, self.config.resolve), batch_size=self.batch_size,
+                           patch_size=tuple(d.patch_size) if d.patch_size else None, seed=self.run.seed,
+                           epoch=epoch, num_workers=d.num_workers, shuffle=True, prompt_sampling=d.prompt_sampling,
+                           smoothness=tuple(d.smoothness) if d.smoothness else None, augment=d.augment)
+
+    def _batches(self):
+        """Endless (epoch, batch) stream, starting where the last run stopped."""
+        while True:
+            stream = iter(self._loader(self.epoch))
+            skipped = self.batch_in_epoch
+            got_any = False
+            for batch in itertools.islice(stream, skipped, None):
+                got_any = True
+                self.batch_in_epoch += 1
+                yield batch
+            if not got_any and skipped == 0:
+                raise RuntimeError(f"rank {self.rank}: the training shards gave no pairs (check data.train)")
+            self.epoch += 1
+            self.batch_in_epoch = 0
+
+    def _apply_task(self, batch: dict) -> dict:
+        """Task-specific mode: every pair gets the same prompt and is scored on its organs only."""
+        if self.task is None:
+            return batch
+        batch = dict(batch)
+        batch["prompt"] = [str(self.task)] * len(batch["prompt"])
+        batch["organs"] = [[o for o in self.task.organs] for _ in batch["prompt"]]
+        return batch
+
+    # ------------------------------------------------------------------------------------ loop
+    def resume(self, spec: str | None) -> None:
+        if not spec or spec == "none":
+            return
+        tag = self.checkpoints.latest() if spec == "auto" else spec
+        if tag is None:
+            logger.info("no checkpoint to resume from in %s; starting fresh", self.checkpoints.directory)
+            return
+        state = self.checkpoints.load(self.engine, tag)
+        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
+        if self.rank == 0:
+            logger.warning("resumed from %s at step %d (epoch %d, batch %d)", tag, self.step, self.epoch,
+                           self.batch_in_epoch)
+
+    def train(self) -> dict:
+        from tqdm.auto import tqdm
+        device = self.engine.device
+        log_path = self.output_dir / "train_log.csv"
+        progress = tqdm(total=self.stop_at, initial=self.step, disable=self.rank != 0, desc="train", unit="step")
+        window_start, window_pairs = time.perf_counter(), 0
+        last = {}
+        batches = self._batches()
+        while self.step < self.stop_at:
+            for _ in range(self.grad_accum):
+                batch = self._apply_task(next(batches))
+                batch = {k: (v.to(device, dtype=self.dtype) if k in ("fixed", "moving") else
+                             v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+                terms = registration_step(self.engine.module, batch, self.loss_fn, forward=self.engine)
+                self.engine.backward(terms["loss"])
+                self.engine.step()
+                window_pairs += batch["fixed"].shape[0] * self.world
+            self.step += 1
+            progress.update(1)
+            last = {k: float(v) for k, v in terms.items() if k != "displacement"}
+            if self.step % self.run.log_every == 0 or self.step == self.stop_at:
+                elapsed = time.perf_counter() - window_start
+                row = {"step": self.step, "lr": self.engine.get_lr()[0], "pairs_per_s": window_pairs / elapsed,
+                       **{k: round(v, 5) for k, v in last.items()}}
+                self._log(log_path, row)
+                progress.set_postfix(loss=f"{last['loss']:.4f}", pairs_s=f"{row['pairs_per_s']:.2f}")
+                window_start, window_pairs = time.perf_counter(), 0
+            if self.run.eval_every and self.step % self.run.eval_every == 0 and self.config.data.val:
+                self.evaluate()
+            if self.step % self.run.checkpoint_every == 0 or self.step == self.stop_at:
+                self.save_checkpoint()
+        progress.close()
+        return last
+
+    def save_checkpoint(self) -> Path:
+        state = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                 "world_size": self.world, "torch_rng": torch.get_rng_state().tolist()}
+        return self.checkpoints.save(self.engine, self.step, state)
+
+    def evaluate(self) -> dict | None:
+        """Held-out Dice / HD95 / Jacobian on rank 0 (ZeRO-3 parameters gathered for it)."""
+        from ..evaluation import evaluate_shards
+        with gathered_parameters(self.engine):
+            if self.rank != 0:
+                return None
+            module = self.engine.module
+            module.eval()
+            summary = evaluate_shards(module, shard_urls(self.config.data.val, self.config.resolve),
+                                      max_pairs=self.run.eval_pairs, prompt=self.run.task, with_hd95=False)
+            module.train()
+        self._log(self.output_dir / "eval_log.csv", {"step": self.step, **summary["mean"]})
+        return summary
+
+    def export(self, out_dir: "str | Path | None" = None) -> Path | None:
+        """save_pretrained folder from the live engine (ZeRO-3 shards gathered to rank 0)."""
+        out = Path(out_dir or self.run.export_dir or self.output_dir / "export")
+        with gathered_parameters(self.engine):
+            if self.rank == 0:
+                self.engine.module.save_pretrained(out)
+        dist.barrier()
+        return out if self.rank == 0 else None
+
+    def _log(self, path: Path, row: dict) -> None:
+        if self.rank != 0:
+            return
+        new = not path.exists()
+        with open(path, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(row))
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+        logger.info("%s", json.dumps(row))
+
+
+class gathered_parameters:
+    """Context: full parameters on every rank under ZeRO-3, a no-op otherwise."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.ctx = None
+
+    def __enter__(self):
+        if self.engine.zero_optimization_stage() == 3:
+            import deepspeed
+            self.ctx = deepspeed.zero.GatheredParameters(list(self.engine.module.parameters()), modifier_rank=None)
+            self.ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.ctx is not None:
+            self.ctx.__exit__(*exc)
+        return False
