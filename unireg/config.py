@@ -70,7 +70,7 @@ class UniRegConfig:
     def from_preset(cls, size: str, **overrides) -> "UniRegConfig":
         if size not in PRESETS:
             raise ValueError(f"unknown model size {size!r}; choose one of {sorted(PRESETS)}")
-        return cls(**{**PRESETS[size], "size": size, **overrides})
+        return cls.from_dict({**PRESETS[size], "size": size, **overrides})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
