@@ -1,0 +1,128 @@
+"""WebDataset pair shards: ``pairs-%06d.tar`` + ``index.json``.
+
+One sample per pair: ``fixed.npy`` / ``moving.npy`` (int16 HU), ``fixed_seg.npy`` /
+``moving_seg.npy`` (uint8 TotalSegmentator ids), ``meta.json`` (type, organs present in both,
+spacing, subject ids, source, split) and, when known, ``displacement.npy`` (float32 voxels,
+(dz, dy, dx), the true field with ``fixed(x) = moving(x + d(x))``). Arrays are in torch order
+[D, H, W]. Arrays are stored as raw ``.npy``: ``bench/data_loading.py`` measures the trade-off
+(zlib-compressed ``.npz`` is ~3-4x smaller but decodes several times slower, and decode speed is
+what keeps training fed); pass ``encoding="npz"`` where storage matters more.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from unireg.organs import ID_TO_ORGAN, ORGANS
+
+logger = logging.getLogger(__name__)
+
+ARRAY_KEYS = ("fixed", "moving", "fixed_seg", "moving_seg")
+DTYPES = {"fixed": np.int16, "moving": np.int16, "fixed_seg": np.uint8, "moving_seg": np.uint8,
+          "displacement": np.float32}
+
+
+def encode_array(array: np.ndarray, encoding: str) -> bytes:
+    buf = io.BytesIO()
+    if encoding == "npy":
+        np.save(buf, array, allow_pickle=False)
+    elif encoding == "npz":
+        np.savez_compressed(buf, a=array)
+    else:
+        raise ValueError(f"unknown array encoding {encoding!r}; use 'npy' or 'npz'")
+    return buf.getvalue()
+
+
+def decode_array(data: bytes, extension: str) -> np.ndarray:
+    if extension == "npy":
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    if extension == "npz":
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            return z["a"]
+    raise ValueError(f"unknown array encoding .{extension}")
+
+
+def organs_in_both(fixed_seg: np.ndarray, moving_seg: np.ndarray) -> list[str]:
+    common = set(np.unique(fixed_seg).tolist()) & set(np.unique(moving_seg).tolist())
+    return [ID_TO_ORGAN[i] for i in sorted(common) if i in ID_TO_ORGAN]
+
+
+def pair_sample(key: str, pair: dict, encoding: str = "npy") -> dict:
+    """Pair dict (arrays + meta) -> webdataset sample dict of bytes."""
+    missing = [k for k in ARRAY_KEYS if k not in pair]
+    if missing:
+        raise ValueError(f"pair {key}: missing arrays {missing}")
+    shape = pair["fixed"].shape
+    for k in ARRAY_KEYS:
+        if pair[k].shape != shape:
+            raise ValueError(f"pair {key}: {k} has shape {pair[k].shape}, fixed has {shape}; resample first")
+    sample = {"__key__": key}
+    for k in (*ARRAY_KEYS, "displacement"):
+        if pair.get(k) is not None:
+            sample[f"{k}.{encoding}"] = encode_array(np.ascontiguousarray(pair[k]).astype(DTYPES[k]), encoding)
+    meta = {"organs": organs_in_both(pair["fixed_seg"], pair["moving_seg"]), **pair.get("meta", {})}
+    meta["shape"] = list(shape)
+    sample["meta.json"] = json.dumps(meta).encode()
+    return sample
+
+
+def write_shards(pairs: Iterable[tuple[str, dict]], out_dir: "str | Path", max_shard_bytes: float = 256e6,
+                 encoding: str = "npy", extra_index: dict | None = None) -> dict:
+    """Write (key, pair) items into ``out_dir/pairs-%06d.tar`` and ``index.json``; returns the index."""
+    import webdataset as wds
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    counts = {"pairs": 0, "inter": 0, "intra": 0}
+    organs, spacings = set(), set()
+    with wds.ShardWriter(str(out / "pairs-%06d.tar"), maxsize=max_shard_bytes, verbose=0) as sink:
+        for key, pair in pairs:
+            sample = pair_sample(key, pair, encoding)
+            meta = json.loads(sample["meta.json"])
+            sink.write(sample)
+            counts["pairs"] += 1
+            counts[meta.get("type", "inter")] = counts.get(meta.get("type", "inter"), 0) + 1
+            organs.update(meta["organs"])
+            if "spacing" in meta:
+                spacings.add(tuple(meta["spacing"]))
+    shards = sorted(p.name for p in out.glob("pairs-*.tar"))
+    index = {"shards": shards, "counts": counts, "encoding": encoding,
+             "organs": [o for o in ORGANS if o in organs], "spacing": sorted(spacings), **(extra_index or {})}
+    (out / "index.json").write_text(json.dumps(index, indent=1))
+    return index
+
+
+def phantom_pairs(n_subjects: int, shape=(96, 96, 96), spacing=(4.0, 4.0, 4.0), seed: int = 0,
+                  intra_per_subject: int = 1, inter_pairs: int | None = None):
+    """(key, pair) items from generated phantoms: intra pairs with their true field, inter pairs."""
+    from data_tools.phantom import make_intra_pair, make_subject
+    rng = np.random.default_rng(seed)
+    subjects = [make_subject(seed * 1000 + i, shape=shape, spacing_mm=spacing) for i in range(n_subjects)]
+    base = {"spacing": list(spacing), "source": "phantom"}
+    for i, s in enumerate(subjects):
+        for j in range(intra_per_subject):
+            moving, disp = make_intra_pair(s, seed * 1000 + 500 + i * 10 + j)
+            yield f"phantom-s{seed}-{i:04d}-intra{j}", {
+                "fixed": s.image, "moving": moving.image, "fixed_seg": s.labels, "moving_seg": moving.labels,
+                "displacement": disp,
+                "meta": {**base, "type": "intra", "fixed_id": f"s{seed}-{i}", "moving_id": f"s{seed}-{i}-phase{j}"}}
+    n_inter = n_subjects if inter_pairs is None else inter_pairs
+    if n_subjects > 1:
+        for k in range(n_inter):
+            a, b = rng.choice(n_subjects, size=2, replace=False)
+            yield f"phantom-s{seed}-inter{k:04d}", {
+                "fixed": subjects[a].image, "moving": subjects[b].image,
+                "fixed_seg": subjects[a].labels, "moving_seg": subjects[b].labels,
+                "meta": {**base, "type": "inter", "fixed_id": f"s{seed}-{a}", "moving_id": f"s{seed}-{b}"}}
+
+
+def make_phantom_shards(out_dir: "str | Path", n_subjects: int = 6, shape=(48, 48, 48), spacing=(8.0, 8.0, 8.0),
+                        seed: int = 0, intra_per_subject: int = 1, inter_pairs: int | None = None,
+                        max_shard_bytes: float = 256e6, encoding: str = "npy") -> dict:
+    """Phantom pairs straight into shards (used by tests, the demo and the shipped model's run)."""
+    pairs = phantom_pairs(n_subjects, shape, spacing, seed, intra_per_subject, inter_pairs)
+    return write_shards(pairs, out_dir, max_shard_bytes, encoding)

@@ -1,0 +1,215 @@
+"""Streaming pair loader over WebDataset shards.
+
+Shards are split across ranks (``split_by_node``) and data-loader workers
+(``split_by_worker``), shuffled per epoch, decoded, cropped to the training patch, lightly
+augmented and given a sampled prompt. Every random choice is seeded by (seed, epoch, rank,
+sample key), so a resumed run sees the same stream. Unreadable shards and malformed samples are
+skipped, logged and counted in :data:`skip_stats`; the rest of the data still arrives.
+Arrays are torch order [D, H, W]; see ``data_tools/shards.py`` for the sample layout.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+import threading
+import zlib
+from collections import Counter
+
+import numpy as np
+import torch
+
+from .organs import ORGAN_TO_ID
+from .preprocessing import HU_OUTSIDE, normalize_ct
+
+logger = logging.getLogger(__name__)
+
+REQUIRED = ("fixed", "moving", "fixed_seg", "moving_seg")
+
+
+class SkipStats:
+    """Thread-safe counters of what was skipped and why (per process / worker)."""
+
+    def __init__(self):
+        self.counts: Counter = Counter()
+        self._lock = threading.Lock()
+
+    def add(self, reason: str, detail: str) -> None:
+        with self._lock:
+            self.counts[reason] += 1
+        logger.warning("skipped %s: %s", reason, detail)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def reset(self) -> None:
+        with self._lock:
+            self.counts.clear()
+
+
+skip_stats = SkipStats()
+
+
+def _skip_shard(exn: Exception) -> bool:
+    skip_stats.add("unreadable shard", repr(exn))
+    return True
+
+
+def _skip_sample(exn: Exception) -> bool:
+    skip_stats.add("malformed sample", repr(exn))
+    return True
+
+
+def decode_pair(sample: dict) -> dict:
+    """Raw tar members -> arrays + meta; raises ValueError naming what is wrong."""
+    from data_tools.shards import decode_array
+    key = sample.get("__key__", "?")
+    out = {"key": key, "url": sample.get("__url__", "")}
+    for name in (*REQUIRED, "displacement"):
+        ext = next((e for e in ("npy", "npz") if f"{name}.{e}" in sample), None)
+        if ext is None:
+            if name in REQUIRED:
+                raise ValueError(f"sample {key} in {out['url']} has no {name} array")
+            continue
+        try:
+            out[name] = decode_array(sample[f"{name}.{ext}"], ext)
+        except Exception as exc:
+            raise ValueError(f"sample {key}: cannot decode {name}.{ext} ({exc})") from None
+    if "meta.json" not in sample:
+        raise ValueError(f"sample {key} has no meta.json")
+    out["meta"] = json.loads(sample["meta.json"])
+    shapes = {out[k].shape for k in REQUIRED}
+    if len(shapes) != 1 or len(out["fixed"].shape) != 3:
+        raise ValueError(f"sample {key}: arrays must share one 3-D shape, got {shapes}")
+    return out
+
+
+def _rng(seed: int, epoch: int, key: str) -> np.random.Generator:
+    return np.random.default_rng([seed, epoch, zlib.crc32(key.encode())])
+
+
+def _crop(arrays: dict, patch, rng) -> dict:
+    shape = arrays["fixed"].shape
+    pads = [max(0, p - n) for p, n in zip(patch, shape)]
+    starts = [int(rng.integers(0, max(1, n + pad - p + 1))) for n, p, pad in zip(shape, patch, pads)]
+    out = {}
+    for k, a in arrays.items():
+        fill = HU_OUTSIDE if k in ("fixed", "moving") else 0
+        if any(pads):
+            width = [(pad // 2, pad - pad // 2) for pad in pads]
+            if a.ndim == 4:
+                width = [(0, 0)] + width
+            a = np.pad(a, width, constant_values=fill)
+        sl = tuple(slice(s, s + p) for s, p in zip(starts, patch))
+        out[k] = a[(...,) + sl]
+    return out
+
+
+def prepare_pair(sample: dict, patch_size, seed: int, epoch: int, prompt_sampling: bool, smoothness, augment: bool) -> dict:
+    rng = _rng(seed, epoch, sample["key"])
+    arrays = {k: sample[k] for k in REQUIRED}
+    if patch_size is not None:
+        arrays = _crop(arrays, patch_size, rng)
+    fixed = arrays["fixed"].astype(np.float32)
+    moving = arrays["moving"].astype(np.float32)
+    if augment:  # mild scanner differences; no flips: they would swap left and right organs
+        fixed = fixed * rng.uniform(0.97, 1.03) + rng.uniform(-20, 20)
+        moving = moving * rng.uniform(0.97, 1.03) + rng.uniform(-20, 20)
+    present = [o for o in sample["meta"].get("organs", []) if o in ORGAN_TO_ID]
+    in_patch = set(np.unique(arrays["fixed_seg"]).tolist()) & set(np.unique(arrays["moving_seg"]).tolist())
+    present = [o for o in present if ORGAN_TO_ID[o] in in_patch]
+    if prompt_sampling and present:
+        k = int(rng.integers(1, min(4, len(present)) + 1))
+        organs = sorted(rng.choice(present, size=k, replace=False).tolist(), key=present.index)
+    else:
+        organs = present
+    reg_type = sample["meta"].get("type", "inter")
+    lam = float(rng.uniform(*smoothness)) if smoothness else float("nan")
+    prompt = f"{reg_type} | {', '.join(organs) if organs else 'whole body'}"
+    prompt = prompt.replace(" | whole body", "")
+    if smoothness:
+        prompt += f" | smooth={lam:.2f}"
+    return {"fixed": torch.from_numpy(normalize_ct(fixed))[None], "moving": torch.from_numpy(normalize_ct(moving))[None],
+            "fixed_seg": torch.from_numpy(arrays["fixed_seg"].astype(np.int64))[None],
+            "moving_seg": torch.from_numpy(arrays["moving_seg"].astype(np.int64))[None],
+            "organs": organs, "type": reg_type, "prompt": prompt, "smoothness": lam, "key": sample["key"],
+            "spacing": torch.tensor(sample["meta"].get("spacing", [1.0, 1.0, 1.0]), dtype=torch.float32)}
+
+
+def collate(samples: list[dict]) -> dict:
+    out = {}
+    for k in samples[0]:
+        values = [s[k] for s in samples]
+        if torch.is_tensor(values[0]):
+            out[k] = torch.stack(values)
+        elif k == "smoothness":
+            out[k] = torch.tensor(values, dtype=torch.float32)
+        else:
+            out[k] = values
+    return out
+
+
+def _shard_list(urls, seed: int, epoch: int, shuffle: bool) -> list[str]:
+    if isinstance(urls, str):
+        import braceexpand
+        urls = list(braceexpand.braceexpand(urls))
+    urls = list(urls)
+    if shuffle:
+        random.Random(seed * 100003 + epoch).shuffle(urls)
+    return urls
+
+
+def _rank() -> int:
+    from webdataset.utils import pytorch_worker_info
+    rank, _, worker, _ = pytorch_worker_info()
+    return rank * 1000 + worker
+
+
+def build_pipeline(urls, batch_size: int | None, patch_size=None, seed: int = 0, epoch: int = 0, shuffle: bool = True,
+                   prompt_sampling: bool = True, smoothness=None, augment: bool = True, shuffle_buffer: int = 8):
+    import webdataset as wds
+    stages = [wds.SimpleShardList(_shard_list(urls, seed, epoch, shuffle)), wds.split_by_node, wds.split_by_worker,
+              wds.tarfile_to_samples(handler=_skip_shard), wds.map(decode_pair, handler=_skip_sample)]
+    if shuffle:
+        stages.append(wds.shuffle(shuffle_buffer, initial=shuffle_buffer,
+                                  rng=_LazyRng(seed, epoch)))
+    stages.append(wds.map(lambda s: prepare_pair(s, patch_size, seed, epoch, prompt_sampling, smoothness, augment),
+                          handler=_skip_sample))
+    if batch_size:
+        stages.append(wds.batched(batch_size, collation_fn=collate, partial=False))
+    return wds.DataPipeline(*stages)
+
+
+class _LazyRng(random.Random):
+    """Sample-shuffle RNG seeded on first use, inside the worker, by (seed, epoch, rank, worker)."""
+
+    def __init__(self, seed: int, epoch: int):
+        super().__init__(0)
+        self._base, self._ready = (seed, epoch), False
+
+    def random(self):
+        if not self._ready:
+            self.seed(hash((*self._base, _rank())))
+            self._ready = True
+        return super().random()
+
+
+def make_loader(urls, batch_size: int, patch_size=(64, 64, 64), seed: int = 0, epoch: int = 0, num_workers: int = 0,
+                shuffle: bool = True, prompt_sampling: bool = True, smoothness=(0.0, 1.0), augment: bool = True,
+                shuffle_buffer: int = 8):
+    """Batches for one epoch of this rank's share of the shards (see module docstring)."""
+    pipeline = build_pipeline(urls, batch_size, patch_size, seed, epoch, shuffle, prompt_sampling, smoothness,
+                              augment, shuffle_buffer)
+    if num_workers == 0:
+        return pipeline
+    import webdataset as wds
+    return wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers, persistent_workers=False)
+
+
+def iterate_pairs(urls):
+    """Full-size decoded pairs (numpy arrays + meta), in shard order, for evaluation."""
+    import webdataset as wds
+    pipeline = wds.DataPipeline(wds.SimpleShardList(_shard_list(urls, 0, 0, False)),
+                                wds.tarfile_to_samples(handler=_skip_shard), wds.map(decode_pair, handler=_skip_sample))
+    yield from pipeline
