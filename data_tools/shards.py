@@ -126,3 +126,39 @@ def make_phantom_shards(out_dir: "str | Path", n_subjects: int = 6, shape=(48, 4
     """Phantom pairs straight into shards (used by tests, the demo and the shipped model's run)."""
     pairs = phantom_pairs(n_subjects, shape, spacing, seed, intra_per_subject, inter_pairs)
     return write_shards(pairs, out_dir, max_shard_bytes, encoding)
+
+
+def prepared_pairs(pairs_json: "str | Path", split: str | None = None):
+    """(key, pair) items from ``prepare_dataset``'s pairs.json, moving put onto the fixed grid.
+
+    Intra-subject pairs are related through their world coordinates; inter-subject scans share
+    no coordinate system, so the moving scan is centred on the fixed one first (the usual
+    initialisation before deformable inter-subject registration).
+    """
+    import nibabel as nib
+    from nibabel.processing import resample_from_to
+    info = json.loads(Path(pairs_json).read_text())
+    for p in info["pairs"]:
+        if split and p["split"] != split:
+            continue
+        fixed, fixed_lab = nib.load(p["fixed"]), nib.load(p["fixed_labels"])
+        moving, moving_lab = nib.load(p["moving"]), nib.load(p["moving_labels"])
+        if p["type"] == "inter":
+            shift = _centre(fixed) - _centre(moving)
+            moved = moving.affine.copy()
+            moved[:3, 3] += shift
+            moving = nib.Nifti1Image(np.asanyarray(moving.dataobj), moved)
+            moving_lab = nib.Nifti1Image(np.asanyarray(moving_lab.dataobj), moved)
+        moving = resample_from_to(moving, fixed, order=1, cval=-1024)
+        moving_lab = resample_from_to(moving_lab, fixed, order=0)
+        torch_order = lambda img, dt: np.ascontiguousarray(np.transpose(np.asanyarray(img.dataobj), (2, 1, 0))).astype(dt)  # noqa: E731
+        yield f"{p['fixed_id']}--{p['moving_id']}".replace(".", "_"), {
+            "fixed": torch_order(fixed, np.int16), "moving": np.clip(np.rint(torch_order(moving, np.float32)), -1024, 3071),
+            "fixed_seg": torch_order(fixed_lab, np.uint8), "moving_seg": torch_order(moving_lab, np.uint8),
+            "meta": {"type": p["type"], "spacing": [float(s) for s in fixed.header.get_zooms()[:3]][::-1],
+                     "fixed_id": p["fixed_id"], "moving_id": p["moving_id"], "source": p.get("source", ""),
+                     "split": p["split"]}}
+
+
+def _centre(img) -> np.ndarray:
+    return (img.affine @ np.append((np.array(img.shape[:3]) - 1) / 2, 1))[:3]

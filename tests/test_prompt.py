@@ -15,6 +15,7 @@ from unireg import Prompt, PromptError, UniReg, parse_prompt
     ("intra | IVC; bladder | smoothness: 0.8", Prompt("intra", ("inferior_vena_cava", "urinary_bladder"), 0.8)),
     ("liver", Prompt("inter", ("liver",))),
     ("intra", Prompt("intra", ())),
+    ("inter | Vertebrae_L3, vertebrae T12", Prompt("inter", ("vertebrae_L3", "vertebrae_T12"))),
 ])
 def test_structured_forms_and_synonyms(text, expected):
     parsed = parse_prompt(text)

@@ -75,6 +75,9 @@ def _side_swapped(token: str) -> str | None:
     return None
 
 
+_CLASS_BY_LOWER = {name.lower(): name for name in ORGANS}  # "vertebrae_l3" -> "vertebrae_L3"
+
+
 def resolve_organ(text: str) -> list[str] | None:
     """Map one user-written organ name to TotalSegmentator classes, or None if unknown."""
     token = _canonical_token(text)
@@ -82,8 +85,8 @@ def resolve_organ(text: str) -> list[str] | None:
         if candidate is None:
             continue
         candidate = SYNONYMS.get(candidate, candidate)
-        if candidate in ORGAN_TO_ID:
-            return [candidate]
+        if candidate in _CLASS_BY_LOWER:
+            return [_CLASS_BY_LOWER[candidate]]
         if candidate in GROUPS:
             return list(GROUPS[candidate])
     return None

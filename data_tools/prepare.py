@@ -1,0 +1,225 @@
+"""Real data sets -> prepared subjects and a pair list.
+
+Layouts: TotalSegmentator (``<id>/ct.nii.gz`` + ``<id>/segmentations/<class>.nii.gz``),
+Learn2Reg (``imagesTr/``, ``labelsTr/`` and the task's ``*.json`` with its label names and
+registration pairs) and a CSV (``image,label,subject[,session]``). Every scan is reoriented to
+RAS, resampled to the target spacing, cropped to the body and stored as int16 HU / uint8
+TotalSegmentator ids. Label maps on another grid than their CT are resampled onto it (nearest)
+and the fact is logged and recorded in the subject's ``notes``; a missing label file is never
+silently treated as background: the class is recorded as missing (TotalSegmentator) or the
+scan is refused with an error naming the file (Learn2Reg, CSV).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from nibabel.processing import resample_from_to, resample_to_output
+
+from unireg.organs import ORGAN_TO_ID, resolve_organ
+
+logger = logging.getLogger(__name__)
+
+
+class PreparationError(ValueError):
+    """A scan or label file cannot be prepared; the message names the file."""
+
+
+@dataclass
+class Scan:
+    subject: str
+    session: str
+    image: Path
+    labels: dict = field(default_factory=dict)      # TotalSegmentator name -> mask file, or {"__map__": path}
+    label_names: dict = field(default_factory=dict)  # for label maps: value -> TotalSegmentator name
+
+
+# ----------------------------------------------------------------------------------- layouts
+def scan_totalsegmentator(root: Path) -> list[Scan]:
+    scans = []
+    for ct in sorted(root.glob("*/ct.nii.gz")):
+        seg_dir = ct.parent / "segmentations"
+        labels = {p.name[: -len(".nii.gz")]: p for p in sorted(seg_dir.glob("*.nii.gz"))} if seg_dir.is_dir() else {}
+        unknown = [n for n in labels if n not in ORGAN_TO_ID]
+        for n in unknown:
+            logger.warning("%s: %s is not a TotalSegmentator class; ignored", ct.parent.name, n)
+            labels.pop(n)
+        scans.append(Scan(subject=ct.parent.name, session="0", image=ct, labels=labels))
+    if not scans:
+        raise PreparationError(f"no <id>/ct.nii.gz found under {root} (TotalSegmentator layout)")
+    return scans
+
+
+def scan_learn2reg(root: Path) -> tuple[list[Scan], list[tuple[str, str]]]:
+    tasks = sorted(root.glob("*.json"))
+    if not tasks:
+        raise PreparationError(f"no task JSON in {root} (Learn2Reg layout)")
+    task = json.loads(tasks[0].read_text())
+    names = {}
+    for value, name in (task.get("labels") or {}).items():
+        if int(value) == 0:
+            continue
+        resolved = resolve_organ(str(name))
+        if not resolved or len(resolved) != 1:
+            raise PreparationError(f"{tasks[0]}: label {value} {name!r} is not a TotalSegmentator class")
+        names[int(value)] = resolved[0]
+    scans = {}
+    for entry in task.get("training", []):
+        image = (root / entry["image"]).resolve()
+        label = (root / entry["label"]).resolve() if entry.get("label") else root / "labelsTr" / image.name
+        stem = image.name.replace(".nii.gz", "")
+        subject, _, session = stem.rpartition("_")
+        scans[image.name] = Scan(subject=subject or stem, session=session, image=image,
+                                 labels={"__map__": label}, label_names=names)
+    pairs = [(Path(p["fixed"]).name, Path(p["moving"]).name) for p in task.get("registration_val", []) +
+             task.get("training_paired_images", [])]
+    return list(scans.values()), pairs
+
+
+def scan_csv(path: Path) -> list[Scan]:
+    scans = []
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            if "image" not in row or "subject" not in row:
+                raise PreparationError(f"{path}: needs columns image, label, subject[, session]")
+            image = (path.parent / row["image"]).resolve()
+            labels = {"__map__": (path.parent / row["label"]).resolve()} if row.get("label") else {}
+            scans.append(Scan(subject=row["subject"], session=row.get("session") or "0", image=image, labels=labels,
+                              label_names={i: n for n, i in ORGAN_TO_ID.items()}))
+    return scans
+
+
+# ---------------------------------------------------------------------------------- preparing
+def _load(path: Path, what: str) -> nib.Nifti1Image:
+    if not path.is_file():
+        raise PreparationError(f"{what} not found: {path}")
+    try:
+        img = nib.load(str(path))
+        return nib.Nifti1Image(np.asanyarray(img.dataobj), img.affine)
+    except Exception as exc:
+        raise PreparationError(f"{what} {path} is not a readable NIfTI ({exc})") from None
+
+
+def _on_grid(label: nib.Nifti1Image, ct: nib.Nifti1Image, path: Path, notes: list) -> np.ndarray:
+    if label.shape[:3] == ct.shape[:3] and np.allclose(label.affine, ct.affine, atol=1e-3):
+        return np.asanyarray(label.dataobj)
+    note = f"{path.name} was on another grid than its CT and was resampled onto it (nearest neighbour)"
+    logger.warning(note)
+    notes.append(note)
+    return np.asanyarray(resample_from_to(label, ct, order=0).dataobj)
+
+
+def label_map(scan: Scan, ct: nib.Nifti1Image, notes: list, missing: list) -> np.ndarray:
+    out = np.zeros(ct.shape[:3], np.uint8)
+    if "__map__" in scan.labels:
+        path = scan.labels["__map__"]
+        data = _on_grid(_load(path, f"label map of {scan.subject}"), ct, path, notes).astype(np.int64)
+        for value in np.unique(data):
+            if value == 0:
+                continue
+            if value not in scan.label_names:
+                raise PreparationError(f"{path}: label value {value} has no name in the task description")
+            out[data == value] = ORGAN_TO_ID[scan.label_names[value]]
+        return out
+    for name in ORGAN_TO_ID:
+        path = scan.labels.get(name)
+        if path is None:
+            continue
+        if not path.is_file():
+            missing.append(name)
+            continue
+        mask = _on_grid(_load(path, f"{name} mask"), ct, path, notes) > 0
+        out[mask & (out == 0)] = ORGAN_TO_ID[name]
+    return out
+
+
+def prepare_scan(scan: Scan, spacing, margin_mm: float = 10.0) -> tuple[nib.Nifti1Image, nib.Nifti1Image, dict]:
+    ct = _load(scan.image, f"CT of {scan.subject}")
+    if ct.ndim != 3:
+        raise PreparationError(f"{scan.image} is {ct.ndim}-D; expected a 3-D CT")
+    notes, missing = [], []
+    labels = nib.Nifti1Image(label_map(scan, ct, notes, missing), ct.affine)
+    ct, labels = nib.as_closest_canonical(ct), nib.as_closest_canonical(labels)
+    ct = resample_to_output(ct, voxel_sizes=spacing, order=1, cval=-1024)
+    labels = resample_from_to(labels, ct, order=0)
+    hu = np.asanyarray(ct.dataobj)
+    body = np.argwhere(hu > -500)
+    if body.size == 0:
+        raise PreparationError(f"{scan.image}: no voxel above -500 HU; is it a CT in Hounsfield units?")
+    pad = np.ceil(margin_mm / np.array(spacing)).astype(int)
+    lo = np.maximum(body.min(0) - pad, 0)
+    hi = np.minimum(body.max(0) + pad + 1, hu.shape)
+    sl = tuple(slice(a, b) for a, b in zip(lo, hi))
+    affine = ct.affine.copy()
+    affine[:3, 3] = (ct.affine @ np.append(lo, 1))[:3]
+    ct_out = nib.Nifti1Image(np.clip(np.rint(hu[sl]), -1024, 3071).astype(np.int16), affine)
+    lab_out = nib.Nifti1Image(np.asanyarray(labels.dataobj)[sl].astype(np.uint8), affine)
+    return ct_out, lab_out, {"notes": notes, "missing_labels": missing}
+
+
+def split_subjects(subjects: list[str], fractions=(0.8, 0.1, 0.1), seed: int = 0) -> dict[str, str]:
+    order = sorted(subjects)
+    np.random.default_rng(seed).shuffle(order)
+    n = len(order)
+    n_val = max(1, int(round(fractions[1] * n))) if n >= 3 else 0
+    n_test = max(1, int(round(fractions[2] * n))) if n >= 3 else 0
+    return {s: "val" if i < n_val else "test" if i < n_val + n_test else "train" for i, s in enumerate(order)}
+
+
+def prepare_dataset(layout: str, root: "str | Path", out_dir: "str | Path", spacing=(2.0, 2.0, 2.0),
+                    seed: int = 0, max_inter_per_subject: int = 4) -> dict:
+    """Prepare every scan and write ``pairs.json``; returns its content."""
+    root, out = Path(root), Path(out_dir)
+    declared_pairs = []
+    if layout == "totalsegmentator":
+        scans = scan_totalsegmentator(root)
+    elif layout == "learn2reg":
+        scans, declared_pairs = scan_learn2reg(root)
+    elif layout == "csv":
+        scans = scan_csv(root)
+    else:
+        raise PreparationError(f"unknown layout {layout!r}; use totalsegmentator, learn2reg or csv")
+    (out / "subjects").mkdir(parents=True, exist_ok=True)
+    prepared, skipped = {}, []
+    for scan in scans:
+        name = f"{scan.subject}_{scan.session}"
+        try:
+            ct, labels, info = prepare_scan(scan, spacing)
+        except PreparationError as exc:
+            logger.warning("skipped %s: %s", name, exc)
+            skipped.append({"scan": name, "reason": str(exc)})
+            continue
+        paths = {"image": out / "subjects" / f"{name}_ct.nii.gz", "labels": out / "subjects" / f"{name}_labels.nii.gz"}
+        nib.save(ct, str(paths["image"]))
+        nib.save(labels, str(paths["labels"]))
+        prepared[scan.image.name if layout == "learn2reg" else name] = {
+            "subject": scan.subject, "session": scan.session, **{k: str(v) for k, v in paths.items()}, **info}
+    splits = split_subjects(sorted({p["subject"] for p in prepared.values()}), seed=seed)
+    pairs = []
+    rng = np.random.default_rng(seed)
+    keys = list(prepared)
+    if declared_pairs:
+        candidates = [(f, m) for f, m in declared_pairs if f in prepared and m in prepared]
+    else:
+        candidates = [(a, b) for a in keys for b in keys if a != b and prepared[a]["subject"] == prepared[b]["subject"]]
+        for a in keys:
+            others = [b for b in keys if prepared[b]["subject"] != prepared[a]["subject"]
+                      and splits[prepared[b]["subject"]] == splits[prepared[a]["subject"]]]
+            for b in rng.permutation(others)[:max_inter_per_subject] if others else []:
+                candidates.append((a, str(b)))
+    for f, m in candidates:
+        pf, pm = prepared[f], prepared[m]
+        if splits[pf["subject"]] != splits[pm["subject"]]:
+            continue  # never mix subjects across splits
+        pairs.append({"fixed": pf["image"], "moving": pm["image"], "fixed_labels": pf["labels"],
+                      "moving_labels": pm["labels"], "type": "intra" if pf["subject"] == pm["subject"] else "inter",
+                      "split": splits[pf["subject"]], "fixed_id": f, "moving_id": m, "source": layout})
+    result = {"layout": layout, "spacing": list(spacing), "scans": prepared, "skipped": skipped, "pairs": pairs,
+              "splits": splits}
+    (out / "pairs.json").write_text(json.dumps(result, indent=1))
+    return result
