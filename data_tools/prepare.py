@@ -52,6 +52,11 @@ def scan_totalsegmentator(root: Path) -> list[Scan]:
         scans.append(Scan(subject=ct.parent.name, session="0", image=ct, labels=labels))
     if not scans:
         raise PreparationError(f"no <id>/ct.nii.gz found under {root} (TotalSegmentator layout)")
+    # A class that other subjects have but this one lacks is recorded as missing, not as background.
+    expected = set().union(*[s.labels for s in scans])
+    for scan in scans:
+        for name in expected - set(scan.labels):
+            scan.labels[name] = scan.image.parent / "segmentations" / f"{name}.nii.gz"
     return scans
 
 
@@ -131,6 +136,8 @@ def label_map(scan: Scan, ct: nib.Nifti1Image, notes: list, missing: list) -> np
         if path is None:
             continue
         if not path.is_file():
+            logger.warning("%s: label file %s is missing; %s is recorded as missing, not background",
+                           scan.subject, path, name)
             missing.append(name)
             continue
         mask = _on_grid(_load(path, f"{name} mask"), ct, path, notes) > 0
