@@ -4,11 +4,17 @@ The instance feature is GroupNorm + ReLU + global average pooling of the level's
 features, so the head adapts to the pair as well as to the prompt. The output layer starts at
 zero weight with its bias holding a working base head: training starts from a plain network
 and learns how conditions should bend it.
+
+The condition-dependent part is scaled by 1/hidden: each generated kernel entry sums ``hidden``
+weights, and with Adam every weight moves by about the learning rate per step, so unscaled the
+generated kernels would move ``hidden`` times faster than an ordinary layer and training turns
+chaotic (the network then settles on a near-zero field).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .dynamic_head import DynamicHead
 
@@ -21,9 +27,11 @@ class Controller(nn.Module):
                                       nn.AdaptiveAvgPool3d(1), nn.Flatten())
         self.mlp = nn.Sequential(nn.Linear(condition_dim + feature_channels, hidden), nn.LeakyReLU(0.2))
         self.out = nn.Linear(hidden, head.num_params)
+        self.scale = 1.0 / hidden
         nn.init.zeros_(self.out.weight)
         with torch.no_grad():
             self.out.bias.copy_(head.base_params())
 
     def forward(self, condition: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-        return self.out(self.mlp(torch.cat([condition, self.instance(features)], dim=1)))
+        hidden = self.mlp(torch.cat([condition, self.instance(features)], dim=1))
+        return F.linear(hidden, self.out.weight * self.scale, self.out.bias)

@@ -45,6 +45,22 @@ class Stem3d(nn.Module):
         return out
 
 
+def local_correlation(fixed: torch.Tensor, moving: torch.Tensor, radius: int = 1) -> torch.Tensor:
+    """Cost volume: channel-mean product of fixed features with moving features shifted by every
+    offset in [-radius, radius]^3 -> [B, (2r+1)^3, D, H, W]. It tells each voxel directly where its
+    match lies, which is what makes a registration decoder learn quickly (as in PWC-Net)."""
+    fixed = nn.functional.normalize(fixed, dim=1)
+    moving = nn.functional.normalize(moving, dim=1)
+    padded = nn.functional.pad(moving, [radius] * 6, mode="replicate")
+    d, h, w = fixed.shape[2:]
+    out = []
+    for i in range(2 * radius + 1):
+        for j in range(2 * radius + 1):
+            for k in range(2 * radius + 1):
+                out.append((fixed * padded[:, :, i:i + d, j:j + h, k:k + w]).sum(1, keepdim=True))
+    return torch.cat(out, dim=1)
+
+
 class FusionLevel(nn.Module):
     """Concatenated fixed / warped-moving / coarser features -> per-voxel level features."""
 

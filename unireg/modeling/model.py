@@ -20,10 +20,13 @@ from ..prompt import Prompt, parse_prompt
 from .backbone import SliceBackbone
 from .condition import ConditionEncoder
 from .controller import Controller
-from .decoder import FusionLevel, Stem3d
+from .decoder import FusionLevel, Stem3d, local_correlation
 from .dynamic_head import DynamicHead
 from .text_encoder import TextEmbedder
 from .transform import SpatialTransformer, VelocityIntegrator, resize_field
+
+
+CORRELATION_CHANNELS = 27  # local_correlation with radius 1
 
 
 @dataclass
@@ -42,7 +45,7 @@ class UniRegModel(nn.Module):
         self.heads = [DynamicHead(c, config.head_hidden) for c in config.decoder_channels]
         levels, controllers, previous = [], [], None
         for stride, channels, head in zip(config.level_strides, config.decoder_channels, self.heads):
-            in_ch = 2 * self.stem.channels[stride]
+            in_ch = 2 * self.stem.channels[stride] + CORRELATION_CHANNELS
             in_ch += 2 * config.vit_out_chans if previous is None else previous
             levels.append(FusionLevel(in_ch, channels))
             controllers.append(Controller(self.condition.out_dim, channels, config.controller_hidden, head))
@@ -75,12 +78,13 @@ class UniRegModel(nn.Module):
             stem_fixed, stem_moving = stem[stride]
             if velocity is None:  # coarsest level: nothing to warp yet
                 velocity = stem_fixed.new_zeros(batch, 3, *stem_fixed.shape[2:])
-                features = self.levels[level](stem_fixed, stem_moving, sam_fixed, sam_moving)
+                features = self.levels[level](stem_fixed, stem_moving, local_correlation(stem_fixed, stem_moving),
+                                              sam_fixed, sam_moving)
             else:
                 velocity = resize_field(velocity, stem_fixed.shape[2:])
                 warped = self.transformer(stem_moving, self.integrate(velocity))
                 coarser = F.interpolate(features, size=stem_fixed.shape[2:], mode="trilinear", align_corners=False)
-                features = self.levels[level](stem_fixed, warped, coarser)
+                features = self.levels[level](stem_fixed, warped, local_correlation(stem_fixed, warped), coarser)
             params = self.controllers[level](condition, features)
             velocity = velocity + self.heads[level](features, params)
 
