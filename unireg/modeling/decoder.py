@@ -22,7 +22,8 @@ def conv_block(in_channels: int, out_channels: int, stride: int = 1) -> nn.Seque
 
 
 class Stem3d(nn.Module):
-    """Image [N,1,D,H,W] -> {stride: features} for strides 2, 4, 8, ..."""
+    """Image [N,1,D,H,W] -> features at strides 2, 4, 8, ... (a list, in ``self.strides`` order;
+    a list rather than a dict keyed by stride because ZeRO-3's hooks need string-keyed outputs)."""
 
     def __init__(self, channels: tuple[int, ...], max_stride: int):
         super().__init__()
@@ -37,11 +38,11 @@ class Stem3d(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.channels = {s: c for s, c in zip(self.strides, channels)}
 
-    def forward(self, image: torch.Tensor) -> dict[int, torch.Tensor]:
-        out, x = {}, image
-        for stride, block in zip(self.strides, self.blocks):
+    def forward(self, image: torch.Tensor) -> list[torch.Tensor]:
+        out, x = [], image
+        for block in self.blocks:
             x = block(x)
-            out[stride] = x
+            out.append(x)
         return out
 
 

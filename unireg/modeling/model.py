@@ -71,7 +71,7 @@ class UniRegModel(nn.Module):
 
         both = torch.cat([fixed, moving])
         sam_fixed, sam_moving = self.backbone(both).chunk(2)
-        stem = {s: f.chunk(2) for s, f in self.stem(both).items()}
+        stem = {s: f.chunk(2) for s, f in zip(self.stem.strides, self.stem(both))}
 
         velocity, features = None, None
         for level, stride in enumerate(self.config.level_strides):

@@ -62,6 +62,7 @@ class RunSection:
     keep_last: int = 3
     task: str | None = None              # task-specific mode: one fixed prompt, e.g. "intra | liver"
     export_dir: str | None = None
+    record_data_order: bool = False      # append each rank's pair keys to <output_dir>/data_order/
 
 
 @dataclass

@@ -177,6 +177,8 @@ class Trainer:
                 self.engine.backward(terms["loss"])
                 self.engine.step()
                 window_pairs += batch["fixed"].shape[0] * self.world
+                if self.run.record_data_order:
+                    self._record_keys(batch["key"])
             self.step += 1
             progress.update(1)
             last = {k: float(v) for k, v in terms.items() if k != "displacement"}
@@ -221,6 +223,12 @@ class Trainer:
                 self.engine.module.save_pretrained(out)
         dist.barrier()
         return out if self.rank == 0 else None
+
+    def _record_keys(self, keys: list[str]) -> None:
+        folder = self.output_dir / "data_order"
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / f"rank{self.rank}.txt", "a") as f:
+            f.write("".join(f"{self.step}\t{self.epoch}\t{k}\n" for k in keys))
 
     def _log(self, path: Path, row: dict) -> None:
         if self.rank != 0:

@@ -1,0 +1,76 @@
+"""Helpers for the training tests: small shards, a small config, running unireg-train."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from data_tools.shards import make_phantom_shards
+
+DS_CONFIG = {
+    "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
+    "optimizer": {"type": "AdamW", "params": {"lr": 0.001, "torch_adam": True}},
+    "scheduler": {"type": "WarmupCosineLR", "params": {"total_num_steps": 10, "warmup_num_steps": 2}},
+    "zero_optimization": {"stage": 2}, "steps_per_print": 10 ** 9,
+}
+
+
+def small_shards(out: Path) -> Path:
+    make_phantom_shards(out / "train", n_subjects=6, shape=(32, 32, 32), spacing=(12.0, 12.0, 12.0), seed=1,
+                        intra_per_subject=1, inter_pairs=6, max_shard_bytes=300_000)
+    make_phantom_shards(out / "val", n_subjects=2, shape=(32, 32, 32), spacing=(12.0, 12.0, 12.0), seed=9,
+                        intra_per_subject=1, inter_pairs=1, max_shard_bytes=10 ** 9)
+    return out
+
+
+def write_config(folder: Path, shards: Path, steps: int, checkpoint_every: int, zero_stage: int = 2, **run) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    ds = json.loads(json.dumps(DS_CONFIG))
+    ds["zero_optimization"]["stage"] = zero_stage
+    (folder / "ds.json").write_text(json.dumps(ds))
+    config = {
+        "model": {"preset": "tiny", "overrides": {"vit_img_size": 64, "vit_depth": 1, "working_spacing_mm": 12.0}},
+        "data": {"train": str(shards / "train"), "val": str(shards / "val"), "patch_size": [32, 32, 32],
+                 "augment": True},
+        "run": {"output_dir": str(folder / "run"), "deepspeed_config": "ds.json", "steps": steps, "log_every": 1,
+                "eval_every": 0, "checkpoint_every": checkpoint_every, "keep_last": 3, "record_data_order": True,
+                **run},
+    }
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def train(config: Path, *args: str, launcher: list[str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    command = (launcher or [sys.executable, "-m", "unireg.training.cli"]) + ["--config", str(config), *args]
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(command)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def deepspeed_launcher(n: int) -> list[str]:
+    exe = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
+    script = shutil.which("unireg-train") or str(Path(sys.executable).parent / "unireg-train")
+    return [exe, "--num_gpus", str(n), "--master_port", str(_free_port()), script]
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def data_order(run: Path, rank: int = 0) -> list[tuple[int, int, str]]:
+    """(step, epoch, pair key) for every pair a rank trained on."""
+    lines = (run / "data_order" / f"rank{rank}.txt").read_text().split("\n")
+    return [(int(a), int(b), c) for a, b, c in (line.split("\t") for line in lines if line)]
