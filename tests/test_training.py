@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from training_utils import data_order, deepspeed_launcher, small_shards, train, write_config
+from training_utils import data_order, deepspeed_launcher, small_shards, train, trained_prompts, write_config
 from unireg import UniReg
 from unireg.training.checkpoint import STATE_FILE
 
@@ -89,3 +89,15 @@ def test_zero3_export_gives_the_engine_outputs(shards, tmp_path):
         b = live(x, y, "intra | liver").displacement
     assert torch.allclose(a, b, atol=1e-6)
     assert a.abs().max() > 0
+
+
+def test_task_specific_mode_trains_every_pair_on_the_one_task(shards, tmp_path):
+    unified = write_config(tmp_path / "unified", shards, steps=3, checkpoint_every=3)
+    train(unified, "--resume", "none", "--no-export")
+    task = write_config(tmp_path / "task", shards, steps=3, checkpoint_every=3, task="intra | liver")
+    train(task, "--resume", "none", "--no-export")
+    sampled = trained_prompts(tmp_path / "unified" / "run")
+    fixed = trained_prompts(tmp_path / "task" / "run")
+    assert len(set(sampled)) > 1                                   # prompts sampled per pair by default
+    assert len(fixed) == len(sampled) and set(fixed) == {"intra | liver"}
+    assert data_order(tmp_path / "task" / "run") == data_order(tmp_path / "unified" / "run")  # same pairs, same order

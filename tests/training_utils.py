@@ -72,5 +72,14 @@ def _free_port() -> int:
 
 def data_order(run: Path, rank: int = 0) -> list[tuple[int, int, str]]:
     """(step, epoch, pair key) for every pair a rank trained on."""
+    return [(int(a), int(b), c) for a, b, c, _ in _records(run, rank)]
+
+
+def trained_prompts(run: Path, rank: int = 0) -> list[str]:
+    """The prompt of every pair a rank trained on, in order."""
+    return [prompt for *_, prompt in _records(run, rank)]
+
+
+def _records(run: Path, rank: int) -> list[list[str]]:
     lines = (run / "data_order" / f"rank{rank}.txt").read_text().split("\n")
-    return [(int(a), int(b), c) for a, b, c in (line.split("\t") for line in lines if line)]
+    return [line.split("\t") for line in lines if line]

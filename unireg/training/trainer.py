@@ -178,7 +178,7 @@ class Trainer:
                 self.engine.step()
                 window_pairs += batch["fixed"].shape[0] * self.world
                 if self.run.record_data_order:
-                    self._record_keys(batch["key"])
+                    self._record_batch(batch)
             self.step += 1
             progress.update(1)
             last = {k: float(v) for k, v in terms.items() if k != "displacement"}
@@ -224,11 +224,12 @@ class Trainer:
         dist.barrier()
         return out if self.rank == 0 else None
 
-    def _record_keys(self, keys: list[str]) -> None:
+    def _record_batch(self, batch: dict) -> None:
+        """One line per pair: step, epoch, pair key and the prompt it was trained with."""
         folder = self.output_dir / "data_order"
         folder.mkdir(parents=True, exist_ok=True)
         with open(folder / f"rank{self.rank}.txt", "a") as f:
-            f.write("".join(f"{self.step}\t{self.epoch}\t{k}\n" for k in keys))
+            f.write("".join(f"{self.step}\t{self.epoch}\t{k}\t{p}\n" for k, p in zip(batch["key"], batch["prompt"])))
 
     def _log(self, path: Path, row: dict) -> None:
         if self.rank != 0:

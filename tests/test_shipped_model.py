@@ -1,0 +1,75 @@
+"""The shipped `unireg-tiny-phantom` model: offline loading, beats identity, identity on itself."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from data_tools.phantom import make_intra_pair, make_subject
+from unireg import UniReg
+from unireg.evaluation import evaluate_pair
+from unireg.prompt import Prompt
+
+SHAPE, SPACING = (64, 64, 64), (6.0, 6.0, 6.0)
+ORGANS = ("liver", "spleen", "kidney_left", "kidney_right", "stomach", "pancreas", "lung_lower_lobe_right")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return UniReg.from_pretrained("unireg-tiny-phantom")
+
+
+@pytest.fixture(scope="module")
+def held_out():
+    """Subjects from seeds the training data never used (training: 0..23, validation: 100000..)."""
+    subjects = [make_subject(777_000 + i, shape=SHAPE, spacing_mm=SPACING) for i in range(4)]
+    intra = [(s, make_intra_pair(s, 31 + i, amplitude_mm=16.0)[0]) for i, s in enumerate(subjects)]
+    inter = [(subjects[i], subjects[(i + 1) % 4]) for i in range(4)]
+    return {"intra": intra, "inter": inter}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("reg_type", ["intra", "inter"])
+def test_shipped_model_beats_identity_on_held_out_pairs(model, held_out, reg_type):
+    rows = [evaluate_pair(model, f.image, m.image, f.labels, m.labels, Prompt(reg_type, ORGANS), SPACING, with_hd95=False)
+            for f, m in held_out[reg_type]]
+    before = np.mean([np.mean(list(r["dice_identity"].values())) for r in rows])
+    after = np.mean([np.mean(list(r["dice"].values())) for r in rows])
+    assert after > before + 0.02, (before, after)
+    assert max(r["nonpositive_jacobian_pct"] for r in rows) < 1.0
+
+
+@pytest.mark.slow
+def test_registering_an_image_to_itself_gives_a_near_zero_field(model, held_out):
+    fixed, moving = held_out["inter"][0]
+    affine = fixed.affine
+    same = model.register((fixed.image.transpose(2, 1, 0), affine), (fixed.image.transpose(2, 1, 0), affine), "inter | liver")
+    other = model.register((fixed.image.transpose(2, 1, 0), affine), (moving.image.transpose(2, 1, 0), affine), "inter | liver")
+    same_mm = np.linalg.norm(same.displacement, axis=-1)
+    other_mm = np.linalg.norm(other.displacement, axis=-1)
+    assert same_mm.mean() < 0.25 * other_mm.mean(), (same_mm.mean(), other_mm.mean())
+    assert np.percentile(same_mm, 99) < SPACING[0] / 2           # under half a voxel nearly everywhere
+
+
+@pytest.mark.slow
+def test_prompts_steer_the_shipped_model(model, held_out):
+    fixed, moving = held_out["intra"][0]
+    f = torch.from_numpy(fixed.image.astype(np.float32))[None, None]
+    m = torch.from_numpy(moving.image.astype(np.float32))[None, None]
+    from unireg.preprocessing import normalize_ct
+    f, m = normalize_ct(f), normalize_ct(m)
+    with torch.no_grad():
+        fields = [model(f, m, p).displacement for p in ("intra | liver", "inter | liver", "intra | lungs | smooth=0.9")]
+    assert (fields[0] - fields[1]).abs().max() > 0.05 and (fields[0] - fields[2]).abs().max() > 0.05
+
+
+def test_shipped_model_loads_offline_without_the_text_model(tmp_path):
+    code = ("import unireg.modeling.text_encoder as t; t.TextEmbedder._load = None\n"
+            "from unireg import UniReg; m = UniReg.from_pretrained('unireg-tiny-phantom')\n"
+            "print(m.condition.text_embeddings([__import__('unireg').parse_prompt('intra | left kidney')]).shape)")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "torch.Size([1, 384])" in proc.stdout
