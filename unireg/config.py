@@ -31,6 +31,9 @@ class UniRegConfig:
     level_strides: tuple[int, ...] = (8, 4, 2)      # coarse -> fine; field is integrated at the finest
     decoder_channels: tuple[int, ...] = (32, 16, 16)
     head_hidden: int = 8
+    # Velocity increments are the head's output times this (see DynamicHead): with Adam, a weight
+    # moves ~lr a step, so the gain sets how fast the field can grow from zero at the start of training.
+    head_output_gain: float = 10.0
     # Controller conditions.
     text_model: str = DEFAULT_TEXT_MODEL
     text_dim: int = 384

@@ -25,6 +25,9 @@ from .preprocessing import HU_OUTSIDE, normalize_ct
 logger = logging.getLogger(__name__)
 
 REQUIRED = ("fixed", "moving", "fixed_seg", "moving_seg")
+#: An organ is prompted (and its Dice trained on) only where it has at least this many voxels in
+#: both scans of the patch: the Dice of a structure one or two voxels wide is noise, not signal.
+MIN_PROMPT_VOXELS = 125
 
 
 class SkipStats:
@@ -117,8 +120,10 @@ def prepare_pair(sample: dict, patch_size, seed: int, epoch: int, prompt_samplin
         fixed = fixed * rng.uniform(0.97, 1.03) + rng.uniform(-20, 20)
         moving = moving * rng.uniform(0.97, 1.03) + rng.uniform(-20, 20)
     present = [o for o in sample["meta"].get("organs", []) if o in ORGAN_TO_ID]
-    in_patch = set(np.unique(arrays["fixed_seg"]).tolist()) & set(np.unique(arrays["moving_seg"]).tolist())
-    present = [o for o in present if ORGAN_TO_ID[o] in in_patch]
+    n_ids = max(int(arrays["fixed_seg"].max()), int(arrays["moving_seg"].max()), max(ORGAN_TO_ID.values())) + 1
+    sizes = np.minimum(np.bincount(arrays["fixed_seg"].ravel(), minlength=n_ids),
+                       np.bincount(arrays["moving_seg"].ravel(), minlength=n_ids))
+    present = [o for o in present if sizes[ORGAN_TO_ID[o]] >= MIN_PROMPT_VOXELS]
     if prompt_sampling and present:
         k = int(rng.integers(1, min(4, len(present)) + 1))
         organs = sorted(rng.choice(present, size=k, replace=False).tolist(), key=present.index)

@@ -42,7 +42,7 @@ class UniRegModel(nn.Module):
         self.backbone = SliceBackbone(config)
         self.stem = Stem3d(config.stem_channels, max_stride=config.level_strides[0])
         self.condition = ConditionEncoder(config, embedder or TextEmbedder(config.text_model))
-        self.heads = [DynamicHead(c, config.head_hidden) for c in config.decoder_channels]
+        self.heads = [DynamicHead(c, config.head_hidden, output_gain=config.head_output_gain) for c in config.decoder_channels]
         levels, controllers, previous = [], [], None
         for stride, channels, head in zip(config.level_strides, config.decoder_channels, self.heads):
             in_ch = 2 * self.stem.channels[stride] + CORRELATION_CHANNELS
