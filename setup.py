@@ -21,7 +21,7 @@ CORE = [
 ]
 TRAIN = ["deepspeed>=0.14"]
 APP = ["gradio>=4.0"]
-DEV = ["pytest>=8", "pytest-timeout", "playwright"]
+DEV = ["pytest>=8", "pytest-timeout"]
 
 setup(
     name="unireg",
