@@ -64,12 +64,16 @@ def _skip_sample(exn: Exception) -> bool:
     return True
 
 
-def decode_pair(sample: dict) -> dict:
-    """Raw tar members -> arrays + meta; raises ValueError naming what is wrong."""
+def decode_pair(sample: dict, extras: tuple[str, ...] = ("displacement",)) -> dict:
+    """Raw tar members -> arrays + meta; raises ValueError naming what is wrong.
+
+    ``extras`` are optional arrays decoded when present; training passes none, since the true
+    displacement of an intra pair is the largest member of a sample and the loss never reads it.
+    """
     from data_tools.shards import decode_array
     key = sample.get("__key__", "?")
     out = {"key": key, "url": sample.get("__url__", "")}
-    for name in (*REQUIRED, "displacement"):
+    for name in (*REQUIRED, *extras):
         ext = next((e for e in ("npy", "npz") if f"{name}.{e}" in sample), None)
         if ext is None:
             if name in REQUIRED:
@@ -175,7 +179,8 @@ def build_pipeline(urls, batch_size: int | None, patch_size=None, seed: int = 0,
                    prompt_sampling: bool = True, smoothness=None, augment: bool = True, shuffle_buffer: int = 8):
     import webdataset as wds
     stages = [wds.SimpleShardList(_shard_list(urls, seed, epoch, shuffle)), wds.split_by_node, wds.split_by_worker,
-              wds.tarfile_to_samples(handler=_skip_shard), wds.map(decode_pair, handler=_skip_sample)]
+              wds.tarfile_to_samples(handler=_skip_shard),
+              wds.map(lambda s: decode_pair(s, extras=()), handler=_skip_sample)]
     if shuffle:
         stages.append(wds.shuffle(shuffle_buffer, initial=shuffle_buffer,
                                   rng=_LazyRng(seed, epoch)))
