@@ -95,3 +95,28 @@ def _npy(a):
     buf = io.BytesIO()
     np.save(buf, a)
     return buf.getvalue()
+
+
+def test_file_and_pipe_urls_stream_the_same_pairs(shards):
+    """Object stores are read through ``pipe:`` (e.g. ``pipe:aws s3 cp s3://... -``); ``cat`` stands in."""
+    out, _ = shards
+    paths = sorted(str(p) for p in out.glob("*.tar"))
+    keys = lambda urls: [s["key"] for s in iterate_pairs(urls)]  # noqa: E731
+    expected = keys(paths)
+    assert keys([f"file:{p}" for p in paths]) == expected
+    assert keys([f"pipe:cat {p}" for p in paths]) == expected
+
+
+def test_prompts_name_only_organs_large_enough_in_both_scans(shards):
+    from unireg.data import MIN_PROMPT_VOXELS, prepare_pair
+    from unireg.organs import ORGAN_TO_ID
+    out, _ = shards
+    sample = next(iterate_pairs(sorted(str(p) for p in out.glob("*.tar"))))
+    sizes = {o: min(int((sample["fixed_seg"] == i).sum()), int((sample["moving_seg"] == i).sum()))
+             for o, i in ORGAN_TO_ID.items() if o in sample["meta"]["organs"]}
+    small = {o for o, n in sizes.items() if n < MIN_PROMPT_VOXELS}
+    assert small and len(small) < len(sizes)            # the fixture has both kinds
+    prompted = set()
+    for epoch in range(40):
+        prompted |= set(prepare_pair(sample, None, 0, epoch, True, None, False)["organs"])
+    assert prompted and not prompted & small
