@@ -58,6 +58,7 @@ class RunSection:
     log_every: int = 10
     eval_every: int = 0
     eval_pairs: int = 8
+    eval_hd95: bool = True               # HD95 in periodic evaluation (MONAI; slower than Dice)
     checkpoint_every: int = 100
     keep_last: int = 3
     task: str | None = None              # task-specific mode: one fixed prompt, e.g. "intra | liver"

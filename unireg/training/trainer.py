@@ -210,7 +210,8 @@ class Trainer:
             module = self.engine.module
             module.eval()
             summary = evaluate_shards(module, shard_urls(self.config.data.val, self.config.resolve),
-                                      max_pairs=self.run.eval_pairs, prompt=self.run.task, with_hd95=False)
+                                      max_pairs=self.run.eval_pairs, prompt=self.run.task,
+                                      with_hd95=self.run.eval_hd95)
             module.train()
         self._log(self.output_dir / "eval_log.csv", {"step": self.step, **summary["mean"]})
         return summary
