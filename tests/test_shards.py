@@ -120,3 +120,14 @@ def test_prompts_name_only_organs_large_enough_in_both_scans(shards):
     for epoch in range(40):
         prompted |= set(prepare_pair(sample, None, 0, epoch, True, None, False)["organs"])
     assert prompted and not prompted & small
+
+
+def test_identity_pairs_make_moving_the_fixed_scan(shards):
+    from unireg.data import prepare_pair
+    out, _ = shards
+    samples = list(iterate_pairs(sorted(str(p) for p in out.glob("*.tar"))))
+    made = [prepare_pair(s, None, 0, epoch, True, None, False, identity_prob=0.5) for s in samples for epoch in range(4)]
+    same = [b for b in made if bool((b["moving_seg"] == b["fixed_seg"]).all()) and bool((b["moving"] == b["fixed"]).all())]
+    assert 0 < len(same) < len(made)
+    plain = [prepare_pair(s, None, 0, 0, True, None, False) for s in samples]
+    assert not any(bool((b["moving"] == b["fixed"]).all()) for b in plain)

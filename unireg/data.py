@@ -113,9 +113,15 @@ def _crop(arrays: dict, patch, rng) -> dict:
     return out
 
 
-def prepare_pair(sample: dict, patch_size, seed: int, epoch: int, prompt_sampling: bool, smoothness, augment: bool) -> dict:
+def prepare_pair(sample: dict, patch_size, seed: int, epoch: int, prompt_sampling: bool, smoothness, augment: bool,
+                 identity_prob: float = 0.0) -> dict:
+    """Crop, augment and prompt one pair. With probability ``identity_prob`` the pair becomes
+    (fixed, fixed): the network must learn that identical scans need no deformation, or it can
+    settle on a content-independent mean field that it applies to every pair."""
     rng = _rng(seed, epoch, sample["key"])
     arrays = {k: sample[k] for k in REQUIRED}
+    if identity_prob and rng.random() < identity_prob:
+        arrays["moving"], arrays["moving_seg"] = arrays["fixed"], arrays["fixed_seg"]
     if patch_size is not None:
         arrays = _crop(arrays, patch_size, rng)
     fixed = arrays["fixed"].astype(np.float32)
@@ -176,7 +182,8 @@ def _rank() -> int:
 
 
 def build_pipeline(urls, batch_size: int | None, patch_size=None, seed: int = 0, epoch: int = 0, shuffle: bool = True,
-                   prompt_sampling: bool = True, smoothness=None, augment: bool = True, shuffle_buffer: int = 8):
+                   prompt_sampling: bool = True, smoothness=None, augment: bool = True, shuffle_buffer: int = 8,
+                   identity_prob: float = 0.0):
     import webdataset as wds
     stages = [wds.SimpleShardList(_shard_list(urls, seed, epoch, shuffle)), wds.split_by_node, wds.split_by_worker,
               wds.tarfile_to_samples(handler=_skip_shard),
@@ -184,7 +191,8 @@ def build_pipeline(urls, batch_size: int | None, patch_size=None, seed: int = 0,
     if shuffle:
         stages.append(wds.shuffle(shuffle_buffer, initial=shuffle_buffer,
                                   rng=_LazyRng(seed, epoch)))
-    stages.append(wds.map(lambda s: prepare_pair(s, patch_size, seed, epoch, prompt_sampling, smoothness, augment),
+    stages.append(wds.map(lambda s: prepare_pair(s, patch_size, seed, epoch, prompt_sampling, smoothness, augment,
+                                                identity_prob),
                           handler=_skip_sample))
     if batch_size:
         stages.append(wds.batched(batch_size, collation_fn=collate, partial=False))
@@ -207,10 +215,10 @@ class _LazyRng(random.Random):
 
 def make_loader(urls, batch_size: int, patch_size=(64, 64, 64), seed: int = 0, epoch: int = 0, num_workers: int = 0,
                 shuffle: bool = True, prompt_sampling: bool = True, smoothness=(0.0, 1.0), augment: bool = True,
-                shuffle_buffer: int = 8):
+                shuffle_buffer: int = 8, identity_prob: float = 0.0):
     """Batches for one epoch of this rank's share of the shards (see module docstring)."""
     pipeline = build_pipeline(urls, batch_size, patch_size, seed, epoch, shuffle, prompt_sampling, smoothness,
-                              augment, shuffle_buffer)
+                              augment, shuffle_buffer, identity_prob)
     if num_workers == 0:
         return pipeline
     import webdataset as wds

@@ -39,6 +39,7 @@ class DataSection:
     prompt_sampling: bool = True
     smoothness: list | None = field(default_factory=lambda: [0.0, 1.0])
     augment: bool = True
+    identity_prob: float = 0.0           # share of pairs turned into (fixed, fixed): teaches 'no motion -> no field'
 
 
 @dataclass
@@ -122,6 +123,8 @@ class TrainConfig:
             raise ConfigError(f"data.smoothness: need [low, high] within [0, 1], got {d.smoothness}")
         if d.num_workers < 0:
             raise ConfigError("data.num_workers must be >= 0")
+        if not 0 <= d.identity_prob < 1:
+            raise ConfigError(f"data.identity_prob must be in [0, 1), got {d.identity_prob}")
         if loss.lncc_kernel < 3 or loss.lncc_kernel % 2 == 0:
             raise ConfigError(f"loss.lncc_kernel must be an odd number >= 3, got {loss.lncc_kernel}")
         for key in ("similarity_weight", "dice_weight", "smoothness_scale"):

@@ -52,7 +52,8 @@ def _free_port() -> int:
 def build_model(config: TrainConfig) -> UniReg:
     section = config.model
     if section.from_pretrained:
-        model = UniReg.from_pretrained(section.from_pretrained)
+        local = config.resolve(section.from_pretrained)  # a folder relative to the YAML, else a name / hub id
+        model = UniReg.from_pretrained(local if local.is_dir() else section.from_pretrained)
         if section.overrides:
             logger.warning("model.overrides are ignored when fine-tuning from %s", section.from_pretrained)
     else:
@@ -119,7 +120,8 @@ class Trainer:
         return make_loader(shard_urls(d.train, self.config.resolve), batch_size=self.batch_size,
                            patch_size=tuple(d.patch_size) if d.patch_size else None, seed=self.run.seed,
                            epoch=epoch, num_workers=d.num_workers, shuffle=True, prompt_sampling=d.prompt_sampling,
-                           smoothness=tuple(d.smoothness) if d.smoothness else None, augment=d.augment)
+                           smoothness=tuple(d.smoothness) if d.smoothness else None, augment=d.augment,
+                           identity_prob=d.identity_prob)
 
     def _batches(self):
         """Endless (epoch, batch) stream, starting where the last run stopped."""
