@@ -42,8 +42,6 @@ def test_shipped_model_beats_identity_on_held_out_pairs(model, held_out, reg_typ
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="known defect of the shipped tiny model: a content-independent mean field "
-                   "(~0.2-0.4 voxel) remains for identical scans; see the model card. Strict: passes once fixed.")
 def test_registering_an_image_to_itself_gives_a_near_zero_field(model, held_out):
     fixed, moving = held_out["inter"][0]
     affine = fixed.affine
