@@ -12,16 +12,16 @@ import argparse
 import csv
 import json
 import os
-import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from data_tools.shards import make_phantom_shards  # noqa: E402
+from training_utils import deepspeed_launcher, train  # noqa: E402  (same launcher and env as the 2-rank test)
 
 DS = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
       "optimizer": {"type": "AdamW", "params": {"lr": 0.001, "torch_adam": True}},
@@ -36,14 +36,7 @@ def pairs_per_second(folder: Path, shards: Path, ranks: int, steps: int, patch: 
               "run": {"output_dir": str(folder / "run"), "deepspeed_config": "ds.json", "steps": steps,
                       "log_every": 5, "eval_every": 0, "checkpoint_every": steps}}
     (folder / "config.yaml").write_text(yaml.safe_dump(config))
-    bin_dir = Path(sys.executable).parent
-    launcher = [shutil.which("deepspeed") or str(bin_dir / "deepspeed"), "--num_gpus", str(ranks),
-                "--master_port", str(29500 + ranks), shutil.which("unireg-train") or str(bin_dir / "unireg-train")]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(launcher + ["--config", str(folder / "config.yaml"), "--resume", "none", "--no-export"],
-                          capture_output=True, text=True, env=env)
-    if proc.returncode:
-        sys.exit(f"{ranks}-rank run failed:\n{proc.stderr[-3000:]}")
+    train(folder / "config.yaml", "--resume", "none", "--no-export", launcher=deepspeed_launcher(ranks))
     with open(folder / "run" / "train_log.csv") as f:
         rates = [float(row["pairs_per_s"]) for row in csv.DictReader(f)][1:]
     return sum(rates) / len(rates)

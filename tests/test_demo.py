@@ -1,5 +1,6 @@
 """`unireg demo`, the README's main job, end to end from the shell."""
 import json
+import os
 import subprocess
 import sys
 
@@ -22,7 +23,7 @@ def test_demo_registers_phantom_pairs_with_the_shipped_model(tmp_path):
 @pytest.mark.slow
 def test_demo_train_runs_train_export_register(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "unireg.cli", "demo", "--train", "--steps", "6", "--out", str(tmp_path)],
-                          capture_output=True, text=True, env={**__import__("os").environ, "DS_ACCELERATOR": "cpu"})
+                          capture_output=True, text=True, env={**os.environ, "DS_ACCELERATOR": "cpu"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "run" / "export" / "model.safetensors").is_file()
     assert json.loads((tmp_path / "registered" / "demo.json").read_text())["intra"]["seconds"] > 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 from pathlib import Path
 
 import matplotlib
@@ -112,14 +113,7 @@ def write_model_card(run: Path, model_dir: Path, eval_dir: Path, command: str, d
 def _count_params(model_dir: Path) -> int:
     from safetensors import safe_open
     with safe_open(str(model_dir / "model.safetensors"), "pt") as f:
-        return sum(_prod(f.get_slice(k).get_shape()) for k in f.keys())
-
-
-def _prod(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
+        return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
 
 
 def main(argv: list[str] | None = None) -> None:
