@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import sys
 import tempfile
@@ -23,18 +22,16 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from data_tools.shards import make_phantom_shards  # noqa: E402
 from training_utils import deepspeed_launcher, train  # noqa: E402  (same launcher and env as the 2-rank test)
 
-DS = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
-      "optimizer": {"type": "AdamW", "params": {"lr": 0.001, "torch_adam": True}},
-      "zero_optimization": {"stage": 2}, "steps_per_print": 10 ** 9}
+DEEPSPEED = {"train_micro_batch_size_per_gpu": 1}   # over unireg/training/deepspeed_base.json
 
 
 def pairs_per_second(folder: Path, shards: Path, ranks: int, steps: int, patch: int, spacing: float) -> float:
     folder.mkdir(parents=True)
-    (folder / "ds.json").write_text(json.dumps(DS))
     config = {"model": {"preset": "tiny", "overrides": {"working_spacing_mm": spacing}},
               "data": {"train": str(shards), "patch_size": [patch] * 3},
-              "run": {"output_dir": str(folder / "run"), "deepspeed_config": "ds.json", "steps": steps,
-                      "log_every": 5, "eval_every": 0, "checkpoint_every": steps}}
+              "run": {"output_dir": "run", "steps": steps, "log_every": 5, "eval_every": 0,
+                      "checkpoint_every": steps},
+              "deepspeed": DEEPSPEED}
     (folder / "config.yaml").write_text(yaml.safe_dump(config))
     train(folder / "config.yaml", "--resume", "none", "--no-export", launcher=deepspeed_launcher(ranks))
     with open(folder / "run" / "train_log.csv") as f:

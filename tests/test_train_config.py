@@ -1,36 +1,49 @@
-"""Training configs: the shipped ones validate, mistakes are reported by key."""
+"""Training configs: the shipped ones validate, mistakes are reported by key, paths follow the YAML."""
 import json
+import os
 from pathlib import Path
 
 import pytest
 import yaml
 
-from unireg.training.config import ConfigError, TrainConfig
+from unireg.training.config import ConfigError, TrainConfig, command_line_overrides
+from unireg.training.deepspeed_config import BASE_PATH, build_deepspeed_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "train_configs"
+SHIPPED = sorted(p.stem for p in CONFIGS.glob("*.yaml"))
 
 
-@pytest.mark.parametrize("name", ["tiny_cpu", "base_gpu", "large_multinode", "finetune_from_pretrained"])
+@pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_configs_validate(name):
     config = TrainConfig.from_yaml(CONFIGS / f"{name}.yaml")
     ds = config.deepspeed_dict()
     assert ds["train_micro_batch_size_per_gpu"] >= 1
+    assert ds["scheduler"]["params"]["total_num_steps"] == config.run.steps   # the schedule is run.steps
+    assert config.output_dir == CONFIGS.parent / "runs" / config.output_dir.name
+
+
+def test_one_home_for_deepspeed_settings():
+    assert not list(CONFIGS.glob("*.json")) and not list(BASE_PATH.parent.glob("*_ds.json"))
+    base = json.loads(BASE_PATH.read_text())
+    tiny = TrainConfig.from_yaml(CONFIGS / "tiny_cpu.yaml").deepspeed_dict()
+    assert {k: v for k, v in tiny.items() if k != "scheduler"} == {k: v for k, v in base.items() if k != "scheduler"}
 
 
 def test_shipped_configs_match_their_purpose():
     tiny = TrainConfig.from_yaml(CONFIGS / "tiny_cpu.yaml")
     assert tiny.deepspeed_dict()["zero_optimization"]["stage"] == 2 and not tiny.deepspeed_dict()["bf16"]["enabled"]
     base = TrainConfig.from_yaml(CONFIGS / "base_gpu.yaml")
-    assert base.model.preset == "vit_b" and base.deepspeed_dict()["bf16"]["enabled"]
+    ds = base.deepspeed_dict()
+    assert base.model.preset == "vit_b" and ds["bf16"]["enabled"] and ds["gradient_accumulation_steps"] == 4
+    assert ds["zero_optimization"]["overlap_comm"] and ds["optimizer"]["params"]["lr"] == 2e-4
+    assert ds["optimizer"]["params"]["betas"] == [0.9, 0.999]                  # merged, not replaced
     large = TrainConfig.from_yaml(CONFIGS / "large_multinode.yaml")
     assert large.model.preset == "vit_h" and large.model.activation_checkpointing
     assert large.deepspeed_dict()["zero_optimization"]["stage"] == 3
     assert (CONFIGS / "hostfile").read_text().count("slots=") >= 2
 
 
-def _write(tmp_path, data, ds=None):
-    (tmp_path / "ds.json").write_text(json.dumps(ds or {"train_micro_batch_size_per_gpu": 1}))
-    data.setdefault("run", {}).setdefault("deepspeed_config", "ds.json")
+def _write(tmp_path, data):
     data.setdefault("data", {}).setdefault("train", "shards")
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -41,20 +54,78 @@ def _write(tmp_path, data, ds=None):
     ({"modle": {}}, "unknown config key modle; did you mean model"),
     ({"data": {"batchsize": 2}}, "unknown config key data.batchsize"),
     ({"data": {"patch_size": [64, 60, 64]}}, "data.patch_size: need three positive multiples of 8"),
+    ({"data": {"patch_size": [64, 64.5, 64]}}, "data.patch_size: need three positive multiples of 8"),
     ({"data": {"smoothness": [0.5, 0.2]}}, "data.smoothness"),
+    ({"data": {"augment": "no"}}, r"data.augment: expected true or false, got 'no' \(str\)"),
+    ({"data": {"train": [1, 2]}}, "data.train: expected shard paths"),
     ({"loss": {"lncc_kernel": 8}}, "loss.lncc_kernel must be an odd number"),
+    ({"loss": {"lncc_kernel": 9.5}}, r"loss.lncc_kernel: expected an integer, got 9.5 \(float\)"),
+    ({"loss": {"dice_weight": "1e-3"}}, "loss.dice_weight: expected a number.*write it with a decimal point"),
     ({"run": {"steps": 0}}, "run.steps must be >= 1"),
+    ({"run": {"steps": "four"}}, r"run.steps: expected an integer, got 'four' \(str\)"),
+    ({"run": {"eval_hd95": 1}}, "run.eval_hd95: expected true or false"),
     ({"run": {"task": "intra | lvr"}}, "run.task: unknown organ 'lvr'"),
+    ({"run": {"deepspeed_config": "ds.json"}}, "run.deepspeed_config: DeepSpeed settings are now the `deepspeed:`"),
     ({"model": {"preset": "vit_xxl"}}, "unknown model size 'vit_xxl'"),
     ({"model": {"overrides": {"vit_depht": 3}}}, "unknown UniRegConfig keys"),
+    ({"deepspeed": {"optimizer": {"params": {"lr": -0.001}}}}, r"deepspeed.optimizer.params.lr must be > 0"),
+    ({"deepspeed": {"zero_optimization": {"stage": 5}}}, "deepspeed.zero_optimization.stage must be 0, 1, 2 or 3"),
+    ({"deepspeed": {"train_micro_batch_size_per_gpu": 0}}, "train_micro_batch_size_per_gpu must be >= 1"),
+    ({"deepspeed": {"gradient_accumulation_steps": 1.5}}, "gradient_accumulation_steps: expected an integer"),
+    ({"deepspeed": {"bf16": {"enabled": "yes"}}}, "deepspeed.bf16.enabled: expected true or false"),
+    ({"deepspeed": {"train_micro_batch_size": 2}}, "did you mean deepspeed.train_micro_batch_size_per_gpu"),
+    ({"deepspeed": {"scheduler": {"params": {"total_num_steps": 9}}}}, "set by the trainer from run.steps"),
+    ({"deepspeed": [1]}, "deepspeed: expected a mapping"),
 ])
 def test_bad_values_are_named(tmp_path, data, message):
-    with pytest.raises((ConfigError, ValueError), match=message):
+    with pytest.raises(ConfigError, match=message):
         TrainConfig.from_yaml(_write(tmp_path, data))
 
 
-def test_bad_deepspeed_json(tmp_path):
-    with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu"):
-        TrainConfig.from_yaml(_write(tmp_path, {}, ds={"zero_optimization": {"stage": 2}}))
-    with pytest.raises(ConfigError, match="zero_optimization.stage must be 0-3"):
-        TrainConfig.from_yaml(_write(tmp_path, {}, ds={"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 5}}))
+def test_yaml_overrides_merge_over_the_base_json():
+    ds = build_deepspeed_config({"zero_optimization": {"stage": 3, "overlap_comm": True}, "bf16": {"enabled": True}}, 7)
+    base = json.loads(BASE_PATH.read_text())
+    assert ds["zero_optimization"] == {"stage": 3, "overlap_comm": True} and ds["bf16"]["enabled"]
+    assert ds["optimizer"] == base["optimizer"] and ds["scheduler"]["params"]["total_num_steps"] == 7
+
+
+def test_every_relative_path_follows_the_yaml_not_the_working_directory(tmp_path, monkeypatch):
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    path = _write(folder, {"run": {"output_dir": "../runs/a", "export_dir": "exported"},
+                           "data": {"train": "../shards/train", "val": ["../shards/v1.tar"]}})
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    config = TrainConfig.from_yaml(os.path.relpath(path, elsewhere))
+    assert config.output_dir == tmp_path / "runs" / "a"
+    assert config.export_dir == folder / "exported"
+    assert config.resolve("../shards/train") == tmp_path / "shards" / "train"
+    # flags typed on the command line mean the working directory's paths
+    flags = command_line_overrides(output_dir="out", train_data="pipe:cat x.tar")
+    config = TrainConfig.from_yaml(path, flags)
+    assert config.output_dir == elsewhere / "out" and config.shard_urls("train") == ["pipe:cat x.tar"]
+
+
+def test_data_paths_are_checked_when_the_run_starts(tmp_path):
+    from data_tools.shards import make_phantom_shards
+    make_phantom_shards(tmp_path / "shards" / "train", n_subjects=2, shape=(16, 16, 16), spacing=(24.0,) * 3,
+                        inter_pairs=1)
+    config = TrainConfig.from_yaml(_write(tmp_path, {"data": {"train": "shards/train", "val": "shards/val"}}))
+    with pytest.raises(ConfigError, match=r"data.val: .*shards/val not found"):
+        config.check_data()
+    (tmp_path / "shards" / "val").mkdir()
+    with pytest.raises(ConfigError, match=r"data.val: no .tar shards in .*unireg prepare shards"):
+        config.check_data()
+    (tmp_path / "shards" / "val" / "pairs-000000.tar").write_text("not a tar file")
+    with pytest.raises(ConfigError, match="data.val: .*pairs-000000.tar is not a readable .tar shard"):
+        config.check_data()
+    config.data.val = "shards/train/pairs-{000000..000001}.tar"
+    with pytest.raises(ConfigError, match="pairs-000001.tar not found"):
+        config.check_data()
+    config.data.val = "shards/train/pairs-{000000..000000}.tar"
+    config.check_data()
+    assert config.shard_urls("train") == [str(p) for p in sorted((tmp_path / "shards" / "train").glob("*.tar"))]
+    config.model.from_pretrained = "../runs/nothing/export"
+    with pytest.raises(ConfigError, match="model.from_pretrained: model folder .*nothing/export not found"):
+        config.check_data()

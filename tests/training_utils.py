@@ -1,7 +1,6 @@
 """Helpers for the training tests: small shards, a small config, running unireg-train."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -11,13 +10,7 @@ from pathlib import Path
 import yaml
 
 from data_tools.shards import make_phantom_shards
-
-DS_CONFIG = {
-    "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
-    "optimizer": {"type": "AdamW", "params": {"lr": 0.001, "torch_adam": True}},
-    "scheduler": {"type": "WarmupCosineLR", "params": {"total_num_steps": 10, "warmup_num_steps": 2}},
-    "zero_optimization": {"stage": 2}, "steps_per_print": 10 ** 9,
-}
+from unireg.training.trainer import free_port
 
 
 def small_shards(out: Path) -> Path:
@@ -29,17 +22,15 @@ def small_shards(out: Path) -> Path:
 
 
 def write_config(folder: Path, shards: Path, steps: int, checkpoint_every: int, zero_stage: int = 2, **run) -> Path:
+    """A tiny run's YAML in ``folder`` (run folder ``folder/run``, relative to the YAML like every path)."""
     folder.mkdir(parents=True, exist_ok=True)
-    ds = json.loads(json.dumps(DS_CONFIG))
-    ds["zero_optimization"]["stage"] = zero_stage
-    (folder / "ds.json").write_text(json.dumps(ds))
     config = {
         "model": {"preset": "tiny", "overrides": {"vit_img_size": 64, "vit_depth": 1, "working_spacing_mm": 12.0}},
         "data": {"train": str(shards / "train"), "val": str(shards / "val"), "patch_size": [32, 32, 32],
                  "augment": True},
-        "run": {"output_dir": str(folder / "run"), "deepspeed_config": "ds.json", "steps": steps, "log_every": 1,
-                "eval_every": 0, "checkpoint_every": checkpoint_every, "keep_last": 3, "record_data_order": True,
-                **run},
+        "run": {"output_dir": "run", "steps": steps, "log_every": 1, "eval_every": 0,
+                "checkpoint_every": checkpoint_every, "keep_last": 3, "record_data_order": True, **run},
+        "deepspeed": {"zero_optimization": {"stage": zero_stage}, "scheduler": {"params": {"warmup_num_steps": 2}}},
     }
     path = folder / "config.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -60,14 +51,7 @@ def train(config: Path, *args: str, launcher: list[str] | None = None, timeout: 
 def deepspeed_launcher(n: int) -> list[str]:
     exe = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
     script = shutil.which("unireg-train") or str(Path(sys.executable).parent / "unireg-train")
-    return [exe, "--num_gpus", str(n), "--master_port", str(_free_port()), script]
-
-
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return [exe, "--num_gpus", str(n), "--master_port", str(free_port()), script]
 
 
 def data_order(run: Path, rank: int = 0) -> list[tuple[int, int, str]]:

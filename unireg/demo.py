@@ -63,8 +63,7 @@ def run_train_demo(out_dir: "str | Path", steps: int = 40) -> dict:
         make_phantom_shards(shards / split, n_subjects=n, shape=(64, 64, 64), spacing=(5.0, 5.0, 5.0), seed=seed,
                             intra_per_subject=1, inter_pairs=n)
     config = out / "demo_train.yaml"
-    ds = Path(__file__).resolve().parent / "training" / "demo_ds.json"
-    config.write_text(DEMO_YAML.format(train=shards / "train", val=shards / "val", out=out / "run", steps=steps, ds=ds))
+    config.write_text(DEMO_YAML.format(steps=steps))  # paths relative to the YAML, i.e. to ``out``
     env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
     subprocess.run([sys.executable, "-m", "unireg.training.cli", "--config", str(config), "--resume", "none"],
                    check=True, env=env)
@@ -75,17 +74,18 @@ def run_train_demo(out_dir: "str | Path", steps: int = 40) -> dict:
 DEMO_YAML = """model:
   preset: tiny
 data:
-  train: {train}
-  val: {val}
+  train: shards/train
+  val: shards/val
   patch_size: [48, 48, 48]
 run:
-  output_dir: {out}
-  deepspeed_config: {ds}
+  output_dir: run
   steps: {steps}
   log_every: 10
   eval_every: {steps}
   eval_pairs: 2
   checkpoint_every: {steps}
+deepspeed:
+  scheduler: {{params: {{warmup_num_steps: 5}}}}
 """
 
 

@@ -15,10 +15,16 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from .config import ConfigError
+
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.json"
 LATEST = "latest"
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint cannot be resumed from or exported; the message names it and what to do."""
 
 
 def tag_for(step: int) -> str:
@@ -58,11 +64,33 @@ class CheckpointManager:
             logger.warning("checkpoint pointer names %s, which is incomplete; falling back", tag)
         return valid[-1] if valid else None
 
+    def trainer_state(self, tag: str) -> dict:
+        """The tag's ``trainer_state.json``, checked; CheckpointError for an unknown or broken tag."""
+        valid = self.valid_tags()
+        if tag not in valid:
+            raise CheckpointError(f"no complete checkpoint {tag!r} in {self.directory}; complete ones: "
+                                  f"{', '.join(valid) or 'none'} (or --resume none to start afresh)")
+        path = self.directory / tag / STATE_FILE
+        try:
+            state = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"{path} is unreadable ({exc}); resume from another tag or --resume none") from None
+        missing = [k for k in ("step", "epoch", "batch_in_epoch", "torch_rng") if k not in state] \
+            if isinstance(state, dict) else ["all keys"]
+        if missing:
+            raise CheckpointError(f"{path} lacks {', '.join(missing)}; resume from another tag or --resume none")
+        return state
+
     def load(self, engine, tag: str) -> dict:
-        load_path, client = engine.load_checkpoint(str(self.directory), tag=tag)
+        """Restore the engine (model, optimizer, scheduler) from ``tag``; returns its trainer state."""
+        state = self.trainer_state(tag)
+        try:
+            load_path, _ = engine.load_checkpoint(str(self.directory), tag=tag)
+        except Exception as exc:  # DeepSpeed/torch raise anything from EOFError to UnpicklingError on a bad file
+            raise CheckpointError(f"checkpoint {self.directory / tag} cannot be loaded ({type(exc).__name__}: "
+                                  f"{str(exc)[:200]}); resume from another tag or --resume none") from None
         if load_path is None:
-            raise RuntimeError(f"DeepSpeed could not load checkpoint {self.directory / tag}")
-        state = json.loads((self.directory / tag / STATE_FILE).read_text())
+            raise CheckpointError(f"DeepSpeed found no checkpoint files in {self.directory / tag}")
         return state
 
     def _rotate(self) -> None:

@@ -21,13 +21,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_training(args) -> int:
-    from .config import TrainConfig
+    from .config import TrainConfig, command_line_overrides
     from .trainer import Trainer
-    overrides = {}
-    if args.output_dir:
-        overrides["run.output_dir"] = args.output_dir
-    if args.train_data:
-        overrides["data.train"] = args.train_data
+    overrides = command_line_overrides(output_dir=args.output_dir, train_data=args.train_data)
     config = TrainConfig.from_yaml(args.config, overrides)
     trainer = Trainer(config, max_steps=args.max_steps)
     trainer.resume(args.resume)

@@ -1,13 +1,21 @@
-"""Training run configuration: one YAML (model + data + loss + run) beside a DeepSpeed JSON.
+"""Training run configuration: one YAML (model + data + loss + run + deepspeed).
 
-Every key is checked: an unknown key or a bad value is reported with its dotted path and a
-suggestion, before any process group or model is built.
+Every key is checked when the file is read: an unknown key, a value of the wrong type or out of
+range is reported with its dotted path, before any process group or model is built. Relative
+paths (shards, ``run.output_dir``, ``run.export_dir``, checkpoints) resolve against the YAML's
+folder, so a config means the same thing from any working directory; ``check_data`` then checks
+that every local shard exists and is readable when a run starts, not after its first evaluation.
+DeepSpeed settings are the ``deepspeed:`` mapping merged over the shipped base JSON
+(see :mod:`unireg.training.deepspeed_config`).
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
+import os
+import re
+import tarfile
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +23,7 @@ import yaml
 
 from ..config import UniRegConfig
 from ..prompt import parse_prompt
+from .deepspeed_config import DeepSpeedSettingsError, build_deepspeed_config
 
 
 class ConfigError(ValueError):
@@ -53,7 +62,6 @@ class LossSection:
 @dataclass
 class RunSection:
     output_dir: str = "runs/unireg"
-    deepspeed_config: str = "ds_tiny_cpu.json"
     steps: int = 1000
     seed: int = 0
     log_every: int = 10
@@ -67,16 +75,23 @@ class RunSection:
     record_data_order: bool = False      # append each rank's pair keys to <output_dir>/data_order/
 
 
+SECTIONS = {"model": ModelSection, "data": DataSection, "loss": LossSection, "run": RunSection}
+_MOVED = {"run.deepspeed_config": "DeepSpeed settings are now the `deepspeed:` section of the YAML, merged over "
+                                  "unireg/training/deepspeed_base.json; move the values that differ there"}
+
+
 @dataclass
 class TrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     loss: LossSection = field(default_factory=LossSection)
     run: RunSection = field(default_factory=RunSection)
+    deepspeed: dict = field(default_factory=dict)   # DeepSpeed keys merged over deepspeed_base.json
     source: Path | None = None           # the YAML file, to resolve relative paths
 
     @classmethod
     def from_yaml(cls, path: "str | Path", overrides: dict | None = None) -> "TrainConfig":
+        """Read and check a YAML; ``overrides`` are ``{"section.key": value}`` (command-line flags)."""
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"training config not found: {path}")
@@ -95,46 +110,57 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, raw: dict) -> "TrainConfig":
         if not isinstance(raw, dict):
-            raise ConfigError("a training config must be a mapping with sections model, data, loss, run")
-        sections = {f.name: f.type for f in dataclasses.fields(cls) if f.name != "source"}
-        _check_keys(raw, sections, "")
+            raise ConfigError("a training config must be a mapping with sections model, data, loss, run, deepspeed")
+        _check_keys(raw, [*SECTIONS, "deepspeed"], "")
         kwargs = {}
-        for name, section_cls in ((n, globals()[t] if isinstance(t, str) else t) for n, t in sections.items()):
+        for name, section_cls in SECTIONS.items():
             values = raw.get(name) or {}
             if not isinstance(values, dict):
                 raise ConfigError(f"{name}: expected a mapping, got {type(values).__name__}")
-            _check_keys(values, {f.name for f in dataclasses.fields(section_cls)}, name + ".")
+            _check_keys(values, [f.name for f in dataclasses.fields(section_cls)], name + ".")
             kwargs[name] = section_cls(**values)
-        return cls(**kwargs)
+        deepspeed = raw.get("deepspeed") or {}
+        if not isinstance(deepspeed, dict):
+            raise ConfigError(f"deepspeed: expected a mapping of DeepSpeed keys, got {type(deepspeed).__name__}")
+        return cls(**kwargs, deepspeed=deepspeed)
 
     def validate(self) -> None:
+        for name, section_cls in SECTIONS.items():
+            _check_types(getattr(self, name), section_cls, name)
         m, d, loss, r = self.model, self.data, self.loss, self.run
         try:
-            self.model_config()
+            model_config = self.model_config()
         except ValueError as exc:
             raise ConfigError(f"model: {exc}") from None
         if not d.train:
             raise ConfigError("data.train: give the training shards (a folder, a brace pattern or a list)")
+        for key in ("train", "val"):
+            spec = getattr(d, key)
+            if isinstance(spec, list) and not all(isinstance(s, str) and s for s in spec):
+                raise ConfigError(f"data.{key}: expected shard paths (strings), got {spec!r}")
         if d.patch_size is not None:
-            div = self.model_config().size_divisor
-            if len(d.patch_size) != 3 or any(int(p) <= 0 or int(p) % div for p in d.patch_size):
-                raise ConfigError(f"data.patch_size: need three positive multiples of {div}, got {d.patch_size}")
-        if d.smoothness is not None and (len(d.smoothness) != 2 or not 0 <= d.smoothness[0] <= d.smoothness[1] <= 1):
-            raise ConfigError(f"data.smoothness: need [low, high] within [0, 1], got {d.smoothness}")
+            div = model_config.size_divisor
+            if len(d.patch_size) != 3 or any(not _is_int(p) or p <= 0 or p % div for p in d.patch_size):
+                raise ConfigError(f"data.patch_size: need three positive multiples of {div} (or null), got {d.patch_size}")
+        if d.smoothness is not None and (len(d.smoothness) != 2 or not all(_is_number(s) for s in d.smoothness)
+                                         or not 0 <= d.smoothness[0] <= d.smoothness[1] <= 1):
+            raise ConfigError(f"data.smoothness: need [low, high] within [0, 1] (or null), got {d.smoothness}")
         if d.num_workers < 0:
-            raise ConfigError("data.num_workers must be >= 0")
+            raise ConfigError(f"data.num_workers must be >= 0, got {d.num_workers}")
         if not 0 <= d.identity_prob < 1:
             raise ConfigError(f"data.identity_prob must be in [0, 1), got {d.identity_prob}")
         if loss.lncc_kernel < 3 or loss.lncc_kernel % 2 == 0:
             raise ConfigError(f"loss.lncc_kernel must be an odd number >= 3, got {loss.lncc_kernel}")
         for key in ("similarity_weight", "dice_weight", "smoothness_scale"):
             if getattr(loss, key) < 0:
-                raise ConfigError(f"loss.{key} must be >= 0")
-        for key in ("steps", "log_every", "checkpoint_every", "keep_last"):
-            if int(getattr(r, key)) < 1:
+                raise ConfigError(f"loss.{key} must be >= 0, got {getattr(loss, key)}")
+        for key in ("steps", "log_every", "checkpoint_every", "keep_last", "eval_pairs"):
+            if getattr(r, key) < 1:
                 raise ConfigError(f"run.{key} must be >= 1, got {getattr(r, key)}")
-        if r.eval_every < 0 or r.eval_pairs < 1:
-            raise ConfigError("run.eval_every must be >= 0 and run.eval_pairs >= 1")
+        if r.eval_every < 0:
+            raise ConfigError(f"run.eval_every must be >= 0 (0: no periodic evaluation), got {r.eval_every}")
+        if not r.output_dir:
+            raise ConfigError("run.output_dir: give the run folder")
         if r.task is not None:
             try:
                 parse_prompt(r.task)
@@ -145,32 +171,129 @@ class TrainConfig:
     def model_config(self) -> UniRegConfig:
         return UniRegConfig.from_preset(self.model.preset, **self.model.overrides)
 
+    def deepspeed_dict(self) -> dict:
+        """The DeepSpeed config of this run: base JSON + ``deepspeed:`` overrides, schedule = run.steps."""
+        try:
+            return build_deepspeed_config(self.deepspeed, self.run.steps)
+        except DeepSpeedSettingsError as exc:
+            raise ConfigError(str(exc)) from None
+
+    # ---------------------------------------------------------------------------------- paths
     def resolve(self, path: str) -> Path:
         """Paths in the YAML are relative to the YAML file (or absolute / URLs)."""
-        p = Path(path)
-        if p.is_absolute() or self.source is None or ":" in path:
+        p = Path(path).expanduser()
+        if p.is_absolute() or self.source is None or _is_url(path):
             return p
-        return self.source.parent / p
+        return Path(os.path.normpath(self.source.parent / p))
 
-    def deepspeed_dict(self) -> dict:
-        path = self.resolve(self.run.deepspeed_config)
-        if not path.is_file():
-            raise ConfigError(f"run.deepspeed_config: {path} not found")
-        try:
-            ds = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"run.deepspeed_config: {path} is not valid JSON: {exc}") from None
-        if "train_micro_batch_size_per_gpu" not in ds:
-            raise ConfigError(f"{path}: set train_micro_batch_size_per_gpu (pairs per rank per step)")
-        stage = ds.get("zero_optimization", {}).get("stage", 0)
-        if stage not in (0, 1, 2, 3):
-            raise ConfigError(f"{path}: zero_optimization.stage must be 0-3, got {stage}")
-        return ds
+    @property
+    def output_dir(self) -> Path:
+        return self.resolve(self.run.output_dir)
+
+    @property
+    def export_dir(self) -> Path:
+        return self.resolve(self.run.export_dir) if self.run.export_dir else self.output_dir / "export"
+
+    def shard_urls(self, key: str = "train") -> list[str]:
+        """``data.train`` / ``data.val`` as a list of shard URLs, local paths checked (see ``check_data``)."""
+        spec = getattr(self.data, key)
+        specs = spec if isinstance(spec, list) else [spec]
+        return [url for s in specs for url in _expand(str(s), self.resolve, f"data.{key}")]
+
+    def check_data(self) -> None:
+        """Raise ConfigError unless every local shard and checkpoint the run reads is there and readable."""
+        self.shard_urls("train")
+        if self.data.val:
+            self.shard_urls("val")
+        if self.model.sam_checkpoint:
+            path = self.resolve(self.model.sam_checkpoint)
+            if not path.is_file():
+                raise ConfigError(f"model.sam_checkpoint: {path} not found")
+        source = self.model.from_pretrained
+        if source and _looks_like_path(source) and not self.resolve(source).is_dir():
+            raise ConfigError(f"model.from_pretrained: model folder {self.resolve(source)} not found")
+
+
+def command_line_overrides(output_dir: str | None = None, train_data: str | None = None) -> dict:
+    """``--output-dir`` / ``--train-data`` as config overrides. A path typed on the command line means
+    the working directory's path, so it is made absolute before the YAML-relative rule applies."""
+    overrides = {}
+    if output_dir:
+        overrides["run.output_dir"] = str(Path(output_dir).expanduser().absolute())
+    if train_data:
+        overrides["data.train"] = train_data if _is_url(train_data) else str(Path(train_data).expanduser().absolute())
+    return overrides
+
+
+def _expand(spec: str, resolve, key: str) -> list[str]:
+    """A folder (its ``*.tar``), a file, a brace pattern of files, or a URL (left to the loader)."""
+    if _is_url(spec):
+        return [spec]
+    if "{" in spec:
+        import braceexpand
+        paths = [resolve(p) for p in braceexpand.braceexpand(spec)]
+    else:
+        path = resolve(spec)
+        if path.is_dir():
+            paths = sorted(path.glob("*.tar"))
+            if not paths:
+                raise ConfigError(f"{key}: no .tar shards in {path} (write them with `unireg prepare shards --out {path}`)")
+        else:
+            paths = [path]
+    for path in paths:
+        if not path.exists():
+            raise ConfigError(f"{key}: {path} not found")
+        if not path.is_file() or not os.access(path, os.R_OK) or not tarfile.is_tarfile(path):
+            raise ConfigError(f"{key}: {path} is not a readable .tar shard")
+    return [str(p) for p in paths]
+
+
+def _is_url(path: str) -> bool:
+    """``pipe:...``, ``s3://...``, ``file:...``: a scheme of two letters or more before a colon."""
+    return re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:", path) is not None
+
+
+def _looks_like_path(name: str) -> bool:
+    """Shipped names and hub ids (``org/name``) are not paths; ``./x``, ``../x``, ``/x``, ``a/b/c`` are."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
 
 
 def _check_keys(values: dict, known, prefix: str) -> None:
     for key in values:
         if key not in known:
+            if f"{prefix}{key}" in _MOVED:
+                raise ConfigError(f"{prefix}{key}: {_MOVED[prefix + key]}")
             close = difflib.get_close_matches(str(key), list(known), n=1)
             hint = f"; did you mean {prefix}{close[0]}?" if close else f"; known keys: {sorted(known)}"
             raise ConfigError(f"unknown config key {prefix}{key}{hint}")
+
+
+# ------------------------------------------------------------------------------------ types
+_DESCRIPTION = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list",
+                dict: "a mapping", type(None): "null"}
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+_MATCHES = {bool: lambda v: isinstance(v, bool), int: _is_int, float: _is_number, type(None): lambda v: v is None,
+            str: lambda v: isinstance(v, str), list: lambda v: isinstance(v, list), dict: lambda v: isinstance(v, dict)}
+
+
+def _check_types(section, section_cls, name: str) -> None:
+    """Each value has its field's annotated type: ``augment: "no"`` is not a bool, ``steps: four`` not an int."""
+    hints = typing.get_type_hints(section_cls)
+    for f in dataclasses.fields(section_cls):
+        value, allowed = getattr(section, f.name), typing.get_args(hints[f.name]) or (hints[f.name],)
+        if any(_MATCHES[t](value) for t in allowed):
+            continue
+        expected = " or ".join(_DESCRIPTION[t] for t in allowed)
+        hint = ""
+        if isinstance(value, str) and float in allowed and re.fullmatch(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+", value):
+            hint = f" (YAML reads {value} as text: write it with a decimal point, e.g. 1.0e-3)"
+        raise ConfigError(f"{name}.{f.name}: expected {expected}, got {value!r} ({type(value).__name__}){hint}")

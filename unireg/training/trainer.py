@@ -25,7 +25,7 @@ from ..modeling.text_encoder import WHOLE_BODY
 from ..organs import ORGANS, organ_phrase
 from ..prompt import parse_prompt
 from .checkpoint import CheckpointManager
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
 from .objective import registration_step
 
 logger = logging.getLogger(__name__)
@@ -38,12 +38,16 @@ def init_distributed() -> None:
         return
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    backend = "nccl" if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu" else "gloo"
-    deepspeed.init_distributed(dist_backend=backend)
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    deepspeed.init_distributed(dist_backend="gloo" if on_cpu() else "nccl")
 
 
-def _free_port() -> int:
+def on_cpu() -> bool:
+    return not torch.cuda.is_available() or os.environ.get("DS_ACCELERATOR", "cuda") == "cpu"
+
+
+def free_port() -> int:
+    """A TCP port free on this host now, for a rendezvous (tests and benches launch ranks with it)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -67,23 +71,6 @@ def build_model(config: TrainConfig) -> UniReg:
     return model.train()
 
 
-def shard_urls(spec, resolve) -> list[str] | str:
-    """A folder (all pairs-*.tar in it), a brace pattern / URL string, or a list of those."""
-    if isinstance(spec, (list, tuple)):
-        return [u for s in spec for u in _as_list(shard_urls(s, resolve))]
-    path = resolve(str(spec))
-    if path.is_dir():
-        urls = sorted(str(p) for p in path.glob("*.tar"))
-        if not urls:
-            raise FileNotFoundError(f"no .tar shards in {path}")
-        return urls
-    return str(path) if path.exists() else str(spec)
-
-
-def _as_list(x):
-    return x if isinstance(x, list) else [x]
-
-
 class Trainer:
     def __init__(self, config: TrainConfig, max_steps: int | None = None):
         import deepspeed
@@ -91,15 +78,17 @@ class Trainer:
         self.run = config.run
         self.total_steps = config.run.steps
         self.stop_at = min(max_steps, self.total_steps) if max_steps else self.total_steps
+        config.check_data()  # every shard the run reads, now rather than at the first evaluation
+        self.train_urls = config.shard_urls("train")
+        self.val_urls = config.shard_urls("val") if config.data.val else None
         init_distributed()
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         torch.manual_seed(self.run.seed)
-        self.output_dir = Path(self.run.output_dir)  # relative to the working directory, like any run folder
+        self.output_dir = config.output_dir  # relative to the YAML, like every path in it
         self.model = build_model(config)
         ds_config = config.deepspeed_dict()
-        scheduler = ds_config.get("scheduler", {}).get("params", {})
-        if "total_num_steps" in scheduler:
-            scheduler["total_num_steps"] = self.total_steps
+        if on_cpu():  # DeepSpeed's fused Adam is a GPU kernel: torch's AdamW on the CPU accelerator
+            ds_config["optimizer"].setdefault("params", {}).setdefault("torch_adam", True)
         self.engine, _, _, _ = deepspeed.initialize(model=self.model, model_parameters=self.model.parameters(),
                                                     config=ds_config)
         self.batch_size = self.engine.train_micro_batch_size_per_gpu()
@@ -117,7 +106,7 @@ class Trainer:
     def _loader(self, epoch: int):
         from ..data import make_loader
         d = self.config.data
-        return make_loader(shard_urls(d.train, self.config.resolve), batch_size=self.batch_size,
+        return make_loader(self.train_urls, batch_size=self.batch_size,
                            patch_size=tuple(d.patch_size) if d.patch_size else None, seed=self.run.seed,
                            epoch=epoch, num_workers=d.num_workers, shuffle=True, prompt_sampling=d.prompt_sampling,
                            smoothness=tuple(d.smoothness) if d.smoothness else None, augment=d.augment,
@@ -134,7 +123,10 @@ class Trainer:
                 self.batch_in_epoch += 1
                 yield batch
             if not got_any and skipped == 0:
-                raise RuntimeError(f"rank {self.rank}: the training shards gave no pairs (check data.train)")
+                from ..data import skip_stats
+                raise ConfigError(f"data.train: rank {self.rank} read no usable pair from its shards "
+                                  f"(skipped: {dict(skip_stats.counts) or 'none'}; each rank needs at least "
+                                  f"one shard with {self.batch_size} pairs)")
             self.epoch += 1
             self.batch_in_epoch = 0
 
@@ -143,8 +135,8 @@ class Trainer:
         if self.task is None:
             return batch
         batch = dict(batch)
-        batch["prompt"] = [str(self.task)] * len(batch["prompt"])
-        batch["organs"] = [[o for o in self.task.organs] for _ in batch["prompt"]]
+        batch["prompt"] = [self.task] * len(batch["prompt"])
+        batch["organs"] = [list(self.task.organs) for _ in batch["prompt"]]
         return batch
 
     # ------------------------------------------------------------------------------------ loop
@@ -191,7 +183,7 @@ class Trainer:
                 self._log(log_path, row)
                 progress.set_postfix(loss=f"{last['loss']:.4f}", pairs_s=f"{row['pairs_per_s']:.2f}")
                 window_start, window_pairs = time.perf_counter(), 0
-            if self.run.eval_every and self.step % self.run.eval_every == 0 and self.config.data.val:
+            if self.run.eval_every and self.step % self.run.eval_every == 0 and self.val_urls:
                 self.evaluate()
             if self.step % self.run.checkpoint_every == 0 or self.step == self.stop_at:
                 self.save_checkpoint()
@@ -211,7 +203,7 @@ class Trainer:
                 return None
             module = self.engine.module
             module.eval()
-            summary = evaluate_shards(module, shard_urls(self.config.data.val, self.config.resolve),
+            summary = evaluate_shards(module, self.val_urls,
                                       max_pairs=self.run.eval_pairs, prompt=self.run.task,
                                       with_hd95=self.run.eval_hd95)
             module.train()
@@ -220,7 +212,7 @@ class Trainer:
 
     def export(self, out_dir: "str | Path | None" = None) -> Path | None:
         """save_pretrained folder from the live engine (ZeRO-3 shards gathered to rank 0)."""
-        out = Path(out_dir or self.run.export_dir or self.output_dir / "export")
+        out = Path(out_dir) if out_dir else self.config.export_dir
         with gathered_parameters(self.engine):
             if self.rank == 0:
                 self.engine.module.save_pretrained(out)
