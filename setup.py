@@ -38,6 +38,6 @@ setup(
     extras_require={"train": TRAIN, "app": APP, "dev": DEV, "all": TRAIN + APP + DEV},
     entry_points={"console_scripts": [
         "unireg=unireg.cli:main",
-        "unireg-train=unireg.training.cli:main",
+        "unireg-train=unireg.cli.train:main",
     ]},
 )

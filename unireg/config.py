@@ -84,6 +84,7 @@ class UniRegConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown UniRegConfig keys: {unknown}")
+        _check_types(data, cls())
         return cls(**data)
 
     def save(self, path: str | Path) -> None:
@@ -92,6 +93,18 @@ class UniRegConfig:
     @classmethod
     def load(cls, path: str | Path) -> "UniRegConfig":
         return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def _check_types(data: dict, defaults: "UniRegConfig") -> None:
+    """Each value must have its default's type (ints may stand for floats; lists for tuples)."""
+    for key, value in data.items():
+        default = getattr(defaults, key)
+        if default is None or value is None and key == "text_model":
+            continue
+        expected = (int, float) if isinstance(default, float) else (list, tuple) if isinstance(default, tuple) \
+            else type(default)
+        if isinstance(value, bool) and not isinstance(default, bool) or not isinstance(value, expected):
+            raise ValueError(f"config key {key!r} must be {type(default).__name__}, got {value!r}")
 
 
 def _stride_ladder(max_stride: int) -> list[int]:

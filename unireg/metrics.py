@@ -47,3 +47,36 @@ def organ_hd95(labels_a: np.ndarray, labels_b: np.ndarray, label_ids: dict[str, 
                                         spacing=list(spacing))
         out[name] = float(hd[0, 0])
     return out
+
+
+def label_names(*label_maps: np.ndarray) -> dict[str, int]:
+    """Organ name -> id for every non-zero id in the maps (unknown ids as ``label_<id>``)."""
+    from .organs import ID_TO_ORGAN
+    ids = sorted(set().union(*[set(np.unique(m).tolist()) for m in label_maps]) - {0})
+    return {ID_TO_ORGAN.get(int(i), f"label_{int(i)}"): int(i) for i in ids}
+
+
+def dice_before_after(fixed: np.ndarray, before: np.ndarray, after: np.ndarray,
+                      organs: "tuple[str, ...] | list[str]" = ()) -> dict:
+    """Dice per organ without and with registration; organs with no Dice are listed with the reason.
+
+    ``organs`` restricts the report to the prompted structures; by default every label of the
+    fixed map counts. Means are ``None`` when no organ could be scored (JSON-safe, never NaN).
+    """
+    from .organs import ORGAN_TO_ID
+    present_fixed = set(np.unique(fixed).tolist())
+    present_moving = set(np.unique(before).tolist())
+    names = label_names(fixed) if not organs else {o: ORGAN_TO_ID[o] for o in organs}
+    missing = {}
+    for name, idx in list(names.items()):
+        if idx not in present_fixed or idx not in present_moving:
+            where = " and ".join(n for n, s in (("fixed", present_fixed), ("moving", present_moving)) if idx not in s)
+            missing[name] = f"absent from the {where} labels"
+            del names[name]
+    dice_b, dice_a = organ_dice(fixed, before, names), organ_dice(fixed, after, names)
+    mean = lambda d: float(np.mean(list(d.values()))) if d else None  # noqa: E731
+    out = {"dice_before": dice_b, "dice_after": dice_a, "mean_dice_before": mean(dice_b),
+           "mean_dice_after": mean(dice_a)}
+    if missing:
+        out["dice_missing"] = missing
+    return out

@@ -2,23 +2,33 @@
 from __future__ import annotations
 
 import json
+import math
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
-from .io import field_on_grid, load_image, load_labels, save_nifti, warp_volume, write_itk_displacement
-from .organs import ID_TO_ORGAN
+from .errors import UserError
+from .io import InputError, load_image, load_labels, save_nifti, warp_volume, write_itk_displacement
 from .prompt import Prompt
+
+#: Files ``save`` writes; a folder holding anything else is not a previous UniReg output.
+OUTPUT_NAMES = ("warped.nii.gz", "displacement_itk.nii.gz", "warped_labels.nii.gz", "affine.mat", "metrics.json",
+                "overview.png")
 
 
 @dataclass
 class RegistrationResult:
     """``warped(x) = moving(x + displacement(x))`` for each voxel x of the fixed grid.
 
-    ``displacement`` is in mm (RAS) on the fixed grid, [X, Y, Z, 3]. ``save`` writes it for
-    ITK / ANTs / Slicer (LPS vectors) as ``displacement_itk.nii.gz``.
+    ``displacement`` is the total mapping (pre-alignment ∘ deformable) in mm (RAS) on the fixed
+    grid, [X, Y, Z, 3]; ``affine_matrix`` is the pre-alignment alone (fixed world -> moving world).
+    ``save`` writes the field for ITK / ANTs / Slicer (LPS vectors) as ``displacement_itk.nii.gz``
+    and the affine as ITK's ``affine.mat``.
     """
     fixed: nib.Nifti1Image
     moving: nib.Nifti1Image
@@ -28,6 +38,7 @@ class RegistrationResult:
     seconds: float
     warped_labels: nib.Nifti1Image | None = None
     metrics: dict = field(default_factory=dict)
+    affine_matrix: np.ndarray = field(default_factory=lambda: np.eye(4))
     _warped: nib.Nifti1Image | None = field(default=None, repr=False)
 
     @property
@@ -46,33 +57,51 @@ class RegistrationResult:
         if labels is None and np.issubdtype(img.get_data_dtype(), np.integer):
             labels = True
         if img.shape[:3] != self.moving.shape[:3] or not np.allclose(img.affine, self.moving.affine, atol=1e-3):
-            raise ValueError("the image to warp must lie on the moving image's grid")
+            raise InputError("the image to warp must lie on the moving image's grid")
         return nib.Nifti1Image(warp_volume(img, self.displacement, self.affine, labels=bool(labels)), self.affine)
 
-    def warp_points(self, points_mm: np.ndarray) -> np.ndarray:
-        """Fixed-space points (world mm, RAS, [N, 3]) -> corresponding moving-space points."""
-        points = np.asarray(points_mm, dtype=np.float64).reshape(-1, 3)
-        inv = np.linalg.inv(self.affine)
+    def warp_points(self, points_mm) -> np.ndarray:
+        """Fixed-space points (world mm, RAS, [N, 3] or one point [3]) -> moving-space points."""
+        points = _points_array(points_mm)
         from scipy import ndimage
+        inv = np.linalg.inv(self.affine)
         ijk = inv[:3, :3] @ points.T + inv[:3, 3:4]
         disp = np.stack([ndimage.map_coordinates(self.displacement[..., c], ijk, order=1, mode="nearest")
                          for c in range(3)], axis=1)
-        return points + disp
+        moved = points + disp
+        return moved[0] if np.ndim(points_mm) == 1 else moved
 
-    def save(self, out_dir: str | Path) -> dict[str, Path]:
+    def save(self, out_dir: str | Path, overwrite: bool = True) -> dict[str, Path]:
+        """Write every output into a fresh temporary folder beside ``out_dir``, then move it into place.
+
+        A previous run's files never mix with this one's; readers never see a half-written folder.
+        With ``overwrite=False`` an existing non-empty ``out_dir`` is refused.
+        """
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        paths = {"warped": out / "warped.nii.gz", "displacement": out / "displacement_itk.nii.gz",
-                 "metrics": out / "metrics.json", "overview": out / "overview.png"}
-        save_nifti(np.asanyarray(self.warped.dataobj).astype(np.float32), self.affine, paths["warped"])
-        write_itk_displacement(self.displacement, self.affine, paths["displacement"])
+        check_output_dir(out, overwrite)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        try:
+            names = self._write(tmp)
+            _replace_dir(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return {key: out / name for key, name in names.items()}
+
+    def _write(self, folder: Path) -> dict[str, str]:
+        names = {"warped": "warped.nii.gz", "displacement": "displacement_itk.nii.gz", "affine": "affine.mat",
+                 "metrics": "metrics.json", "overview": "overview.png"}
+        save_nifti(np.asanyarray(self.warped.dataobj).astype(np.float32), self.affine, folder / names["warped"])
+        write_itk_displacement(self.displacement, self.affine, folder / names["displacement"])
+        write_itk_affine(self.affine_matrix, folder / names["affine"])
         if self.warped_labels is not None:
-            paths["warped_labels"] = out / "warped_labels.nii.gz"
-            nib.save(self.warped_labels, str(paths["warped_labels"]))
-        paths["metrics"].write_text(json.dumps(self.summary(), indent=2) + "\n")
+            names["warped_labels"] = "warped_labels.nii.gz"
+            nib.save(self.warped_labels, str(folder / names["warped_labels"]))
+        (folder / names["metrics"]).write_text(json.dumps(json_safe(self.summary()), indent=2, allow_nan=False) + "\n")
         from .visualize import overview_png
-        overview_png(self, paths["overview"])
-        return paths
+        overview_png(self, folder / names["overview"])
+        return names
 
     def summary(self) -> dict:
         return {"prompt": str(self.prompt), "seconds": round(self.seconds, 3), "jacobian": self.jacobian,
@@ -84,10 +113,65 @@ class RegistrationResult:
         return warp_volume(self.moving, np.zeros_like(self.displacement), self.affine)
 
 
-def label_names(*label_maps: np.ndarray) -> dict[str, int]:
-    ids = sorted(set().union(*[set(np.unique(m).tolist()) for m in label_maps]) - {0})
-    return {ID_TO_ORGAN.get(int(i), f"label_{int(i)}"): int(i) for i in ids}
+def check_output_dir(out: Path, overwrite: bool) -> None:
+    """Fail before any work when ``out`` cannot receive the outputs."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output folder {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"output folder {out} is not empty; pass --overwrite to replace its contents")
+    parent = next((p for p in (out, *out.parents) if p.exists()), Path("."))
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write to {out}: {parent} is not writable")
 
 
-def displacement_on_fixed_grid(world_field: np.ndarray, grid_affine: np.ndarray, fixed: nib.Nifti1Image) -> np.ndarray:
-    return field_on_grid(world_field, grid_affine, fixed.shape[:3], fixed.affine)
+def _replace_dir(new: Path, out: Path) -> None:
+    """Move a complete folder to ``out``; an old ``out`` is moved aside first and then removed."""
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.rename(out, old / out.name)
+    os.rename(new, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _points_array(points) -> np.ndarray:
+    try:
+        arr = np.asarray(points, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise InputError(f"points must be numbers in an array of shape (N, 3) (world mm, RAS); got "
+                         f"{type(points).__name__}") from None
+    if arr.ndim == 1 and arr.shape == (3,):
+        arr = arr[None]
+    if arr.ndim != 2 or arr.shape[1] != 3:
+        raise InputError(f"points must have shape (N, 3) (one x, y, z row per point), got shape {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise InputError("points contain NaN or inf")
+    return arr
+
+
+def json_safe(value):
+    """NaN / inf -> None, numpy scalars -> Python numbers (strict JSON, as metrics.json promises)."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, (np.floating, float)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.ndarray):
+        return json_safe(value.tolist())
+    return value
+
+
+def write_itk_affine(matrix: np.ndarray, path: Path) -> None:
+    """The pre-alignment as an ITK transform file (fixed physical point -> moving point, LPS)."""
+    import SimpleITK as sitk
+    flip = np.diag([-1.0, -1.0, 1.0, 1.0])
+    lps = flip @ np.asarray(matrix, dtype=float) @ flip
+    transform = sitk.AffineTransform(3)
+    transform.SetMatrix(tuple(lps[:3, :3].flatten()))
+    transform.SetTranslation(tuple(lps[:3, 3]))
+    sitk.WriteTransform(transform, str(path))

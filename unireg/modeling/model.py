@@ -5,24 +5,31 @@
       -> coarse-to-fine fusion levels, each with a controller-generated dynamic head
       -> stationary velocity at the finest level -> scaling and squaring -> displacement
 
-All fields are in voxels of the input grid, channels in (d, h, w) order.
+All fields are in voxels of the input grid, channels in (d, h, w) order. Weights follow the
+Hugging Face layout (``from_pretrained`` / ``save_pretrained``: config.json + model.safetensors +
+prompt_cache.safetensors); registering *scans* is the pipeline's job (``unireg.pipeline``).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import UniRegConfig
+from ..errors import ModelLoadError
+from ..hub import (CONFIG_NAME, PROMPT_CACHE_NAME, WEIGHTS_NAME, read_config_dict, read_safetensors,
+                   resolve_model_dir)
+from ..organs import ORGANS, organ_phrase
 from ..prompt import Prompt, parse_prompt
 from .backbone import SliceBackbone
 from .condition import ConditionEncoder
 from .controller import Controller
 from .decoder import FusionLevel, Stem3d, local_correlation
 from .dynamic_head import DynamicHead
-from .text_encoder import TextEmbedder
+from .text_encoder import WHOLE_BODY, TextEmbedder
 from .transform import SpatialTransformer, VelocityIntegrator, resize_field
 
 
@@ -58,6 +65,52 @@ class UniRegModel(nn.Module):
     @property
     def embedder(self) -> TextEmbedder:
         return self.condition.embedder
+
+    # ------------------------------------------------------------------------ weights on disk
+    @classmethod
+    def from_config(cls, config: "UniRegConfig | str" = "tiny"):
+        return cls(UniRegConfig.from_preset(config) if isinstance(config, str) else config)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: "str | Path", device: "str | torch.device" = "cpu",
+                        revision: str | None = None):
+        """A shipped model name, a ``save_pretrained`` folder or a Hugging Face hub id."""
+        folder = resolve_model_dir(name_or_path, revision)
+        try:
+            config = UniRegConfig.from_dict(read_config_dict(folder))
+        except (TypeError, ValueError) as exc:
+            raise ModelLoadError(f"{folder / CONFIG_NAME}: {exc}") from None
+        cache = read_safetensors(folder / PROMPT_CACHE_NAME, required=False)
+        model = cls(config, TextEmbedder(config.text_model, cache))
+        state = read_safetensors(folder / WEIGHTS_NAME)
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as exc:  # shape mismatches
+            raise ModelLoadError(f"{folder / WEIGHTS_NAME} does not match its config: "
+                                 f"{str(exc).splitlines()[1].strip() if chr(10) in str(exc) else exc}") from None
+        if missing or unexpected:
+            raise ModelLoadError(f"{folder / WEIGHTS_NAME} does not match its config: missing {missing[:5]}, "
+                                 f"unexpected {unexpected[:5]}")
+        return model.to(device).eval()
+
+    def save_pretrained(self, folder: "str | Path", cache_vocabulary: bool = True) -> Path:
+        """Write config, weights (fp32) and the prompt cache (by default covering every organ name)."""
+        from safetensors.torch import save_file
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        if cache_vocabulary:
+            self.embedder.embed([organ_phrase(o) for o in ORGANS] + [WHOLE_BODY])
+        self.config.save(folder / CONFIG_NAME)
+        state = {k: (v.float() if v.is_floating_point() else v).detach().cpu().contiguous()
+                 for k, v in self.state_dict().items()}
+        save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+        save_file({k: v.contiguous() for k, v in self.embedder.cache.items()}, str(folder / PROMPT_CACHE_NAME))
+        return folder
+
+    def load_sam_checkpoint(self, path: "str | Path"):
+        """Initialise the backbone from an official SAM file (``sam_vit_b_01ec64.pth`` etc.)."""
+        from .sam_checkpoint import load_sam_image_encoder
+        return load_sam_image_encoder(self.backbone.image_encoder, path)
 
     def forward(self, fixed: torch.Tensor, moving: torch.Tensor,
                 prompts: "list[str | Prompt] | str | Prompt") -> FieldOutput:

@@ -1,0 +1,57 @@
+"""`unireg prepare phantom | dataset | shards`: training data, from phantoms or real data sets."""
+from __future__ import annotations
+
+from .common import add_verb
+
+
+def add_parser(subparsers) -> None:
+    prepare = add_verb(subparsers, "prepare", "make phantom data, prepare real data sets, write pair shards", None,
+                       long_running=True)
+    sub = prepare.add_subparsers(dest="what", required=True, metavar="phantom|dataset|shards")
+
+    p = add_verb(sub, "phantom", "CT-like torso phantoms as NIfTI (+ breathing phases, true fields)", run_phantom,
+                 long_running=True)
+    p.add_argument("--subjects", type=int, default=4)
+    p.add_argument("--out", required=True)
+    p.add_argument("--shape", type=int, nargs=3, default=[96, 96, 96], help="D H W voxels")
+    p.add_argument("--spacing", type=float, nargs=3, default=[4.0, 4.0, 4.0], help="mm along D H W")
+    p.add_argument("--intra-per-subject", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-png", action="store_true")
+
+    d = add_verb(sub, "dataset", "TotalSegmentator / Learn2Reg / CSV -> prepared scans + pairs.json", run_dataset,
+                 long_running=True)
+    d.add_argument("--layout", required=True, choices=["totalsegmentator", "learn2reg", "csv"])
+    d.add_argument("--root", required=True, help="data set folder (or the CSV file)")
+    d.add_argument("--out", required=True)
+    d.add_argument("--spacing", type=float, nargs=3, default=[2.0, 2.0, 2.0])
+    d.add_argument("--seed", type=int, default=0)
+
+    s = add_verb(sub, "shards", "WebDataset pair shards from a pairs.json or from new phantoms", run_shards,
+                 long_running=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--from-pairs", help="pairs.json written by `unireg prepare dataset` or `prepare phantom`")
+    s.add_argument("--split", choices=["train", "val", "test"], help="only pairs of this split")
+    s.add_argument("--phantom-subjects", type=int, default=8)
+    s.add_argument("--shape", type=int, nargs=3, default=[96, 96, 96])
+    s.add_argument("--spacing", type=float, nargs=3, default=[4.0, 4.0, 4.0])
+    s.add_argument("--intra-per-subject", type=int, default=1)
+    s.add_argument("--inter-pairs", type=int)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--max-shard-mb", type=float, default=256.0)
+    s.add_argument("--encoding", choices=["npy", "npz"], default="npy")
+
+
+def run_phantom(args) -> int:
+    from data_tools.cli import _phantom
+    return _phantom(args)
+
+
+def run_dataset(args) -> int:
+    from data_tools.cli import _dataset
+    return _dataset(args)
+
+
+def run_shards(args) -> int:
+    from data_tools.cli import _shards
+    return _shards(args)

@@ -1,0 +1,67 @@
+"""`unireg register`: one pair of scans -> warped scan, ITK field, affine, labels, metrics, overview."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .common import add_model_flags, add_verb, resolve_device
+
+
+def add_parser(subparsers) -> None:
+    p = add_verb(subparsers, "register", "register a moving CT onto a fixed CT", run)
+    p.add_argument("--fixed", required=True, help="fixed image (.nii/.nii.gz/.mha/.nrrd)")
+    p.add_argument("--moving", required=True, help="moving image")
+    p.add_argument("--prompt", default="", help='e.g. "intra-subject | liver, spleen | smooth=0.3 | rigid=vertebrae_L1"')
+    p.add_argument("--out", required=True, help="output folder (written atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty --out")
+    add_model_flags(p)
+    p.add_argument("--moving-labels", help="label map on the moving image's grid, warped with the field")
+    p.add_argument("--fixed-labels", help="label map on the fixed grid; Dice before/after is reported")
+    p.add_argument("--refine", default="auto",
+                   help="instance optimisation: auto (default), off (network alone) or a number of steps")
+    p.add_argument("--align", default="auto", choices=["auto", "none", "rigid", "affine"],
+                   help="pre-alignment before the network (default auto: only when the scans are not aligned)")
+    p.add_argument("--adapter", help="few-shot adapter (.safetensors) made by `unireg adapt`")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args) -> int:
+    from ..api import UniReg
+    from ..pipeline.register import check_align, check_refine
+    from ..result import check_output_dir
+    out = Path(args.out)
+    check_output_dir(out, args.overwrite)          # before any work: a bad --out must not cost a registration
+    refine = check_refine(args.refine)
+    check_align(args.align)
+    model = UniReg.from_pretrained(args.model, device=resolve_device(args.device))
+    with _progress_bar(disabled=args.no_progress or refine == 0) as progress:
+        result = model.register(args.fixed, args.moving, prompt=args.prompt, moving_labels=args.moving_labels,
+                                fixed_labels=args.fixed_labels, refine=refine if refine >= 0 else "auto",
+                                align=args.align, adapter=args.adapter, progress=progress)
+    paths = result.save(out, overwrite=args.overwrite)
+    from ..result import json_safe
+    print(json.dumps(json_safe({"outputs": {k: str(v) for k, v in paths.items()}, **result.summary()}), indent=2))
+    return 0
+
+
+class _progress_bar:
+    """tqdm over instance-optimisation steps, one bar per resolution level."""
+
+    def __init__(self, disabled: bool):
+        self.disabled, self.bar, self.level = disabled, None, None
+
+    def __enter__(self):
+        return None if self.disabled else self.update
+
+    def update(self, level: int, step: int, loss: float) -> None:
+        from tqdm import tqdm
+        if level != self.level:
+            if self.bar is not None:
+                self.bar.close()
+            self.bar, self.level = tqdm(desc=f"refine level {level + 1}", unit="step", leave=False), level
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,65 @@
+"""Grids the pipeline works on, all over the fixed scan's field of view.
+
+The network sees both scans on the model's *working grid* (isotropic, config spacing);
+instance optimisation runs on a *refinement grid* with the same extent and centre but finer
+voxels, so a field on one resizes exactly onto the other (``resize_field`` assumes equal extent).
+"""
+from __future__ import annotations
+
+import math
+
+import nibabel as nib
+import numpy as np
+import torch
+
+from ..config import UniRegConfig
+from ..io import WorkingGrid, ijk_to_tensor_order
+from ..preprocessing import normalize_ct
+
+#: Largest refinement grid (voxels) by device: instance optimisation holds ~30 float32 copies of it.
+MAX_REFINE_VOXELS = {"cpu": 160 ** 3, "cuda": 320 ** 3}
+
+
+def working_grid(fixed: nib.Nifti1Image, config: UniRegConfig) -> WorkingGrid:
+    return WorkingGrid.from_image(fixed, config.working_spacing_mm, config.max_working_size, config.size_divisor)
+
+
+def refinement_grid(grid: WorkingGrid, fixed: nib.Nifti1Image, device: torch.device,
+                    spacing_mm: float | None = None) -> WorkingGrid:
+    """Same extent as ``grid``, voxels down to the fixed scan's own spacing where memory allows."""
+    extent = np.array(grid.shape) * grid.spacing
+    if spacing_mm is None:
+        native = float(min(nib.affines.voxel_sizes(fixed.affine)))
+        budget = MAX_REFINE_VOXELS["cuda" if device.type == "cuda" else "cpu"]
+        spacing_mm = max(native, float(np.prod(extent) / budget) ** (1 / 3))
+    spacing_mm = min(spacing_mm, grid.spacing)
+    shape = tuple(max(1, int(math.ceil(e / spacing_mm - 1e-6))) for e in extent)
+    scale = np.diag([*(np.array(grid.shape) / np.array(shape)), 1.0])
+    # Voxel centres (align_corners=False): fine index a <-> coarse index (a + 0.5) * s - 0.5.
+    shift = np.eye(4)
+    shift[:3, 3] = 0.5 * (np.array(grid.shape) / np.array(shape)) - 0.5
+    return WorkingGrid(shape, grid.affine @ shift @ scale)
+
+
+def scan_tensor(img: nib.Nifti1Image, grid: WorkingGrid, config: UniRegConfig, device, dtype=torch.float32,
+                matrix: np.ndarray | None = None) -> torch.Tensor:
+    """A CT on ``grid`` (optionally sampled through a world ``matrix``: fixed -> moving) -> [1,1,D,H,W] in [0,1]."""
+    hu = torch.from_numpy(ijk_to_tensor_order(_on_grid(img, grid, matrix, labels=False)))[None, None]
+    return normalize_ct(hu, config.hu_min, config.hu_max).to(device=device, dtype=dtype)
+
+
+def label_tensor(img: nib.Nifti1Image, grid: WorkingGrid, device, matrix: np.ndarray | None = None) -> torch.Tensor:
+    """A label map on ``grid`` (nearest) -> int64 [1,1,D,H,W]."""
+    arr = _on_grid(img, grid, matrix, labels=True)
+    return torch.from_numpy(ijk_to_tensor_order(arr.astype(np.int64)))[None, None].to(device)
+
+
+def tensor_affine(grid: WorkingGrid) -> np.ndarray:
+    """Affine of a grid's tensor index order (d, h, w) = (k, j, i) -> world."""
+    return grid.affine @ np.eye(4)[[2, 1, 0, 3]]
+
+
+def _on_grid(img, grid: WorkingGrid, matrix, labels: bool) -> np.ndarray:
+    if matrix is None or np.allclose(matrix, np.eye(4)):
+        return grid.resample(img, labels=labels)
+    return WorkingGrid(grid.shape, matrix @ grid.affine).resample(img, labels=labels)

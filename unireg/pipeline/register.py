@@ -1,0 +1,219 @@
+"""RegistrationPipeline: register two scans with a UniReg network, stage by stage.
+
+    load + check → working grid → pre-alignment → network → instance optimisation
+      → total mapping on the fixed grid → metrics → RegistrationResult
+
+The default call runs it all (``align="auto"``, ``refine="auto"``); ``refine=False`` gives the
+network's field alone. Each stage's time (and loss, where it optimises) goes to
+``result.metrics["stages"]`` and so to ``metrics.json``.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..errors import UserError
+from ..io import warp_volume
+from ..metrics import dice_before_after, jacobian_stats
+from ..modeling.model import UniRegModel
+from ..organs import ORGAN_TO_ID
+from ..prompt import Prompt, parse_prompt
+from ..result import RegistrationResult
+from .grids import label_tensor, refinement_grid, scan_tensor, tensor_affine, working_grid
+from .inputs import ScanPair, load_pair
+from .mapping import total_displacement
+from .network import predict_field
+
+ALIGN_MODES = ("auto", "none", "rigid", "affine")
+#: Most label channels the Dice term of instance optimisation carries (the largest organs win).
+MAX_DICE_ORGANS = 12
+
+
+class RegistrationPipeline:
+    """Wraps a network (as ``SamPredictor(sam)`` wraps ``Sam``); holds no per-pair state."""
+
+    def __init__(self, model: UniRegModel, refine_spacing_mm: float | None = None):
+        self.model = model
+        self.refine_spacing_mm = refine_spacing_mm
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def register(self, fixed, moving, prompt: "str | Prompt | None" = None, *, moving_labels=None,
+                 fixed_labels=None, refine: "str | int | bool" = "auto", align: str = "auto", adapter=None,
+                 fixed_affine=None, moving_affine=None,
+                 progress: "Callable[[int, int, float], None] | None" = None) -> RegistrationResult:
+        start = time.perf_counter()
+        refine_steps = check_refine(refine)
+        align = check_align(align)
+        prompt = parse_prompt(prompt)
+        pair = load_pair(fixed, moving, fixed_labels, moving_labels, fixed_affine, moving_affine)
+        if prompt.rigid and pair.fixed_labels is None and pair.moving_labels is None:
+            raise UserError(f"rigid={', '.join(prompt.rigid)} needs a label map that contains it: "
+                            f"pass fixed_labels (or moving_labels)")
+        if prompt.rigid and refine_steps == 0:
+            raise UserError("rigid= acts during instance optimisation; it cannot be used with refine=False")
+        stages: list[dict] = []
+        cfg, device = self.model.config, self.device
+        dtype = next(self.model.parameters()).dtype
+
+        with _stage(stages, "load"):
+            grid = working_grid(pair.fixed, cfg)
+            fixed_t = scan_tensor(pair.fixed, grid, cfg, device)
+        matrix, align_info = self._align(pair, grid, fixed_t, align, stages)
+
+        with _stage(stages, "network") as info:
+            moving_t = scan_tensor(pair.moving, grid, cfg, device, matrix=matrix)
+            with _adapter_applied(adapter, self.model):
+                out = predict_field(self.model, fixed_t.to(dtype), moving_t.to(dtype), prompt)
+            info["grid"] = list(grid.shape)
+            info["spacing_mm"] = round(grid.spacing, 3)
+        displacement, field_grid = out.displacement.float(), grid
+
+        if refine_steps != 0:
+            displacement, field_grid = self._refine(pair, grid, out.velocity.float(), matrix, prompt,
+                                                    refine_steps, progress, stages)
+
+        with _stage(stages, "mapping"):
+            field_mm = total_displacement(displacement, field_grid, pair.fixed, matrix)
+            jacobian = jacobian_stats(displacement.cpu())
+        result = RegistrationResult(fixed=pair.fixed, moving=pair.moving, displacement=field_mm, prompt=prompt,
+                                    jacobian=jacobian, seconds=0.0, affine_matrix=matrix)
+        if pair.moving_labels is not None:
+            with _stage(stages, "labels"):
+                result.warped_labels, dice = _warp_labels(pair, field_mm, prompt)
+                result.metrics.update(dice)
+        result.metrics["alignment"] = align_info
+        result.metrics["stages"] = stages
+        result.seconds = time.perf_counter() - start
+        return result
+
+    # ------------------------------------------------------------------------------- stages
+    def _align(self, pair: ScanPair, grid, fixed_t, mode: str, stages) -> tuple[np.ndarray, dict]:
+        if mode == "none":
+            return np.eye(4), {"mode": "none"}
+        from .align import align_pair
+        with _stage(stages, "align") as info:
+            cfg = self.model.config
+            moving_grid = working_grid(pair.moving, cfg)
+            moving_own = scan_tensor(pair.moving, moving_grid, cfg, self.device)
+            res = align_pair(fixed_t, tensor_affine(grid), moving_own, tensor_affine(moving_grid), mode=mode)
+            info.update(mode=res.mode, loss_before=res.loss_before, loss_after=res.loss_after)
+        return res.matrix, {"mode": res.mode, "matrix": np.round(res.matrix, 6).tolist()}
+
+    def _refine(self, pair: ScanPair, grid, velocity, matrix, prompt: Prompt, steps, progress, stages):
+        from .refine import refine_velocity
+        with _stage(stages, "refine") as info:
+            cfg, device = self.model.config, self.device
+            fine = refinement_grid(grid, pair.fixed, device, self.refine_spacing_mm)
+            fixed_f = scan_tensor(pair.fixed, fine, cfg, device)
+            moving_f = scan_tensor(pair.moving, fine, cfg, device, matrix=matrix)
+            fixed_masks = moving_masks = rigid_mask = None
+            if pair.fixed_labels is not None and pair.moving_labels is not None:
+                fixed_lab = label_tensor(pair.fixed_labels, fine, device)
+                moving_lab = label_tensor(pair.moving_labels, fine, device, matrix)
+                ids = _dice_ids(fixed_lab, moving_lab, prompt)
+                if ids:
+                    fixed_masks = torch.cat([(fixed_lab == i).float() for i in ids], 1)
+                    moving_masks = torch.cat([(moving_lab == i).float() for i in ids], 1)
+            if prompt.rigid:
+                rigid_mask = _rigid_mask(pair, fine, device, matrix, prompt)
+            res = refine_velocity(fixed_f, moving_f, velocity, smoothness=self.model.condition.smoothness_of(prompt),
+                                  spacing_mm=fine.spacing, steps=steps, fixed_masks=fixed_masks,
+                                  moving_masks=moving_masks, rigid_mask=rigid_mask, progress=progress)
+            info.update(grid=list(fine.shape), spacing_mm=round(fine.spacing, 3), levels=res.history)
+        return res.displacement, fine
+
+
+def check_refine(refine) -> int:
+    """``"auto"``/``True`` -> -1 (automatic budget), ``False``/``None``/0 -> 0, a positive int -> steps."""
+    if refine is True or (isinstance(refine, str) and refine.strip().lower() == "auto"):
+        return -1
+    if refine is False or refine is None:
+        return 0
+    if isinstance(refine, str) and refine.strip().lower() in ("false", "none", "off", "no", "0"):
+        return 0
+    if isinstance(refine, str) and refine.strip().isdigit():
+        refine = int(refine)
+    if isinstance(refine, (int, np.integer)) and not isinstance(refine, bool) and refine >= 0:
+        return int(refine)
+    raise UserError(f"refine must be 'auto', False or a number of steps >= 0, got {refine!r}")
+
+
+def check_align(align) -> str:
+    mode = str(align).strip().lower() if align is not None else "none"
+    if mode not in ALIGN_MODES:
+        raise UserError(f"align must be one of {', '.join(ALIGN_MODES)}, got {align!r}")
+    return mode
+
+
+@contextlib.contextmanager
+def _stage(stages: list, name: str):
+    info = {"stage": name}
+    start = time.perf_counter()
+    yield info
+    info["seconds"] = round(time.perf_counter() - start, 3)
+    stages.append(info)
+
+
+@contextlib.contextmanager
+def _adapter_applied(adapter, model):
+    if adapter is None:
+        yield
+        return
+    from ..adapt import Adapter
+    if not isinstance(adapter, Adapter):
+        adapter = Adapter.load(adapter)
+    adapter.check_compatible(model)
+    with adapter.applied(model):
+        yield
+
+
+def _dice_ids(fixed_lab: torch.Tensor, moving_lab: torch.Tensor, prompt: Prompt) -> list[int]:
+    """Label ids for the Dice term: the prompted organs present in both maps, else the largest shared ones."""
+    counts_f = torch.bincount(fixed_lab.flatten().clamp(min=0))
+    counts_m = torch.bincount(moving_lab.flatten().clamp(min=0))
+    n = min(len(counts_f), len(counts_m))
+    shared = torch.minimum(counts_f[:n], counts_m[:n])
+    shared[0] = 0
+    if prompt.organs:
+        ids = [ORGAN_TO_ID[o] for o in prompt.organs if ORGAN_TO_ID[o] < n and shared[ORGAN_TO_ID[o]] > 0]
+        if ids:
+            return ids
+    order = torch.argsort(shared, descending=True)
+    return [int(i) for i in order[:MAX_DICE_ORGANS] if shared[i] > 0]
+
+
+def _rigid_mask(pair: ScanPair, grid, device, matrix, prompt: Prompt) -> torch.Tensor:
+    ids = [ORGAN_TO_ID[o] for o in prompt.rigid]
+    if pair.fixed_labels is not None:
+        labels = label_tensor(pair.fixed_labels, grid, device)
+        source = "fixed labels"
+    else:  # the moving structure where the pre-alignment puts it; refinement moves it only rigidly
+        labels = label_tensor(pair.moving_labels, grid, device, matrix)
+        source = "moving labels"
+    mask = torch.zeros_like(labels, dtype=torch.float32)
+    for organ, idx in zip(prompt.rigid, ids):
+        part = labels == idx
+        if not part.any():
+            raise UserError(f"rigid={organ}: the {source} contain no {organ} (id {idx})")
+        mask[part] = 1.0
+    return mask
+
+
+def _warp_labels(pair: ScanPair, field_mm: np.ndarray, prompt: Prompt):
+    import nibabel as nib
+    fixed_aff = pair.fixed.affine
+    warped = warp_volume(pair.moving_labels, field_mm, fixed_aff, labels=True)
+    image = nib.Nifti1Image(warped, fixed_aff)
+    if pair.fixed_labels is None:
+        return image, {}
+    before = warp_volume(pair.moving_labels, np.zeros_like(field_mm), fixed_aff, labels=True)
+    fixed_arr = np.asanyarray(pair.fixed_labels.dataobj)
+    organs = tuple(o for o in prompt.organs)
+    return image, dice_before_after(fixed_arr, before, warped, organs)
