@@ -1,0 +1,90 @@
+"""Image similarities for the optimisation stages: box-filtered LNCC, MIND-SSC, global MI.
+
+The stages call these hundreds of times per pair on a CPU, so the local statistics come from a
+separable box filter (three 1-D ``avg_pool3d`` passes: 3k instead of k^3 work per voxel) over all
+the needed products stacked as channels of one call. Every function takes [B,C,D,H,W] float
+tensors and an optional voxel weight ``mask`` [B,1,D,H,W] (e.g. the part of the fixed grid that
+the moving scan covers), and returns a scalar loss to *minimise*.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def box_filter(x: torch.Tensor, kernel: int) -> torch.Tensor:
+    """Mean over a cube of side ``kernel`` (odd) around each voxel; the borders average what exists."""
+    if kernel <= 1:
+        return x
+    r = kernel // 2
+    for dim in range(3):
+        size, pad = [1, 1, 1], [0, 0, 0]
+        size[dim], pad[dim] = kernel, r
+        x = F.avg_pool3d(x, size, stride=1, padding=pad, count_include_pad=False)
+    return x
+
+
+def _masked_mean(value: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    if mask is None:
+        return value.mean()
+    mask = mask.expand_as(value)
+    return (value * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def lncc_loss(fixed: torch.Tensor, warped: torch.Tensor, kernel: int = 7, mask: torch.Tensor | None = None,
+              eps: float = 1e-5) -> torch.Tensor:
+    """Minus the mean squared local normalised cross-correlation (in [-1, 0]; MONAI's definition)."""
+    f, w = fixed.float(), warped.float()
+    n = f.shape[1]
+    stats = box_filter(torch.cat([f, w, f * f, w * w, f * w], dim=1), kernel)
+    mf, mw, ff, ww, fw = stats.split(n, dim=1)
+    cov = fw - mf * mw
+    var_f = (ff - mf * mf).clamp(min=0)
+    var_w = (ww - mw * mw).clamp(min=0)
+    cc = cov * cov / (var_f * var_w + eps)
+    return -_masked_mean(cc, mask)
+
+
+# Six-neighbourhood of MIND-SSC, and the 12 pairs of neighbours sqrt(2) apart whose patch distances
+# form the descriptor (Heinrich et al., MICCAI 2013): self-similarity without the centre voxel,
+# which makes it robust to noise at the centre and to contrast changes between scans.
+_SIX = ((-1, 0, 0), (0, -1, 0), (0, 0, -1), (0, 0, 1), (0, 1, 0), (1, 0, 0))
+_SSC_PAIRS = tuple((i, j) for i in range(6) for j in range(i + 1, 6)
+                   if sum((a - b) ** 2 for a, b in zip(_SIX[i], _SIX[j])) == 2)
+
+
+def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2) -> torch.Tensor:
+    """MIND-SSC descriptor [B,12,D,H,W] of a one-channel image [B,1,D,H,W]."""
+    x = image.float()
+    d = dilation
+    padded = F.pad(x, [d] * 6, mode="replicate")
+    D, H, W = x.shape[2:]
+
+    def shifted(offset):
+        a, b, c = (d + o * d for o in offset)
+        return padded[:, :, a:a + D, b:b + H, c:c + W]
+
+    diffs = torch.cat([(shifted(_SIX[i]) - shifted(_SIX[j])) ** 2 for i, j in _SSC_PAIRS], dim=1)
+    ssd = box_filter(diffs, 2 * radius + 1)
+    ssd = ssd - ssd.min(dim=1, keepdim=True).values
+    variance = ssd.mean(dim=1, keepdim=True)
+    level = variance.mean()
+    variance = variance.clamp(min=level * 1e-3 + 1e-12, max=level * 1e3 + 1e-12)
+    return torch.exp(-ssd / variance)
+
+
+def mind_loss(fixed_mind: torch.Tensor, warped_mind: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared difference of two MIND-SSC descriptors (0 for identical structure)."""
+    return _masked_mean((fixed_mind - warped_mind).pow(2).mean(dim=1, keepdim=True), mask)
+
+
+def mutual_information_loss(fixed: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor | None = None,
+                            bins: int = 32) -> torch.Tensor:
+    """Minus global mutual information (MONAI's Parzen-window estimate) over the voxels in ``mask``."""
+    from monai.losses import GlobalMutualInformationLoss
+    f, w = fixed.float().flatten(), warped.float().flatten()
+    if mask is not None:
+        keep = mask.expand_as(fixed).flatten() > 0.5
+        f, w = f[keep], w[keep]
+    loss = GlobalMutualInformationLoss(num_bins=bins, sigma_ratio=0.5).to(f.device)
+    return loss(w.view(1, 1, -1), f.view(1, 1, -1))
