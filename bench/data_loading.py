@@ -20,8 +20,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data_tools.phantom import make_subject  # noqa: E402
-from data_tools.shards import organs_in_both, phantom_pairs, write_shards  # noqa: E402
+from data_tools.shards import phantom_pairs, write_shards  # noqa: E402
 from unireg.data import iterate_pairs, make_loader, prepare_pair  # noqa: E402
+from unireg.io import ijk_to_tensor_order  # noqa: E402
+from unireg.organ_presence import organs_in_both  # noqa: E402
 
 
 def main() -> None:
@@ -50,7 +52,7 @@ def main() -> None:
         affine = np.diag([*spacing, 1.0])
         for key, pair in pairs:
             for name in ("fixed", "moving", "fixed_seg", "moving_seg"):
-                nib.save(nib.Nifti1Image(np.transpose(pair[name], (2, 1, 0)), affine), nifti / f"{key}_{name}.nii.gz")
+                nib.save(nib.Nifti1Image(ijk_to_tensor_order(pair[name]), affine), nifti / f"{key}_{name}.nii.gz")
 
         def from_shards(encoding):
             urls = sorted(str(p) for p in (tmp / encoding).glob("*.tar"))
@@ -59,7 +61,7 @@ def main() -> None:
         def from_nifti():
             n = 0
             for key, pair in pairs:
-                arrays = {name: np.transpose(np.asanyarray(nib.load(nifti / f"{key}_{name}.nii.gz").dataobj), (2, 1, 0))
+                arrays = {name: ijk_to_tensor_order(np.asanyarray(nib.load(nifti / f"{key}_{name}.nii.gz").dataobj))
                           for name in ("fixed", "moving", "fixed_seg", "moving_seg")}
                 meta = {**pair["meta"], "organs": organs_in_both(arrays["fixed_seg"], arrays["moving_seg"])}
                 prepare_pair({"key": key, **arrays, "meta": meta}, patch, 0, 0, True, (0.0, 1.0), True)

@@ -1,39 +1,40 @@
-"""`unireg prepare phantom | dataset | shards` (also ``python -m data_tools.cli prepare ...``)."""
+"""`unireg prepare phantom | dataset | shards` (also ``python -m data_tools.cli prepare ...``).
+
+The verbs are thin: each calls one function with explicit arguments
+(``phantom.write_phantom_dataset``, ``prepare.prepare_dataset``, ``shards.shards_from_pairs`` /
+``shards.make_phantom_shards``) and prints a one-line summary.
+"""
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
-from pathlib import Path
 
 
 def _phantom(args) -> int:
-    from .phantom import make_intra_pair, make_subject, save_displacement, save_subject
-    out = Path(args.out)
-    for i in range(args.subjects):
-        subject = make_subject(args.seed * 1000 + i, shape=args.shape, spacing_mm=args.spacing)
-        save_subject(subject, out, f"subject_{i:03d}", montage=not args.no_png)
-        for j in range(args.intra_per_subject):
-            moving, disp = make_intra_pair(subject, args.seed * 1000 + 500 + i * 10 + j)
-            save_subject(moving, out, f"subject_{i:03d}_phase{j}", montage=False)
-            save_displacement(disp, subject, out / f"subject_{i:03d}_phase{j}_true_displacement.nii.gz")
-    print(f"wrote {args.subjects} phantom subjects (+{args.intra_per_subject} breathing phases each) to {out}")
+    from .phantom import write_phantom_dataset
+    result = write_phantom_dataset(args.out, n_subjects=args.subjects, shape=tuple(args.shape),
+                                   spacing=tuple(args.spacing), intra_per_subject=args.intra_per_subject,
+                                   seed=args.seed, montage=not args.no_png)
+    print(f"wrote {args.subjects} phantom subjects (+{args.intra_per_subject} breathing phases each) and "
+          f"pairs.json {_split_counts(result['pairs'])} to {args.out}")
     return 0
 
 
 def _dataset(args) -> int:
     from .prepare import prepare_dataset
     result = prepare_dataset(args.layout, args.root, args.out, spacing=tuple(args.spacing), seed=args.seed)
-    counts = {s: sum(p["split"] == s for p in result["pairs"]) for s in ("train", "val", "test")}
-    print(json.dumps({"scans": len(result["scans"]), "skipped": result["skipped"], "pairs": counts}, indent=1))
+    print(json.dumps({"scans": len(result["scans"]), "skipped": len(result["skipped"]),
+                      "skipped_scans": result["skipped"], "pairs": _split_counts(result["pairs"])}, indent=1))
     return 0
 
 
 def _shards(args) -> int:
-    from .shards import make_phantom_shards, prepared_pairs, write_shards
+    from .shards import make_phantom_shards, shards_from_pairs
     if args.from_pairs:
-        index = write_shards(prepared_pairs(args.from_pairs, args.split), args.out, args.max_shard_mb * 1e6,
-                             args.encoding, {"split": args.split})
+        index = shards_from_pairs(args.from_pairs, args.out, split=args.split, max_shard_bytes=args.max_shard_mb * 1e6,
+                                  encoding=args.encoding)
     else:
         index = make_phantom_shards(args.out, n_subjects=args.phantom_subjects, shape=tuple(args.shape),
                                     spacing=tuple(args.spacing), seed=args.seed, intra_per_subject=args.intra_per_subject,
@@ -41,6 +42,10 @@ def _shards(args) -> int:
                                     encoding=args.encoding)
     print(json.dumps(index["counts"]), f"-> {len(index['shards'])} shards in {args.out}")
     return 0
+
+
+def _split_counts(pairs: list[dict]) -> dict:
+    return {s: sum(p["split"] == s for p in pairs) for s in ("train", "val", "test")}
 
 
 def add_prepare_parser(subparsers) -> None:
@@ -67,7 +72,7 @@ def add_prepare_parser(subparsers) -> None:
 
     s = sub.add_parser("shards", help="WebDataset pair shards from a pairs.json or from new phantoms")
     s.add_argument("--out", required=True)
-    s.add_argument("--from-pairs", help="pairs.json written by `unireg prepare dataset`")
+    s.add_argument("--from-pairs", help="pairs.json written by `unireg prepare dataset` or `unireg prepare phantom`")
     s.add_argument("--split", choices=["train", "val", "test"], help="only pairs of this split")
     s.add_argument("--phantom-subjects", type=int, default=8)
     s.add_argument("--shape", type=int, nargs=3, default=[96, 96, 96])
@@ -84,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="data_tools")
     add_prepare_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from .prepare import PreparationError
     try:
         return int(args.func(args) or 0)

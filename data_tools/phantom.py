@@ -6,13 +6,20 @@ millimetres (RAS: +x patient right... see below), rendered at any size and spaci
 
 * world axes follow RAS+: +x towards the patient's left is *negative* (liver at x > 0 is on the
   patient's right), +y anterior, +z superior;
-* arrays are in torch order [D, H, W] = (z, y, x); NIfTI files store ``np.transpose(a, (2, 1, 0))``
-  with ``affine = diag(sx, sy, sz)`` and the origin centring the field of view.
+* arrays are in torch order [D, H, W] = (z, y, x); NIfTI files store them in (i, j, k) = (x, y, z)
+  order (``unireg.io.ijk_to_tensor_order``, a transposition that is its own inverse) with
+  ``affine = diag(sx, sy, sz)`` and the origin centring the field of view.
 
 Subjects differ in body habitus, organ size and position and by a smooth random warp of space.
 An intra-subject pair re-renders the subject at another breathing phase (cranio-caudal motion,
 largest at the diaphragm, sliding against a still body wall and spine) with a small extra warp,
 noise and an intensity change; the true displacement is returned.
+
+``write_phantom_dataset`` (``unireg prepare phantom``) saves subjects and phases as NIfTI with a
+``pairs.json`` in the format of ``unireg prepare dataset``, so ``unireg prepare shards
+--from-pairs <out>/pairs.json --split train|val`` turns them into training and validation shards.
+Seeds derive from one run seed (``subject_seed``, ``phase_seed``), so the same run seed gives the
+same subjects whether they are written as NIfTI or straight into shards.
 """
 from __future__ import annotations
 
@@ -23,7 +30,9 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from unireg.io import ijk_to_tensor_order
 from unireg.organs import ID_TO_ORGAN, ORGAN_TO_ID
+from unireg.preprocessing import to_stored_hu
 
 REFERENCE_FOV_MM = 384.0  # anatomy below is laid out for this field of view and scaled to the actual one
 
@@ -201,6 +210,16 @@ def _texture(hu: np.ndarray, labels: np.ndarray, seed: int, noise_hu: float) -> 
     return hu + rng.normal(0, noise_hu, hu.shape).astype(np.float32)
 
 
+def subject_seed(run_seed: int, index: int) -> int:
+    """Seed of subject ``index`` of a run: distinct subjects for distinct run seeds (below 500 subjects)."""
+    return run_seed * 1000 + index
+
+
+def phase_seed(run_seed: int, index: int, phase: int) -> int:
+    """Seed of breathing phase ``phase`` of subject ``index`` of a run."""
+    return run_seed * 1000 + 500 + index * 10 + phase
+
+
 def make_subject(seed: int, shape=(96, 96, 96), spacing_mm=(4.0, 4.0, 4.0), warp_mm: float = 8.0,
                  noise_hu: float = 12.0) -> Subject:
     """One phantom subject; the same seed gives the same subject."""
@@ -221,7 +240,7 @@ def _render_subject(params: dict, displacement_mm: np.ndarray | None, intensity=
     hu, labels = _render(points, params, shape)
     hu = _texture(hu, labels, noise_seed if noise_seed is not None else params["texture_seed"], params["noise_hu"])
     hu = hu * intensity[0] + intensity[1]
-    image = np.clip(np.rint(hu), -1024, 3071).astype(np.int16)
+    image = to_stored_hu(hu)
     return Subject(image=image, labels=labels, spacing=spacing, params=params)
 
 
@@ -271,9 +290,8 @@ def save_subject(subject: Subject, out_dir: "str | Path", name: str, montage: bo
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"ct": out / f"{name}_ct.nii.gz", "labels": out / f"{name}_labels.nii.gz", "json": out / f"{name}_labels.json"}
-    to_nifti = lambda a: np.ascontiguousarray(np.transpose(a, (2, 1, 0)))  # noqa: E731
-    nib.save(nib.Nifti1Image(to_nifti(subject.image), subject.affine), paths["ct"])
-    nib.save(nib.Nifti1Image(to_nifti(subject.labels), subject.affine), paths["labels"])
+    nib.save(nib.Nifti1Image(ijk_to_tensor_order(subject.image), subject.affine), paths["ct"])
+    nib.save(nib.Nifti1Image(ijk_to_tensor_order(subject.labels), subject.affine), paths["labels"])
     paths["json"].write_text(json.dumps({str(ORGAN_TO_ID[o]): o for o in subject.organs}, indent=1))
     if montage:
         paths["png"] = out / f"{name}.png"
@@ -293,6 +311,46 @@ def load_displacement(path: "str | Path") -> np.ndarray:
     import nibabel as nib
     data = np.asanyarray(nib.load(str(path)).dataobj)
     return np.ascontiguousarray(np.transpose(data, (3, 2, 1, 0))[::-1]).astype(np.float32)
+
+
+def write_phantom_dataset(out_dir: "str | Path", n_subjects: int = 4, shape=(96, 96, 96), spacing=(4.0, 4.0, 4.0),
+                          intra_per_subject: int = 1, seed: int = 0, montage: bool = True,
+                          max_inter_per_subject: int = 4) -> dict:
+    """Phantom subjects (+ breathing phases and their true fields) as NIfTI and a ``pairs.json``.
+
+    Subjects are split 80/10/10 into train/val/test like a real data set (at least 3 subjects give
+    a validation subject); pairs are intra (a subject and its phases, the subject -> phase pair
+    carrying the true field) and inter (subjects of one split). Returns the pairs.json content."""
+    from .prepare import PreparationError, make_pairs, no_pairs_message, split_subjects, write_pairs_json
+    if n_subjects < 1 or intra_per_subject < 0:
+        raise PreparationError(f"need --subjects >= 1 and --intra-per-subject >= 0, got {n_subjects}, {intra_per_subject}")
+    out = Path(out_dir)
+    scans, true_fields = {}, {}
+    for i in range(n_subjects):
+        subject_id = f"subject_{i:03d}"
+        subject = make_subject(subject_seed(seed, i), shape=shape, spacing_mm=spacing)
+        paths = save_subject(subject, out, subject_id, montage=montage)
+        scans[subject_id] = {"subject": subject_id, "session": "ref", "image": paths["ct"].name,
+                             "labels": paths["labels"].name}
+        for j in range(intra_per_subject):
+            name = f"{subject_id}_phase{j}"
+            moving, disp = make_intra_pair(subject, phase_seed(seed, i, j))
+            paths = save_subject(moving, out, name, montage=False)
+            field_path = save_displacement(disp, subject, out / f"{name}_true_displacement.nii.gz")
+            scans[name] = {"subject": subject_id, "session": f"phase{j}", "image": paths["ct"].name,
+                           "labels": paths["labels"].name}
+            true_fields[(subject_id, name)] = field_path.name
+    splits = split_subjects([f"subject_{i:03d}" for i in range(n_subjects)], seed=seed)
+    pairs = make_pairs(scans, splits, seed, max_inter_per_subject, source="phantom")
+    for pair in pairs:
+        if (pair["fixed_id"], pair["moving_id"]) in true_fields:
+            pair["displacement"] = true_fields[(pair["fixed_id"], pair["moving_id"])]
+    if not pairs:
+        raise PreparationError(no_pairs_message(len(scans), n_subjects, []))
+    result = {"layout": "phantom", "spacing": [float(s) for s in spacing], "scans": scans, "skipped": [],
+              "pairs": pairs, "splits": splits}
+    write_pairs_json(out, result)
+    return result
 
 
 def save_montage(subject: Subject, path: "str | Path") -> None:

@@ -4,7 +4,11 @@ Layouts: TotalSegmentator (``<id>/ct.nii.gz`` + ``<id>/segmentations/<class>.nii
 Learn2Reg (``imagesTr/``, ``labelsTr/`` and the task's ``*.json`` with its label names and
 registration pairs) and a CSV (``image,label,subject[,session]``). Every scan is reoriented to
 RAS, resampled to the target spacing, cropped to the body and stored as int16 HU / uint8
-TotalSegmentator ids. Label maps on another grid than their CT are resampled onto it (nearest)
+TotalSegmentator ids under ``<out>/subjects/`` with names made of the subject and session ids
+reduced to safe characters (an id such as ``../x`` or ``/abs`` never writes outside ``--out``).
+``pairs.json`` lists the scans and the pairs (intra-subject: scans of one subject; inter-subject:
+subjects of one split), with paths relative to its own folder; a preparation that yields no
+pair is an error, and skipped scans are logged, counted and listed with their reason. Label maps on another grid than their CT are resampled onto it (nearest)
 and the fact is logged and recorded in the subject's ``notes``; a missing label file is never
 silently treated as background: the class is recorded as missing (TotalSegmentator) or the
 scan is refused with an error naming the file (Learn2Reg, CSV).
@@ -14,6 +18,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,12 +26,14 @@ import nibabel as nib
 import numpy as np
 from nibabel.processing import resample_from_to, resample_to_output
 
+from unireg.errors import UserError
 from unireg.organs import ORGAN_TO_ID, resolve_organ
+from unireg.preprocessing import to_stored_hu
 
 logger = logging.getLogger(__name__)
 
 
-class PreparationError(ValueError):
+class PreparationError(UserError):
     """A scan or label file cannot be prepared; the message names the file."""
 
 
@@ -87,6 +94,8 @@ def scan_learn2reg(root: Path) -> tuple[list[Scan], list[tuple[str, str]]]:
 
 
 def scan_csv(path: Path) -> list[Scan]:
+    if not path.is_file():
+        raise PreparationError(f"{path} is not a CSV file (csv layout: a table with columns image, label, subject[, session])")
     scans = []
     with open(path, newline="") as f:
         for row in csv.DictReader(f):
@@ -96,6 +105,8 @@ def scan_csv(path: Path) -> list[Scan]:
             labels = {"__map__": (path.parent / row["label"]).resolve()} if row.get("label") else {}
             scans.append(Scan(subject=row["subject"], session=row.get("session") or "0", image=image, labels=labels,
                               label_names={i: n for n, i in ORGAN_TO_ID.items()}))
+    if not scans:
+        raise PreparationError(f"{path} lists no scans")
     return scans
 
 
@@ -164,7 +175,7 @@ def prepare_scan(scan: Scan, spacing, margin_mm: float = 10.0) -> tuple[nib.Nift
     sl = tuple(slice(a, b) for a, b in zip(lo, hi))
     affine = ct.affine.copy()
     affine[:3, 3] = (ct.affine @ np.append(lo, 1))[:3]
-    ct_out = nib.Nifti1Image(np.clip(np.rint(hu[sl]), -1024, 3071).astype(np.int16), affine)
+    ct_out = nib.Nifti1Image(to_stored_hu(hu[sl]), affine)
     lab_out = nib.Nifti1Image(np.asanyarray(labels.dataobj)[sl].astype(np.uint8), affine)
     return ct_out, lab_out, {"notes": notes, "missing_labels": missing}
 
@@ -178,10 +189,65 @@ def split_subjects(subjects: list[str], fractions=(0.8, 0.1, 0.1), seed: int = 0
     return {s: "val" if i < n_val else "test" if i < n_val + n_test else "train" for i, s in enumerate(order)}
 
 
+def safe_name(text: str, what: str = "id") -> str:
+    """An id reduced to letters, digits, ``.``, ``_`` and ``-``: usable as one file name, never a path."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", str(text)).strip("._")
+    if not name:
+        raise PreparationError(f"{what} {text!r} has no usable characters for a file name")
+    return name
+
+
+def make_pairs(scans: dict[str, dict], splits: dict[str, str], seed: int = 0, max_inter_per_subject: int = 4,
+               declared: list[tuple[str, str]] | None = None, source: str = "") -> list[dict]:
+    """Pair entries of ``pairs.json``: the declared (fixed, moving) scan names, else every ordered pair of
+    one subject's scans (intra) and up to ``max_inter_per_subject`` scans of other subjects of the same
+    split (inter). Pairs never cross splits. ``scans`` maps names to {subject, image, labels, ...}."""
+    rng = np.random.default_rng(seed)
+    keys = list(scans)
+    if declared:
+        candidates = [(f, m) for f, m in declared if f in scans and m in scans]
+    else:
+        candidates = [(a, b) for a in keys for b in keys if a != b and scans[a]["subject"] == scans[b]["subject"]]
+        for a in keys:
+            others = [b for b in keys if scans[b]["subject"] != scans[a]["subject"]
+                      and splits[scans[b]["subject"]] == splits[scans[a]["subject"]]]
+            for b in rng.permutation(others)[:max_inter_per_subject] if others else []:
+                candidates.append((a, str(b)))
+    pairs = []
+    for f, m in candidates:
+        pf, pm = scans[f], scans[m]
+        if splits[pf["subject"]] != splits[pm["subject"]]:
+            continue  # never mix subjects across splits
+        pairs.append({"fixed": pf["image"], "moving": pm["image"], "fixed_labels": pf["labels"],
+                      "moving_labels": pm["labels"], "type": "intra" if pf["subject"] == pm["subject"] else "inter",
+                      "split": splits[pf["subject"]], "fixed_id": f, "moving_id": m, "source": source})
+    return pairs
+
+
+def no_pairs_message(n_scans: int, n_subjects: int, skipped: list[dict]) -> str:
+    why = f"; skipped {len(skipped)} scan(s), e.g. {skipped[0]['scan']}: {skipped[0]['reason']}" if skipped else ""
+    return (f"no registration pairs: {n_scans} scan(s) of {n_subjects} subject(s) prepared{why}. A pair needs two "
+            "scans of one subject, or two subjects in one split (splits take 80/10/10 % of at least 3 subjects)")
+
+
+def write_pairs_json(out: Path, result: dict) -> Path:
+    """``pairs.json`` written whole or not at all (temporary name, then renamed)."""
+    path = out / "pairs.json"
+    tmp = path.with_name(".pairs.json.tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(path)
+    return path
+
+
 def prepare_dataset(layout: str, root: "str | Path", out_dir: "str | Path", spacing=(2.0, 2.0, 2.0),
                     seed: int = 0, max_inter_per_subject: int = 4) -> dict:
-    """Prepare every scan and write ``pairs.json``; returns its content."""
+    """Prepare every scan and write ``pairs.json`` (paths relative to it); returns its content.
+
+    Raises PreparationError for a missing root, no scans, or no pairs; a scan that cannot be read is
+    skipped, logged and listed under ``skipped`` with its reason."""
     root, out = Path(root), Path(out_dir)
+    if not root.exists():
+        raise PreparationError(f"{root} not found")
     declared_pairs = []
     if layout == "totalsegmentator":
         scans = scan_totalsegmentator(root)
@@ -191,42 +257,38 @@ def prepare_dataset(layout: str, root: "str | Path", out_dir: "str | Path", spac
         scans = scan_csv(root)
     else:
         raise PreparationError(f"unknown layout {layout!r}; use totalsegmentator, learn2reg or csv")
+    if not scans:
+        raise PreparationError(f"no scans found in {root} ({layout} layout)")
+    names = {}
+    for scan in scans:
+        name = f"{safe_name(scan.subject, 'subject id')}_{safe_name(scan.session, 'session id')}"
+        if name in names.values():
+            raise PreparationError(f"two scans get the file name {name!r} (subject {scan.subject!r}, session "
+                                   f"{scan.session!r}); give each scan its own subject/session")
+        names[id(scan)] = name
     (out / "subjects").mkdir(parents=True, exist_ok=True)
     prepared, skipped = {}, []
     for scan in scans:
-        name = f"{scan.subject}_{scan.session}"
+        name = names[id(scan)]
         try:
             ct, labels, info = prepare_scan(scan, spacing)
         except PreparationError as exc:
             logger.warning("skipped %s: %s", name, exc)
             skipped.append({"scan": name, "reason": str(exc)})
             continue
-        paths = {"image": out / "subjects" / f"{name}_ct.nii.gz", "labels": out / "subjects" / f"{name}_labels.nii.gz"}
-        nib.save(ct, str(paths["image"]))
-        nib.save(labels, str(paths["labels"]))
+        paths = {"image": Path("subjects") / f"{name}_ct.nii.gz", "labels": Path("subjects") / f"{name}_labels.nii.gz"}
+        nib.save(ct, str(out / paths["image"]))
+        nib.save(labels, str(out / paths["labels"]))
         prepared[scan.image.name if layout == "learn2reg" else name] = {
             "subject": scan.subject, "session": scan.session, **{k: str(v) for k, v in paths.items()}, **info}
-    splits = split_subjects(sorted({p["subject"] for p in prepared.values()}), seed=seed)
-    pairs = []
-    rng = np.random.default_rng(seed)
-    keys = list(prepared)
-    if declared_pairs:
-        candidates = [(f, m) for f, m in declared_pairs if f in prepared and m in prepared]
-    else:
-        candidates = [(a, b) for a in keys for b in keys if a != b and prepared[a]["subject"] == prepared[b]["subject"]]
-        for a in keys:
-            others = [b for b in keys if prepared[b]["subject"] != prepared[a]["subject"]
-                      and splits[prepared[b]["subject"]] == splits[prepared[a]["subject"]]]
-            for b in rng.permutation(others)[:max_inter_per_subject] if others else []:
-                candidates.append((a, str(b)))
-    for f, m in candidates:
-        pf, pm = prepared[f], prepared[m]
-        if splits[pf["subject"]] != splits[pm["subject"]]:
-            continue  # never mix subjects across splits
-        pairs.append({"fixed": pf["image"], "moving": pm["image"], "fixed_labels": pf["labels"],
-                      "moving_labels": pm["labels"], "type": "intra" if pf["subject"] == pm["subject"] else "inter",
-                      "split": splits[pf["subject"]], "fixed_id": f, "moving_id": m, "source": layout})
+    subjects = sorted({p["subject"] for p in prepared.values()})
+    logger.info("prepared %d of %d scans (%d subjects), skipped %d", len(prepared), len(scans), len(subjects),
+                len(skipped))
+    splits = split_subjects(subjects, seed=seed)
+    pairs = make_pairs(prepared, splits, seed, max_inter_per_subject, declared_pairs, source=layout)
+    if not pairs:
+        raise PreparationError(no_pairs_message(len(prepared), len(subjects), skipped))
     result = {"layout": layout, "spacing": list(spacing), "scans": prepared, "skipped": skipped, "pairs": pairs,
               "splits": splits}
-    (out / "pairs.json").write_text(json.dumps(result, indent=1))
+    write_pairs_json(out, result)
     return result

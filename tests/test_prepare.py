@@ -51,17 +51,18 @@ def test_totalsegmentator_layout_with_missing_file_and_other_grid(subjects, tmp_
                 coarse[:3, 3] = ct.affine[:3, 3]
                 mask = resample_from_to(mask, ((20, 20, 20), coarse), order=0)
             nib.save(mask, root / sid / "segmentations" / f"{name}.nii.gz")
-    result = prepare_dataset("totalsegmentator", root, tmp_path / "out", spacing=(9.0, 9.0, 9.0))
+    out = tmp_path / "out"
+    result = prepare_dataset("totalsegmentator", root, out, spacing=(9.0, 9.0, 9.0))
     assert result["scans"]["s1_0"]["missing_labels"] == ["spleen"]
     assert any("resampled" in n for n in result["scans"]["s2_0"]["notes"])
-    s2 = np.asanyarray(nib.load(result["scans"]["s2_0"]["labels"]).dataobj)
+    s2 = np.asanyarray(nib.load(out / result["scans"]["s2_0"]["labels"]).dataobj)   # paths relative to pairs.json
     assert (s2 == ORGAN_TO_ID["liver"]).sum() > 100              # resampled, not lost
-    s1 = np.asanyarray(nib.load(result["scans"]["s1_0"]["labels"]).dataobj)
+    s1 = np.asanyarray(nib.load(out / result["scans"]["s1_0"]["labels"]).dataobj)
     assert not (s1 == ORGAN_TO_ID["spleen"]).any()
     assert {p["type"] for p in result["pairs"]} == {"inter"}
     for p in result["pairs"]:                                     # no pair crosses the split
         assert result["splits"][p["fixed_id"].rsplit("_", 1)[0]] == result["splits"][p["moving_id"].rsplit("_", 1)[0]]
-    ct = nib.load(result["scans"]["s0_0"]["image"])
+    ct = nib.load(out / result["scans"]["s0_0"]["image"])
     assert ct.get_data_dtype() == np.int16 and nib.aff2axcodes(ct.affine) == ("R", "A", "S")
 
 
@@ -89,7 +90,7 @@ def test_learn2reg_layout_and_shards(subjects, tmp_path):
     assert [s["scan"] for s in result["skipped"]] == ["0003_0000"]
     assert "label map of 0003 not found" in result["skipped"][0]["reason"]
     assert len(result["pairs"]) == 1 and result["pairs"][0]["type"] == "intra"
-    lab = np.asanyarray(nib.load(result["scans"]["0001_0000.nii.gz"]["labels"]).dataobj)
+    lab = np.asanyarray(nib.load(tmp_path / "out" / result["scans"]["0001_0000.nii.gz"]["labels"]).dataobj)
     assert set(np.unique(lab)) == {0, ORGAN_TO_ID["liver"], ORGAN_TO_ID["spleen"], ORGAN_TO_ID["kidney_left"]}
     split = result["pairs"][0]["split"]
     index = write_shards(prepared_pairs(tmp_path / "out" / "pairs.json", split), tmp_path / "shards")
@@ -98,22 +99,108 @@ def test_learn2reg_layout_and_shards(subjects, tmp_path):
     assert sample["fixed"].shape == sample["moving"].shape and "liver" in sample["meta"]["organs"]
 
 
-def test_csv_layout_and_bad_label_names(subjects, tmp_path):
-    rows = []
-    for sid, session in (("s0", "a"), ("s0_b", "b"), ("s1", "a"), ("s2", "a")):
-        _, paths = subjects[sid]
-        rows.append({"image": str(paths["ct"]), "label": str(paths["labels"]), "subject": sid[:2], "session": session})
+def _csv(tmp_path, subjects, rows):
     table = tmp_path / "scans.csv"
     with open(table, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(f, fieldnames=["image", "label", "subject", "session"])
         writer.writeheader()
-        writer.writerows(rows)
-    result = prepare_dataset("csv", table, tmp_path / "out", spacing=(9.0, 9.0, 9.0))
-    types = {p["type"] for p in result["pairs"]}
-    assert "intra" in types or result["splits"]["s0"] != "train"
+        for sid, subject, session in rows:
+            paths = subjects[sid][1]
+            writer.writerow({"image": str(paths["ct"]), "label": str(paths["labels"]), "subject": subject,
+                             "session": session})
+    return table
+
+
+def test_csv_layout_and_bad_label_names(subjects, tmp_path):
+    table = _csv(tmp_path, subjects, [("s0", "s0", "a"), ("s0_b", "s0", "b"), ("s1", "s1", "a"), ("s2", "s2", "a")])
+    out = tmp_path / "out"
+    result = prepare_dataset("csv", table, out, spacing=(9.0, 9.0, 9.0))
+    assert sorted(result["scans"]) == ["s0_a", "s0_b", "s1_a", "s2_a"] and result["skipped"] == []
+    # three subjects: one per split, so the only pairs are s0's two scans, both ways, in s0's split
+    assert sorted(result["splits"].values()) == ["test", "train", "val"]
+    got = sorted((p["fixed_id"], p["moving_id"], p["type"], p["split"]) for p in result["pairs"])
+    assert got == [("s0_a", "s0_b", "intra", result["splits"]["s0"]), ("s0_b", "s0_a", "intra", result["splits"]["s0"])]
+    for name, sid in (("s0_a", "s0"), ("s1_a", "s1"), ("s0_b", "s0_b")):   # CSV label values are TotalSegmentator ids
+        labels = np.asanyarray(nib.load(out / result["scans"][name]["labels"]).dataobj)
+        assert set(np.unique(labels).tolist()) == set(np.unique(subjects[sid][0].labels).tolist()), name
+    assert json.loads((out / "pairs.json").read_text())["pairs"] == result["pairs"]
     with pytest.raises(PreparationError, match="unknown layout"):
         prepare_dataset("nnunet", table, tmp_path / "x")
     (tmp_path / "l2r_bad").mkdir()
     (tmp_path / "l2r_bad" / "task.json").write_text(json.dumps({"labels": {"1": "hepar"}}))
     with pytest.raises(PreparationError, match="'hepar' is not a TotalSegmentator class"):
         prepare_dataset("learn2reg", tmp_path / "l2r_bad", tmp_path / "y")
+
+
+def test_subject_ids_never_write_outside_out(subjects, tmp_path):
+    table = _csv(tmp_path, subjects, [("s0", "../../escaped", "a"), ("s0_b", "../../escaped", "b"),
+                                      ("s1", str(tmp_path / "abs"), "../a")])
+    out = tmp_path / "deep" / "out"
+    result = prepare_dataset("csv", table, out, spacing=(9.0, 9.0, 9.0))
+    written = {p for p in tmp_path.rglob("*.nii.gz") if "phantoms" not in str(p)}
+    assert written and all(p.parent == out / "subjects" for p in written)
+    names = sorted(result["scans"])
+    assert names[:2] == ["escaped_a", "escaped_b"] and names[2].endswith("_abs_a") and "/" not in names[2]
+    assert not (tmp_path / "escaped_a_ct.nii.gz").exists() and not (tmp_path / "abs_a_ct.nii.gz").exists()
+    clash = _csv(tmp_path, subjects, [("s0", "a/b", "0"), ("s1", "a_b", "0")])
+    with pytest.raises(PreparationError, match="two scans get the file name 'a_b_0'"):
+        prepare_dataset("csv", clash, tmp_path / "clash", spacing=(9.0, 9.0, 9.0))
+
+
+def test_no_pairs_is_an_error_and_skipped_scans_are_counted(subjects, tmp_path, caplog):
+    one = _csv(tmp_path, subjects, [("s0", "s0", "a")])
+    with pytest.raises(PreparationError, match=r"no registration pairs: 1 scan\(s\) of 1 subject"):
+        prepare_dataset("csv", one, tmp_path / "one", spacing=(9.0, 9.0, 9.0))
+    assert not (tmp_path / "one" / "pairs.json").exists()
+    corrupt = tmp_path / "corrupt_ct.nii.gz"
+    corrupt.write_bytes(b"\x1f\x8b not really gzip")
+    rows = [("s0", "s0", "a"), ("s1", "s1", "a"), ("s2", "s2", "a")]
+    table = _csv(tmp_path, subjects, rows)
+    with open(table, "a") as f:
+        f.write(f"{corrupt},{subjects['s3'][1]['labels']},s3,a\n")
+    with pytest.raises(PreparationError, match=r"no registration pairs: 3 scan\(s\).*skipped 1 scan\(s\), e.g. s3_a"):
+        prepare_dataset("csv", table, tmp_path / "three", spacing=(9.0, 9.0, 9.0))
+    with open(table, "a") as f:                                   # a second scan of s0 gives pairs: skip is recorded
+        f.write(f"{subjects['s0_b'][1]['ct']},{subjects['s0_b'][1]['labels']},s0,b\n")
+    with caplog.at_level("WARNING"):
+        result = prepare_dataset("csv", table, tmp_path / "four", spacing=(9.0, 9.0, 9.0))
+    assert [s["scan"] for s in result["skipped"]] == ["s3_a"] and "not a readable NIfTI" in result["skipped"][0]["reason"]
+    assert "skipped s3_a" in caplog.text and len(result["pairs"]) == 2
+
+
+def test_empty_or_missing_roots_are_named(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PreparationError, match="no <id>/ct.nii.gz found under"):
+        prepare_dataset("totalsegmentator", tmp_path / "empty", tmp_path / "o")
+    with pytest.raises(PreparationError, match="no task JSON"):
+        prepare_dataset("learn2reg", tmp_path / "empty", tmp_path / "o")
+    with pytest.raises(PreparationError, match="is not a CSV file"):
+        prepare_dataset("csv", tmp_path / "empty", tmp_path / "o")
+    with pytest.raises(PreparationError, match="nowhere not found"):
+        prepare_dataset("csv", tmp_path / "nowhere", tmp_path / "o")
+    (tmp_path / "empty.csv").write_text("image,label,subject,session\n")
+    with pytest.raises(PreparationError, match="lists no scans"):
+        prepare_dataset("csv", tmp_path / "empty.csv", tmp_path / "o")
+
+
+def test_shards_are_all_or_nothing(subjects, tmp_path):
+    table = _csv(tmp_path, subjects, [("s0", "s0", "a"), ("s0_b", "s0", "b"), ("s1", "s0", "c"), ("s2", "s2", "a"),
+                                      ("s3", "s3", "a")])
+    out = tmp_path / "out"
+    result = prepare_dataset("csv", table, out, spacing=(9.0, 9.0, 9.0))
+    split = result["pairs"][0]["split"]
+    shards = tmp_path / "shards"
+    first = write_shards(prepared_pairs(out / "pairs.json", split), shards, max_shard_bytes=1)   # one pair a shard
+    assert first["counts"] == {"pairs": 6, "intra": 6, "inter": 0} and len(first["shards"]) == 6
+    before = {p.name: p.read_bytes() for p in shards.iterdir()}
+    assert result["pairs"][1]["moving_id"] == "s0_c"
+    broken = out / result["pairs"][1]["moving"]                  # the second pair's moving scan is corrupt
+    broken.write_bytes(broken.read_bytes()[:200])
+    with pytest.raises(PreparationError, match=f"moving scan .*{broken.name} is not a readable NIfTI"):
+        write_shards(prepared_pairs(out / "pairs.json", split), shards, max_shard_bytes=1)
+    assert {p.name: p.read_bytes() for p in shards.iterdir()} == before   # the earlier set, untouched, no partial tar
+    with pytest.raises(PreparationError, match="no pairs to write"):
+        write_shards(iter([]), tmp_path / "empty_shards")
+    assert not list((tmp_path / "empty_shards").iterdir())
+    with pytest.raises(PreparationError, match="has no pair in split 'nope'"):
+        next(prepared_pairs(out / "pairs.json", "nope"))

@@ -131,3 +131,23 @@ def test_identity_pairs_make_moving_the_fixed_scan(shards):
     assert 0 < len(same) < len(made)
     plain = [prepare_pair(s, None, 0, 0, True, None, False) for s in samples]
     assert not any(bool((b["moving"] == b["fixed"]).all()) for b in plain)
+
+
+def test_phantom_folder_feeds_shards_with_the_same_pairs(tmp_path):
+    """`prepare phantom` writes a pairs.json that `prepare shards --from-pairs` reads, splits and all."""
+    from data_tools.phantom import make_intra_pair, make_subject, phase_seed, subject_seed, write_phantom_dataset
+    from data_tools.shards import shards_from_pairs
+    result = write_phantom_dataset(tmp_path / "phantom", n_subjects=3, shape=(16, 16, 16), spacing=(24.0,) * 3,
+                                   seed=2, montage=False)
+    assert sorted(result["splits"].values()) == ["test", "train", "val"]
+    val = [s for s, split in result["splits"].items() if split == "val"][0]
+    index = shards_from_pairs(tmp_path / "phantom" / "pairs.json", tmp_path / "val", split="val")
+    assert index["counts"] == {"pairs": 2, "intra": 2, "inter": 0} and index["split"] == "val"
+    i = int(val.split("_")[1])
+    subject = make_subject(subject_seed(2, i), shape=(16, 16, 16), spacing_mm=(24.0,) * 3)
+    moving, disp = make_intra_pair(subject, phase_seed(2, i, 0))
+    got = {s["key"]: s for s in iterate_pairs(sorted(str(p) for p in (tmp_path / "val").glob("*.tar")))}
+    forward = got[f"{val}--{val}_phase0"]
+    assert np.array_equal(forward["fixed"], subject.image) and np.array_equal(forward["moving"], moving.image)
+    assert np.array_equal(forward["moving_seg"], moving.labels) and np.allclose(forward["displacement"], disp)
+    assert "displacement" not in got[f"{val}_phase0--{val}"]      # the true field is known one way only

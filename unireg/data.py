@@ -19,8 +19,9 @@ from collections import Counter
 import numpy as np
 import torch
 
-from .organs import ORGAN_TO_ID
+from .organ_presence import organs_in_both
 from .preprocessing import HU_OUTSIDE, normalize_ct
+from .prompt import Prompt
 
 logger = logging.getLogger(__name__)
 
@@ -115,9 +116,14 @@ def _crop(arrays: dict, patch, rng) -> dict:
 
 def prepare_pair(sample: dict, patch_size, seed: int, epoch: int, prompt_sampling: bool, smoothness, augment: bool,
                  identity_prob: float = 0.0) -> dict:
-    """Crop, augment and prompt one pair. With probability ``identity_prob`` the pair becomes
-    (fixed, fixed): the network must learn that identical scans need no deformation, or it can
-    settle on a content-independent mean field that it applies to every pair."""
+    """Crop, augment and prompt one pair -> the training sample.
+
+    Returns ``fixed``/``moving`` [1,D,H,W] in [0, 1], ``fixed_seg``/``moving_seg`` [1,D,H,W] label
+    ids, ``prompt`` (a :class:`~unireg.prompt.Prompt`: the pair's type, the sampled organs, λ drawn
+    from ``smoothness`` when given), ``organs`` (the organs whose Dice is trained: the prompt's) and
+    ``key``. With probability ``identity_prob`` the pair becomes (fixed, fixed): the network must
+    learn that identical scans need no deformation, or it can settle on a content-independent mean
+    field that it applies to every pair."""
     rng = _rng(seed, epoch, sample["key"])
     arrays = {k: sample[k] for k in REQUIRED}
     if identity_prob and rng.random() < identity_prob:
@@ -129,40 +135,26 @@ def prepare_pair(sample: dict, patch_size, seed: int, epoch: int, prompt_samplin
     if augment:  # mild scanner differences; no flips: they would swap left and right organs
         fixed = fixed * rng.uniform(0.97, 1.03) + rng.uniform(-20, 20)
         moving = moving * rng.uniform(0.97, 1.03) + rng.uniform(-20, 20)
-    present = [o for o in sample["meta"].get("organs", []) if o in ORGAN_TO_ID]
-    n_ids = max(int(arrays["fixed_seg"].max()), int(arrays["moving_seg"].max()), max(ORGAN_TO_ID.values())) + 1
-    sizes = np.minimum(np.bincount(arrays["fixed_seg"].ravel(), minlength=n_ids),
-                       np.bincount(arrays["moving_seg"].ravel(), minlength=n_ids))
-    present = [o for o in present if sizes[ORGAN_TO_ID[o]] >= MIN_PROMPT_VOXELS]
+    present = organs_in_both(arrays["fixed_seg"], arrays["moving_seg"], MIN_PROMPT_VOXELS,
+                             among=sample["meta"].get("organs", []))
     if prompt_sampling and present:
         k = int(rng.integers(1, min(4, len(present)) + 1))
         organs = sorted(rng.choice(present, size=k, replace=False).tolist(), key=present.index)
     else:
         organs = present
-    reg_type = sample["meta"].get("type", "inter")
-    lam = float(rng.uniform(*smoothness)) if smoothness else float("nan")
-    prompt = f"{reg_type} | {', '.join(organs) if organs else 'whole body'}"
-    prompt = prompt.replace(" | whole body", "")
-    if smoothness:
-        prompt += f" | smooth={lam:.2f}"
+    # λ at the precision a user writes it ("smooth=0.35"), so training sees the values prompts can say.
+    lam = round(float(rng.uniform(*smoothness)), 2) if smoothness else None
+    prompt = Prompt(type=sample["meta"].get("type", "inter"), organs=tuple(organs), smoothness=lam)
     return {"fixed": torch.from_numpy(normalize_ct(fixed))[None], "moving": torch.from_numpy(normalize_ct(moving))[None],
             "fixed_seg": torch.from_numpy(arrays["fixed_seg"].astype(np.int64))[None],
             "moving_seg": torch.from_numpy(arrays["moving_seg"].astype(np.int64))[None],
-            "organs": organs, "type": reg_type, "prompt": prompt, "smoothness": lam, "key": sample["key"],
-            "spacing": torch.tensor(sample["meta"].get("spacing", [1.0, 1.0, 1.0]), dtype=torch.float32)}
+            "organs": organs, "prompt": prompt, "key": sample["key"]}
 
 
 def collate(samples: list[dict]) -> dict:
-    out = {}
-    for k in samples[0]:
-        values = [s[k] for s in samples]
-        if torch.is_tensor(values[0]):
-            out[k] = torch.stack(values)
-        elif k == "smoothness":
-            out[k] = torch.tensor(values, dtype=torch.float32)
-        else:
-            out[k] = values
-    return out
+    """Tensors stacked along a batch axis; prompts, organ lists and keys as lists."""
+    return {k: torch.stack([s[k] for s in samples]) if torch.is_tensor(samples[0][k]) else [s[k] for s in samples]
+            for k in samples[0]}
 
 
 def _shard_list(urls, seed: int, epoch: int, shuffle: bool) -> list[str]:

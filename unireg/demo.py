@@ -65,7 +65,7 @@ def run_train_demo(out_dir: "str | Path", steps: int = 40) -> dict:
     config = out / "demo_train.yaml"
     config.write_text(DEMO_YAML.format(steps=steps))  # paths relative to the YAML, i.e. to ``out``
     env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
-    subprocess.run([sys.executable, "-m", "unireg.training.cli", "--config", str(config), "--resume", "none"],
+    subprocess.run([sys.executable, "-m", "unireg.cli", "train", "--config", str(config), "--resume", "none"],
                    check=True, env=env)
     return run_demo(out / "registered", model_name=str(out / "run" / "export"), shape=(64, 64, 64),
                     spacing=(5.0, 5.0, 5.0))
@@ -87,21 +87,3 @@ run:
 deepspeed:
   scheduler: {{params: {{warmup_num_steps: 5}}}}
 """
-
-
-def _demo_command(args) -> int:
-    out = Path(args.out)
-    if args.train:
-        run_train_demo(out, steps=args.steps)
-    else:
-        run_demo(out, model_name=args.model)
-    return 0
-
-
-def add_demo_parser(subparsers) -> None:
-    p = subparsers.add_parser("demo", help="register a generated phantom pair with the shipped model")
-    p.add_argument("--out", default="unireg_out/demo")
-    p.add_argument("--model", default="unireg-tiny-phantom")
-    p.add_argument("--train", action="store_true", help="short train -> export -> register run first")
-    p.add_argument("--steps", type=int, default=40, help="training steps for --train")
-    p.set_defaults(func=_demo_command)

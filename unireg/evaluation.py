@@ -2,19 +2,29 @@
 
 Pairs come from shards (``unireg.data.iterate_pairs``) already on a shared grid, so the model
 runs on tensors directly; the prompt is the pair's type and its organs (or a fixed task prompt).
+Shards are named as files, folders, brace patterns, globs (also when the shell did not expand
+them) or URLs; a local name that matches no readable tar is an error before any model runs, and
+samples skipped as unreadable are counted in the report, so a score is never silently based on
+fewer pairs than the data holds.
 """
 from __future__ import annotations
 
 import csv
+import glob
 import json
+import re
+import tarfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .errors import UserError
 from .metrics import jacobian_stats, organ_dice, organ_hd95
+from .organ_presence import organs_in_both
 from .organs import ORGAN_TO_ID
 from .preprocessing import normalize_ct
 from .prompt import Prompt, parse_prompt
@@ -23,9 +33,8 @@ from .prompt import Prompt, parse_prompt
 def pair_prompt(meta: dict, fixed_labels: np.ndarray, moving_labels: np.ndarray, prompt: "str | None") -> Prompt:
     if prompt:
         return parse_prompt(prompt)
-    present = set(np.unique(fixed_labels).tolist()) & set(np.unique(moving_labels).tolist())
-    organs = tuple(o for o in meta.get("organs", []) if ORGAN_TO_ID.get(o) in present)
-    return Prompt(type=meta.get("type", "inter"), organs=organs)
+    organs = organs_in_both(fixed_labels, moving_labels, among=meta.get("organs", []))
+    return Prompt(type=meta.get("type", "inter"), organs=tuple(organs))
 
 
 @torch.no_grad()
@@ -61,8 +70,43 @@ def evaluate_pair(model, fixed_hu, moving_hu, fixed_lab, moving_lab, prompt: Pro
     return row
 
 
+def shard_list(specs) -> list[str]:
+    """Files, folders (their ``*.tar``), brace patterns, globs or URLs -> shard URLs; UserError for a
+    local name that is missing, matches nothing or is not a tar file."""
+    import braceexpand
+    specs = [specs] if isinstance(specs, (str, Path)) else list(specs)
+    urls = []
+    for spec in map(str, specs):
+        if re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:", spec):
+            urls.append(spec)
+            continue
+        for name in braceexpand.braceexpand(spec):
+            if glob.has_magic(name):
+                matches = sorted(glob.glob(name))
+                if not matches:
+                    raise UserError(f"--data {name!r} matches no file")
+            elif Path(name).is_dir():
+                matches = sorted(str(p) for p in Path(name).glob("*.tar"))
+                if not matches:
+                    raise UserError(f"--data {name}: no .tar shards in this folder")
+            else:
+                matches = [name]
+            for path in matches:
+                if not Path(path).is_file():
+                    raise UserError(f"--data {path} not found")
+                if not tarfile.is_tarfile(path):
+                    raise UserError(f"--data {path} is not a .tar shard (write shards with `unireg prepare shards`)")
+            urls.extend(matches)
+    if not urls:
+        raise UserError("--data names no shard")
+    return urls
+
+
 def evaluate_shards(model, urls, max_pairs: int | None = None, prompt: str | None = None, with_hd95=True) -> dict:
-    from .data import iterate_pairs
+    """Metrics of every readable pair (up to ``max_pairs``); ``skipped`` counts the samples that were not."""
+    from .data import iterate_pairs, skip_stats
+    urls = shard_list(urls)
+    skipped_before = Counter(skip_stats.counts)
     rows = []
     for sample in iterate_pairs(urls):
         if max_pairs and len(rows) >= max_pairs:
@@ -73,9 +117,11 @@ def evaluate_shards(model, urls, max_pairs: int | None = None, prompt: str | Non
                             tuple(meta.get("spacing", (1.0, 1.0, 1.0))), with_hd95)
         row.update(key=sample.get("key", ""), type=p.type)
         rows.append(row)
+    skipped = dict(Counter(skip_stats.counts) - skipped_before)
     if not rows:
-        raise ValueError(f"no pairs could be read from {urls}")
-    return {"pairs": rows, "mean": summarize(rows)}
+        raise UserError(f"no pair could be read from {len(urls)} shard(s) ({', '.join(urls[:3])}"
+                        f"{', ...' if len(urls) > 3 else ''}); skipped: {skipped or 'none'}")
+    return {"pairs": rows, "mean": summarize(rows), "skipped": skipped}
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -129,26 +175,10 @@ def write_report(summary: dict, out_dir: "str | Path") -> dict[str, Path]:
     for r in organ_rows:
         lines.append(f"| {r['type']} | {r['organ']} | {r['n']} | {r['dice_identity']:.3f} | {r['dice']:.3f} | "
                      f"{r['hd95_identity']:.2f} | {r['hd95']:.2f} |")
+    skipped = summary.get("skipped", {})
+    lines += ["", f"Skipped samples: {sum(skipped.values())}" +
+              (f" ({', '.join(f'{n} {reason}' for reason, n in sorted(skipped.items()))}; see the log)" if skipped else "")]
     paths["markdown"].write_text("\n".join(lines) + "\n")
-    paths["json"].write_text(json.dumps({"by_type": by_type, **summary}, indent=1, default=float))
+    report = {"by_type": by_type, **summary, "skipped": skipped, "skipped_total": sum(skipped.values())}
+    paths["json"].write_text(json.dumps(report, indent=1, default=float))
     return paths
-
-
-def _eval_command(args) -> int:
-    from .api import UniReg
-    model = UniReg.from_pretrained(args.model, device=args.device)
-    summary = evaluate_shards(model, args.data, max_pairs=args.max_pairs, prompt=args.prompt)
-    paths = write_report(summary, args.out)
-    print(paths["markdown"].read_text())
-    return 0
-
-
-def add_eval_parser(subparsers) -> None:
-    p = subparsers.add_parser("eval", help="Dice / HD95 / Jacobian on held-out shards vs identity")
-    p.add_argument("--model", default="unireg-tiny-phantom")
-    p.add_argument("--data", required=True, nargs="+", help="shard files / pattern")
-    p.add_argument("--out", default="eval_out")
-    p.add_argument("--max-pairs", type=int)
-    p.add_argument("--prompt", help="one prompt for every pair (default: each pair's type and organs)")
-    p.add_argument("--device", default="cpu")
-    p.set_defaults(func=_eval_command)

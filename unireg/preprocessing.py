@@ -12,6 +12,13 @@ HU_MIN = -1000.0
 HU_MAX = 1000.0
 #: Value used outside the field of view (air).
 HU_OUTSIDE = -1024.0
+#: Range of stored CT (phantoms, prepared scans, shards): int16 HU as scanners write them (12-bit).
+HU_STORED_MIN, HU_STORED_MAX = -1024, 3071
+
+
+def to_stored_hu(hu) -> np.ndarray:
+    """Hounsfield units (any float array) -> int16 HU in the stored range, rounded to the nearest unit."""
+    return np.clip(np.rint(np.asarray(hu)), HU_STORED_MIN, HU_STORED_MAX).astype(np.int16)
 
 
 def normalize_ct(hu, hu_min: float = HU_MIN, hu_max: float = HU_MAX):

@@ -22,11 +22,12 @@ from pathlib import Path
 import yaml
 
 from ..config import UniRegConfig
+from ..errors import UserError
 from ..prompt import parse_prompt
 from .deepspeed_config import DeepSpeedSettingsError, build_deepspeed_config
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A training configuration is invalid; the message names the key."""
 
 

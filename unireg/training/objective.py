@@ -1,8 +1,10 @@
 """One forward pass and loss for a batch of pairs — shared by the trainer, adaptation and tests.
 
-A batch is the loader's dict: ``fixed``/``moving`` [B,1,D,H,W] in [0,1], ``fixed_seg``/
-``moving_seg`` label ids, ``organs`` (prompted organ names per pair), ``prompt`` strings and
-``smoothness`` (per-pair λ in [0,1], NaN = the prompt's default).
+A batch is the loader's dict (:func:`unireg.data.prepare_pair`): ``fixed``/``moving``
+[B,1,D,H,W] in [0,1], ``fixed_seg``/``moving_seg`` [B,1,D,H,W] label ids, ``prompt`` (one parsed
+:class:`~unireg.prompt.Prompt` per pair; its λ, or the type's default when it has none, weights
+the smoothness term) and ``organs`` (per pair, the organs whose Dice is trained; default: the
+prompt's). Fields beyond these are ignored.
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import torch
 
 from ..losses import RegistrationLoss
 from ..organs import ORGAN_TO_ID
-from ..prompt import parse_prompt
+from ..prompt import Prompt
 
 
 def organ_masks(labels: torch.Tensor, organs: list[list[str]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,7 +33,9 @@ def registration_step(model, batch: dict, loss_fn: RegistrationLoss, forward=Non
     ``forward`` is what runs the network (a DeepSpeed engine wrapping ``model``), default ``model``.
     """
     fixed, moving = batch["fixed"], batch["moving"]
-    prompts = [parse_prompt(p) for p in batch["prompt"]]
+    prompts = batch["prompt"]
+    if not all(isinstance(p, Prompt) for p in prompts):
+        raise TypeError("batch['prompt'] must hold Prompt objects (unireg.prompt.parse_prompt turns text into one)")
     out = (forward or model)(fixed, moving, prompts)
     warped = model.warp(moving, out.displacement)
     lam = torch.tensor([model.condition.smoothness_of(p) for p in prompts], device=fixed.device)
