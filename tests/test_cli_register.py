@@ -36,7 +36,7 @@ def test_register_from_the_shell(files):
     proc = _run("register", "--fixed", str(files / "fixed.nii.gz"), "--moving", str(files / "moving.nii.gz"),
                 "--prompt", "inter | liver, spleen", "--out", str(out), "--model", str(files / "model"),
                 "--moving-labels", str(files / "moving_labels.nii.gz"),
-                "--fixed-labels", str(files / "fixed_labels.nii.gz"), "--optimize-steps", "20")
+                "--fixed-labels", str(files / "fixed_labels.nii.gz"), "--refine", "40", "--align", "none")
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)
     assert summary["prompt"] == "inter | liver, spleen"
@@ -46,6 +46,31 @@ def test_register_from_the_shell(files):
     assert warped.shape == (32, 32, 32) and np.allclose(warped.affine, AFFINE)
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["dice_after"]) == {"liver", "spleen"}
+    # an untrained network: the 40 refinement steps alone must bring the organs together
+    assert metrics["mean_dice_after"] > metrics["mean_dice_before"] + 0.05, metrics
+    assert [s["stage"] for s in metrics["stages"]] == ["load", "network", "refine", "mapping", "labels"]
+    assert metrics["jacobian"]["nonpositive_jacobian_pct"] == 0.0
+
+
+@pytest.mark.slow
+def test_out_is_checked_before_registering_and_replaced_atomically(files):
+    out = files / "out_atomic"
+    args = ["register", "--fixed", str(files / "fixed.nii.gz"), "--moving", str(files / "moving.nii.gz"),
+            "--out", str(out), "--model", str(files / "model"), "--refine", "off", "--align", "none"]
+    first = _run(*args, "--moving-labels", str(files / "moving_labels.nii.gz"))
+    assert first.returncode == 0, first.stderr
+    assert (out / "warped_labels.nii.gz").exists()
+    refused = _run(*args)
+    assert refused.returncode == 2 and "not empty; pass --overwrite" in refused.stderr
+    replaced = _run(*args, "--overwrite")
+    assert replaced.returncode == 0, replaced.stderr
+    # the earlier run's label output is gone: no mix of two runs in one folder
+    assert not (out / "warped_labels.nii.gz").exists() and (out / "warped.nii.gz").exists()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".out_atomic.")]
+    a_file = files / "a_file"
+    a_file.write_text("x")
+    proc = _run(*args[:-8], "--out", str(a_file), *args[-6:])
+    assert proc.returncode == 2 and "is not a folder" in proc.stderr
 
 
 @pytest.mark.parametrize("args, message", [
