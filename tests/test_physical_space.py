@@ -45,7 +45,7 @@ def pair(tmp_path_factory):
     nib.save(moving_lab, paths["moving_lab"])
     model = UniReg(UniRegConfig.from_preset("tiny", working_spacing_mm=2.0))
     result = model.register(paths["fixed"], paths["moving"], "inter | liver, spleen | smooth=0.2",
-                            moving_labels=paths["moving_lab"], fixed_labels=paths["fixed_lab"], optimize_steps=60)
+                            moving_labels=paths["moving_lab"], fixed_labels=paths["fixed_lab"], refine=60)
     return paths, result, d
 
 
