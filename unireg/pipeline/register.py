@@ -166,7 +166,7 @@ def _adapter_applied(adapter, model):
     if adapter is None:
         yield
         return
-    from ..adapt import Adapter
+    from ..adapter import Adapter
     if not isinstance(adapter, Adapter):
         adapter = Adapter.load(adapter)
     adapter.check_compatible(model)
