@@ -1,0 +1,191 @@
+"""What the app does, without any UI: load models, register a pair, adapt to a new structure.
+
+The Gradio handlers in :mod:`app.ui` are thin wrappers around these functions, which take
+paths and plain values and raise the library's own errors (``InputError``, ``PromptError``,
+``AdapterError`` ...); the UI turns those into a message in the page.
+"""
+from __future__ import annotations
+
+import atexit
+import inspect
+import re
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+
+from unireg.adapter import Adapter
+from unireg.io import InputError, load_image, load_labels
+
+PIPELINES = ("network only", "full")
+DEFAULT_MODEL = "unireg-tiny-phantom"
+FULL_PIPELINE_STEPS = 50  # test-time optimisation steps for "full" on a UniReg without the refine stage
+
+
+# ---------------------------------------------------------------------------------------- models
+class ModelStore:
+    """Models by name or folder, loaded once and shared by every session (read-only use)."""
+
+    def __init__(self, device: str = "cpu"):
+        self.device = device
+        self._models: dict[str, object] = {}
+        self._lock = threading.Lock()
+
+    def get(self, name: str):
+        from unireg.api import UniReg
+        name = (name or DEFAULT_MODEL).strip()
+        with self._lock:
+            if name not in self._models:
+                model = UniReg.from_pretrained(name, device=self.device)
+                if not getattr(model, "name_or_path", None):
+                    model.name_or_path = name
+                self._models[name] = model
+            return self._models[name]
+
+
+def shipped_model_names() -> list[str]:
+    from unireg.hub import shipped_models
+    return shipped_models() or [DEFAULT_MODEL]
+
+
+# ------------------------------------------------------------------------------------- run folders
+class RunFolders:
+    """Per-run output folders under one temporary root: old runs pruned, the root removed at exit."""
+
+    def __init__(self, max_age_s: float = 3600.0):
+        self.root = Path(tempfile.mkdtemp(prefix="unireg-app-"))
+        self.max_age_s = max_age_s
+        atexit.register(self.cleanup)
+
+    def new(self, kind: str) -> Path:
+        self.prune()
+        return Path(tempfile.mkdtemp(prefix=f"{kind}-", dir=self.root))
+
+    def prune(self) -> None:
+        now = time.time()
+        for folder in self.root.glob("*"):
+            if folder.is_dir() and now - folder.stat().st_mtime > self.max_age_s:
+                shutil.rmtree(folder, ignore_errors=True)
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------ uploads
+def check_upload(path, what: str, max_mb: float | None, required: bool = True) -> str | None:
+    """An uploaded file's path, or a clear error naming the input."""
+    if path is None or path == "":
+        if required:
+            raise InputError(f"{what}: no file given; upload a NIfTI file (.nii or .nii.gz) or pick an example")
+        return None
+    path = Path(getattr(path, "name", path))
+    if not path.is_file():
+        raise InputError(f"{what}: uploaded file is missing ({path.name}); upload it again")
+    if max_mb is not None and path.stat().st_size > max_mb * 1e6:
+        raise InputError(f"{what}: {path.name} is {path.stat().st_size / 1e6:.1f} MB, over the {max_mb:g} MB limit")
+    return str(path)
+
+
+_ROLE = re.compile(r"(fixed_labels|moving_labels|fixed_seg|moving_seg|fixed|moving)\.nii(\.gz)?$", re.IGNORECASE)
+
+
+def group_pair_uploads(paths: list, max_mb: float | None = None) -> list[dict]:
+    """Uploaded files named ``<pair>_fixed.nii.gz``, ``<pair>_moving.nii.gz``,
+    ``<pair>_fixed_labels.nii.gz``, ``<pair>_moving_labels.nii.gz`` -> pair dicts."""
+    pairs: dict[str, dict] = {}
+    for raw in paths or []:
+        path = check_upload(raw, "training pair file", max_mb)
+        name = Path(path).name
+        match = _ROLE.search(name)
+        if not match:
+            raise InputError(f"{name}: training pair files must be NIfTI named <pair>_fixed.nii.gz, <pair>_moving.nii.gz, "
+                             f"<pair>_fixed_labels.nii.gz and <pair>_moving_labels.nii.gz")
+        role = match.group(1).lower().replace("_seg", "_labels")
+        pairs.setdefault(name[:match.start()].rstrip("_-. ") or "pair", {})[role] = path
+    for key, pair in pairs.items():
+        missing = [r for r in ("fixed", "moving", "fixed_labels", "moving_labels") if r not in pair]
+        if missing:
+            raise InputError(f"training pair {key!r} lacks {', '.join(missing)}")
+    if not pairs:
+        raise InputError("no training pairs: upload files or use the shipped examples")
+    return [pairs[k] for k in sorted(pairs)]
+
+
+# -------------------------------------------------------------------------------------- register
+@dataclass
+class Registration:
+    result: object
+    files: dict = field(default_factory=dict)
+    fixed_labels: nib.Nifti1Image | None = None
+    moving_labels: nib.Nifti1Image | None = None
+
+    def metrics(self) -> dict:
+        return self.result.summary()
+
+
+def pipeline_options(register, pipeline: str) -> dict:
+    """Keyword arguments selecting a pipeline, for the ``register`` this UniReg has."""
+    if pipeline not in PIPELINES:
+        raise InputError(f"pipeline must be one of {PIPELINES}, got {pipeline!r}")
+    params = inspect.signature(register).parameters
+    if pipeline == "network only":
+        options = {"refine": False} if "refine" in params else {"optimize_steps": 0}
+        if "align" in params:
+            options["align"] = "none"
+        return options
+    return {} if "refine" in params else {"optimize_steps": FULL_PIPELINE_STEPS}
+
+
+def register_pair(model, fixed, moving, fixed_labels=None, moving_labels=None, prompt: str = "",
+                  pipeline: str = "network only", adapter: Adapter | None = None, out_dir: Path | None = None,
+                  max_mb: float | None = None) -> Registration:
+    """Check the uploads, register, and write the downloads into ``out_dir``."""
+    fixed = check_upload(fixed, "fixed scan", max_mb)
+    moving = check_upload(moving, "moving scan", max_mb)
+    fixed_labels = check_upload(fixed_labels, "fixed labels", max_mb, required=False)
+    moving_labels = check_upload(moving_labels, "moving labels", max_mb, required=False)
+    fixed_img, moving_img = load_image(fixed, "fixed scan"), load_image(moving, "moving scan")
+    fixed_lab = load_labels(fixed_labels, fixed_img, "fixed labels") if fixed_labels else None
+    moving_lab = load_labels(moving_labels, moving_img, "moving labels") if moving_labels else None
+    kwargs = pipeline_options(model.register, pipeline)
+    call = lambda: model.register(fixed_img, moving_img, prompt=prompt or None, moving_labels=moving_lab,  # noqa: E731
+                                  fixed_labels=fixed_lab, **kwargs)
+    if adapter is not None:
+        with adapter.applied(model):
+            result = call()
+    else:
+        result = call()
+    files = {}
+    if out_dir is not None:
+        files = {k: Path(v) for k, v in result.save(out_dir).items()}
+    return Registration(result, files, fixed_lab, moving_lab)
+
+
+# ------------------------------------------------------------------------------------------ adapt
+def adapt_model(model, pairs: list[dict], prompt: str, structure: str | None, steps: int, rank: int = 4,
+                lr: float = 3e-3, held_out: list[dict] | None = None, callback=None) -> Adapter:
+    from unireg.adapt import adapt
+    return adapt(model, pairs, prompt, steps=int(steps), rank=int(rank), lr=float(lr), held_out=held_out,
+                 structure=structure or None, progress=False, callback=callback)
+
+
+def loss_curve_png(adapter: Adapter, path: Path) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    curve = adapter.metadata.get("loss_curve", [])
+    window = adapter.metadata.get("loss_curve_window", 1)
+    fig, ax = plt.subplots(figsize=(5, 2.6))
+    ax.plot([window * (i + 0.5) for i in range(len(curve))], curve, marker="o", ms=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(f"adapting to {adapter.metadata.get('parsed_prompt', adapter.prompt)}", fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path

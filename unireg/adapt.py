@@ -1,0 +1,310 @@
+"""Few-shot adaptation: tune an adapter on k labelled pairs for a structure or task the model
+was not trained on (``unireg adapt``).
+
+Only the adapter learns (see :mod:`unireg.adapter`): the projected prompt embedding and LoRA
+updates of the controllers, a few thousand numbers, so a handful of pairs and a few minutes of
+CPU suffice and the base model stays shared. The loss is the training loss
+(:class:`unireg.losses.RegistrationLoss`: LNCC + Dice on the prompted structure + smoothness) on
+the pairs resampled onto the model's working grid exactly as registration resamples them.
+
+Pairs are given as
+
+* a CSV with columns ``fixed,moving,fixed_labels,moving_labels`` (paths relative to the CSV);
+* a folder holding such a ``pairs.csv``, or one sub-folder per pair with ``fixed.nii.gz``,
+  ``moving.nii.gz``, ``fixed_labels.nii.gz`` and ``moving_labels.nii.gz`` (``.nii`` works too);
+* in Python, a list of dicts with those keys (paths, nibabel images or (array, affine)).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .adapter import Adapter, AdapterError
+from .io import InputError, WorkingGrid, ijk_to_tensor_order, load_image, load_labels
+from .losses import RegistrationLoss
+from .metrics import organ_dice
+from .organs import ORGAN_TO_ID
+from .preprocessing import normalize_ct
+from .prompt import Prompt, parse_prompt
+from .training.objective import registration_step
+
+logger = logging.getLogger(__name__)
+
+PAIR_KEYS = ("fixed", "moving", "fixed_labels", "moving_labels")
+
+
+# ---------------------------------------------------------------------------------------- pairs
+@dataclass
+class PairTensors:
+    """One pair on the model's working grid: images in [0, 1] and label ids, [1,1,D,H,W]."""
+    fixed: torch.Tensor
+    moving: torch.Tensor
+    fixed_seg: torch.Tensor
+    moving_seg: torch.Tensor
+    name: str = ""
+
+
+def read_pair_list(source) -> list[dict]:
+    """CSV file / folder / list of dicts -> list of dicts with the four ``PAIR_KEYS``."""
+    if isinstance(source, (list, tuple)):
+        pairs = [dict(p) if isinstance(p, dict) else dict(zip(PAIR_KEYS, p)) for p in source]
+    else:
+        path = Path(source)
+        if path.is_dir():
+            pairs = _read_folder(path)
+        elif path.is_file():
+            pairs = _read_csv(path)
+        else:
+            raise InputError(f"pairs not found: {path} (give a CSV of {','.join(PAIR_KEYS)} or a folder)")
+    if not pairs:
+        raise InputError(f"no labelled pairs in {source if not isinstance(source, (list, tuple)) else 'the list'}")
+    for i, pair in enumerate(pairs):
+        missing = [k for k in PAIR_KEYS if pair.get(k) in (None, "")]
+        if missing:
+            raise InputError(f"pair {i + 1} lacks {', '.join(missing)}; few-shot adaptation needs both label maps")
+    return pairs
+
+
+def _read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        if reader.fieldnames is None or not set(PAIR_KEYS) <= {f.strip() for f in reader.fieldnames}:
+            raise InputError(f"{path} must be a CSV with a header row {','.join(PAIR_KEYS)}; "
+                             f"got {reader.fieldnames}")
+        rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k} for row in reader]
+    return [{k: str((path.parent / row[k]).resolve()) if row[k] else "" for k in PAIR_KEYS} for row in rows]
+
+
+def _read_folder(path: Path) -> list[dict]:
+    if (path / "pairs.csv").is_file():
+        return _read_csv(path / "pairs.csv")
+    pairs = []
+    for sub in sorted(p for p in path.iterdir() if p.is_dir()):
+        found = {k: next((sub / f"{k}{s}" for s in (".nii.gz", ".nii") if (sub / f"{k}{s}").is_file()), None)
+                 for k in PAIR_KEYS}
+        if all(found.values()):
+            pairs.append({k: str(v) for k, v in found.items()})
+    if not pairs:
+        raise InputError(f"{path} holds neither pairs.csv nor sub-folders with fixed/moving/fixed_labels/"
+                         f"moving_labels.nii.gz")
+    return pairs
+
+
+def prepare_pair(model, pair: dict, name: str = "") -> PairTensors:
+    """Load, check and resample one labelled pair onto the model's working grid.
+
+    The same steps as registration: the fixed image's working grid, linear resampling of both
+    scans, nearest of both label maps, the model's HU window.
+    """
+    cfg = model.config
+    fixed = load_image(pair["fixed"], f"{name} fixed image".strip())
+    moving = load_image(pair["moving"], f"{name} moving image".strip())
+    fixed_lab = load_labels(pair["fixed_labels"], fixed, f"{name} fixed labels".strip())
+    moving_lab = load_labels(pair["moving_labels"], moving, f"{name} moving labels".strip())
+    grid = WorkingGrid.from_image(fixed, cfg.working_spacing_mm, cfg.max_working_size, cfg.size_divisor)
+    param = next(model.parameters())
+
+    def image(img):
+        hu = torch.from_numpy(ijk_to_tensor_order(grid.resample(img)))[None, None]
+        return normalize_ct(hu, cfg.hu_min, cfg.hu_max).to(device=param.device, dtype=param.dtype)
+
+    def labels(img):
+        ids = np.rint(grid.resample(img, labels=True)).astype(np.int64)
+        return torch.from_numpy(ijk_to_tensor_order(ids))[None, None].to(param.device)
+
+    return PairTensors(image(fixed), image(moving), labels(fixed_lab), labels(moving_lab), name)
+
+
+def structure_organs(prompt: Prompt, structure=None) -> list[str]:
+    """The organs whose Dice the adaptation optimises: ``structure`` (names) or the prompt's organs.
+
+    ``structure`` lets a prompt in free words ("align the pear-shaped sac under the liver between
+    two patients") be tied to the label it means.
+    """
+    if structure:
+        names = [structure] if isinstance(structure, str) else list(structure)
+        organs = []
+        for name in names:
+            parsed = parse_prompt(f"inter | {name}")
+            organs.extend(parsed.organs)
+        return list(dict.fromkeys(organs))
+    if not prompt.organs:
+        raise InputError(f"prompt {prompt.text or str(prompt)!r} names no structure; few-shot adaptation needs "
+                         f"one whose labels are in the pairs, e.g. 'inter | duodenum', or a structure name")
+    return list(prompt.organs)
+
+
+# ------------------------------------------------------------------------------------- metrics
+@torch.no_grad()
+def pair_dice(model, pair: PairTensors, prompt: Prompt, organs: list[str], identity: bool = False) -> float:
+    """Mean Dice of the prompt's organs after registering ``pair`` (working grid)."""
+    if identity:
+        warped = pair.moving_seg
+    else:
+        out = model(pair.fixed, pair.moving, [prompt])
+        warped = model.warp(pair.moving_seg.to(out.displacement.dtype), out.displacement, nearest=True).round().long()
+    names = {o: ORGAN_TO_ID[o] for o in organs}
+    scores = organ_dice(pair.fixed_seg[0, 0].cpu().numpy(), warped[0, 0].cpu().numpy(), names)
+    return float(np.mean(list(scores.values()))) if scores else float("nan")
+
+
+def mean_dice(model, pairs: list[PairTensors], prompt: Prompt, organs: list[str], adapter: Adapter | None = None,
+              identity: bool = False) -> float:
+    context = adapter.applied(model, check=False) if adapter is not None else _nothing()
+    with context:
+        return float(np.nanmean([pair_dice(model, p, prompt, organs, identity) for p in pairs]))
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+# ---------------------------------------------------------------------------------------- adapt
+def adapt(model, pairs, prompt: "str | Prompt", steps: int = 120, rank: int = 4, lr: float = 3e-3,
+          held_out=None, progress: bool = True, seed: int = 0, callback=None, batch_size: int = 1,
+          structure=None) -> Adapter:
+    """Train an adapter for ``prompt`` on labelled ``pairs`` (CSV / folder / list, see module doc).
+
+    ``held_out`` pairs (same forms) are only measured: mean Dice of the prompted structure on the
+    working grid with no registration, zero-shot and with the adapter, stored in the metadata.
+    ``callback(step, steps, loss)`` is called after every step (e.g. a UI progress bar).
+    ``structure``: organ name(s) whose labels the Dice term uses, default the prompt's organs.
+    Returns the :class:`~unireg.adapter.Adapter`; the model's weights are left unchanged.
+    """
+    from tqdm.auto import tqdm
+    if steps < 1:
+        raise InputError(f"steps must be at least 1, got {steps}")
+    parsed = parse_prompt(prompt)
+    organs = structure_organs(parsed, structure)
+    train = [prepare_pair(model, p, f"pair {i + 1}") for i, p in enumerate(read_pair_list(pairs))]
+    test = [prepare_pair(model, p, f"held-out pair {i + 1}") for i, p in enumerate(read_pair_list(held_out))] \
+        if held_out is not None else []
+    _check_structure_present(train, organs)
+
+    adapter = Adapter.create(model, prompt, rank=rank, seed=seed)
+    dice_test = {}
+    if test:
+        dice_test["identity"] = mean_dice(model, test, parsed, organs, identity=True)
+        dice_test["zero_shot"] = mean_dice(model, test, parsed, organs)
+    loss_fn = RegistrationLoss()
+    optimizer = torch.optim.Adam(adapter.weights.parameters(), lr=lr)
+    rng = random.Random(seed)
+    order: list[int] = []
+    losses, dice_terms = [], []
+    frozen = {name: p.requires_grad for name, p in model.named_parameters()}
+    was_training = model.training
+    start = time.perf_counter()
+    try:
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        adapter.weights.train()
+        with adapter.applied(model, check=False):
+            bar = tqdm(range(steps), desc=f"adapting to {parsed}", disable=not progress, leave=False)
+            for step in bar:
+                chosen = []
+                while len(chosen) < min(batch_size, len(train)):
+                    if not order:
+                        order = rng.sample(range(len(train)), len(train))
+                    chosen.append(train[order.pop()])
+                batch = {"fixed": torch.cat([p.fixed for p in chosen]), "moving": torch.cat([p.moving for p in chosen]),
+                         "fixed_seg": torch.cat([p.fixed_seg for p in chosen]),
+                         "moving_seg": torch.cat([p.moving_seg for p in chosen]),
+                         "prompt": [parsed] * len(chosen), "organs": [organs] * len(chosen)}
+                terms = registration_step(model, batch, loss_fn)
+                optimizer.zero_grad()
+                terms["loss"].backward()
+                optimizer.step()
+                losses.append(float(terms["loss"].detach()))
+                dice_terms.append(float(terms.get("dice", float("nan"))))
+                bar.set_postfix(loss=f"{losses[-1]:.4f}", dice=f"{1 - dice_terms[-1]:.3f}")
+                if callback is not None:
+                    callback(step + 1, steps, losses[-1])
+    finally:
+        for name, p in model.named_parameters():
+            p.requires_grad_(frozen[name])
+        model.train(was_training)
+    seconds = time.perf_counter() - start
+    adapter.weights.eval()
+    if test:
+        dice_test["adapted"] = mean_dice(model, test, parsed, organs, adapter=adapter)
+    adapter.metadata["structure"] = organs
+    adapter.metadata.update(_training_summary(train, steps, lr, seed, batch_size, losses, dice_terms, seconds,
+                                              dice_test, len(test)))
+    return adapter
+
+
+def _check_structure_present(pairs: list[PairTensors], organs: list[str]) -> None:
+    for pair in pairs:
+        for organ in organs:
+            idx = ORGAN_TO_ID[organ]
+            if not (pair.fixed_seg == idx).any() or not (pair.moving_seg == idx).any():
+                raise InputError(f"{pair.name}: {organ} (label {idx}) is missing from a label map on the working "
+                                 f"grid; every training pair must contain the prompted structure")
+
+
+def _training_summary(train, steps, lr, seed, batch_size, losses, dice_terms, seconds, dice_test, n_test) -> dict:
+    window = max(1, min(10, len(losses) // 5))
+    curve = [round(float(np.mean(losses[i:i + window])), 5) for i in range(0, len(losses), window)]
+    summary = {"k": len(train), "steps": steps, "lr": lr, "seed": seed, "batch_size": batch_size,
+               "seconds": round(seconds, 1), "loss_first": round(float(np.mean(losses[:window])), 5),
+               "loss_last": round(float(np.mean(losses[-window:])), 5), "loss_curve": curve,
+               "loss_curve_window": window,
+               "train_dice_last": round(1.0 - float(np.nanmean(dice_terms[-window:])), 4),
+               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    if dice_test:
+        summary["held_out"] = {"pairs": n_test, "grid": "working", **{k: round(v, 4) for k, v in dice_test.items()}}
+    return summary
+
+
+# ----------------------------------------------------------------------------------- command line
+def add_adapt_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pairs", required=True,
+                        help="CSV with columns fixed,moving,fixed_labels,moving_labels, or a folder (pairs.csv or "
+                             "one sub-folder per pair with fixed/moving/fixed_labels/moving_labels.nii.gz)")
+    parser.add_argument("--prompt", required=True, help='the structure to adapt to, e.g. "inter | duodenum"')
+    parser.add_argument("--model", default="unireg-tiny-phantom", help="shipped name, model folder or hub id")
+    parser.add_argument("--steps", type=int, default=120, help="optimisation steps (default 120)")
+    parser.add_argument("--rank", type=int, default=4, help="LoRA rank of the controller updates (default 4)")
+    parser.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate (default 3e-3)")
+    parser.add_argument("--out", required=True, help="adapter file to write, e.g. duodenum.safetensors")
+    parser.add_argument("--held-out", help="CSV or folder of held-out labelled pairs to measure Dice on")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def run_adapt(args) -> int:
+    import json
+    from .api import UniReg
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda was asked for but no CUDA device is available")
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        raise InputError(f"--out must name a .safetensors file, got {out}")
+    model = UniReg.from_pretrained(args.model, device=device)
+    if not getattr(model, "name_or_path", None):
+        model.name_or_path = str(args.model)
+    adapter = adapt(model, args.pairs, args.prompt, steps=args.steps, rank=args.rank, lr=args.lr,
+                    held_out=args.held_out, seed=args.seed, progress=True)
+    adapter.save(out)
+    print(json.dumps({"adapter": str(out), **adapter.summary()}, indent=2))
+    return 0
+
+
+__all__ = ["adapt", "Adapter", "AdapterError", "PairTensors", "prepare_pair", "read_pair_list", "mean_dice",
+           "add_adapt_arguments", "run_adapt"]
