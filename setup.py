@@ -20,8 +20,8 @@ CORE = [
     "webdataset>=0.2.90",
 ]
 TRAIN = ["deepspeed>=0.14"]
-APP = ["gradio>=4.0"]
-DEV = ["pytest>=8", "pytest-timeout"]
+APP = ["gradio>=6.0"]  # api_visibility= on events; gradio_client comes with it
+DEV = ["pytest>=8", "pytest-timeout", "playwright>=1.40"]  # playwright drives the system chromium
 
 setup(
     name="unireg",

@@ -7,6 +7,7 @@ paths and plain values and raise the library's own errors (``InputError``, ``Pro
 from __future__ import annotations
 
 import atexit
+import contextlib
 import inspect
 import re
 import shutil
@@ -142,8 +143,11 @@ def pipeline_options(register, pipeline: str) -> dict:
 
 def register_pair(model, fixed, moving, fixed_labels=None, moving_labels=None, prompt: str = "",
                   pipeline: str = "network only", adapter: Adapter | None = None, out_dir: Path | None = None,
-                  max_mb: float | None = None) -> Registration:
-    """Check the uploads, register, and write the downloads into ``out_dir``."""
+                  max_mb: float | None = None, progress=None) -> Registration:
+    """Check the uploads, register, and write the downloads into ``out_dir``.
+
+    ``progress(level, step, loss)`` follows the refinement stage when the pipeline reports it.
+    """
     fixed = check_upload(fixed, "fixed scan", max_mb)
     moving = check_upload(moving, "moving scan", max_mb)
     fixed_labels = check_upload(fixed_labels, "fixed labels", max_mb, required=False)
@@ -152,13 +156,15 @@ def register_pair(model, fixed, moving, fixed_labels=None, moving_labels=None, p
     fixed_lab = load_labels(fixed_labels, fixed_img, "fixed labels") if fixed_labels else None
     moving_lab = load_labels(moving_labels, moving_img, "moving labels") if moving_labels else None
     kwargs = pipeline_options(model.register, pipeline)
-    call = lambda: model.register(fixed_img, moving_img, prompt=prompt or None, moving_labels=moving_lab,  # noqa: E731
-                                  fixed_labels=fixed_lab, **kwargs)
-    if adapter is not None:
-        with adapter.applied(model):
-            result = call()
-    else:
-        result = call()
+    params = inspect.signature(model.register).parameters
+    if progress is not None and "progress" in params:
+        kwargs["progress"] = progress
+    if adapter is not None and "adapter" in params:
+        kwargs["adapter"] = adapter
+        adapter = None
+    with adapter.applied(model) if adapter is not None else contextlib.nullcontext():
+        result = model.register(fixed_img, moving_img, prompt=prompt or None, moving_labels=moving_lab,
+                                fixed_labels=fixed_lab, **kwargs)
     files = {}
     if out_dir is not None:
         files = {k: Path(v) for k, v in result.save(out_dir).items()}

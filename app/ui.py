@@ -95,8 +95,10 @@ def build_app(model: str = DEFAULT_MODEL, max_upload_mb: float = 512.0, device: 
         progress(0.05, desc="loading model")
         net = store.get(model_name)
         progress(0.2, desc=f"registering ({pipeline})")
+        refining = lambda level, step, loss: progress(0.5, desc=f"refining: level {level + 1}, step {step}, "  # noqa: E731
+                                                                  f"loss {loss:.3f}")
         reg = register_pair(net, fixed, moving, fixed_labels, moving_labels, prompt, pipeline,
-                            out_dir=runs.new("register"), max_mb=max_upload_mb)
+                            out_dir=runs.new("register"), max_mb=max_upload_mb, progress=refining)
         progress(0.8, desc="rendering views")
         views = Views.from_result(reg.result, reg.fixed_labels, reg.moving_labels)
         sliders = [gr.Slider(0, views.slice_count(p) - 1, value=views.slice_count(p) // 2, step=1,

@@ -17,6 +17,7 @@ Pairs are given as
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import logging
 import random
@@ -28,11 +29,10 @@ import numpy as np
 import torch
 
 from .adapter import Adapter, AdapterError
-from .io import InputError, WorkingGrid, ijk_to_tensor_order, load_image, load_labels
+from .io import InputError, load_image, load_labels
 from .losses import RegistrationLoss
 from .metrics import organ_dice
 from .organs import ORGAN_TO_ID
-from .preprocessing import normalize_ct
 from .prompt import Prompt, parse_prompt
 from .training.objective import registration_step
 
@@ -101,26 +101,20 @@ def _read_folder(path: Path) -> list[dict]:
 def prepare_pair(model, pair: dict, name: str = "") -> PairTensors:
     """Load, check and resample one labelled pair onto the model's working grid.
 
-    The same steps as registration: the fixed image's working grid, linear resampling of both
-    scans, nearest of both label maps, the model's HU window.
+    The same steps as registration (``unireg.pipeline.grids``): the fixed image's working grid,
+    linear resampling of both scans, nearest of both label maps, the model's HU window. No
+    pre-alignment: the adapter learns the network-only task.
     """
-    cfg = model.config
+    from .pipeline.grids import label_tensor, scan_tensor, working_grid
     fixed = load_image(pair["fixed"], f"{name} fixed image".strip())
     moving = load_image(pair["moving"], f"{name} moving image".strip())
     fixed_lab = load_labels(pair["fixed_labels"], fixed, f"{name} fixed labels".strip())
     moving_lab = load_labels(pair["moving_labels"], moving, f"{name} moving labels".strip())
-    grid = WorkingGrid.from_image(fixed, cfg.working_spacing_mm, cfg.max_working_size, cfg.size_divisor)
+    grid = working_grid(fixed, model.config)
     param = next(model.parameters())
-
-    def image(img):
-        hu = torch.from_numpy(ijk_to_tensor_order(grid.resample(img)))[None, None]
-        return normalize_ct(hu, cfg.hu_min, cfg.hu_max).to(device=param.device, dtype=param.dtype)
-
-    def labels(img):
-        ids = np.rint(grid.resample(img, labels=True)).astype(np.int64)
-        return torch.from_numpy(ijk_to_tensor_order(ids))[None, None].to(param.device)
-
-    return PairTensors(image(fixed), image(moving), labels(fixed_lab), labels(moving_lab), name)
+    image = lambda img: scan_tensor(img, grid, model.config, param.device, dtype=param.dtype)  # noqa: E731
+    return PairTensors(image(fixed), image(moving), label_tensor(fixed_lab, grid, param.device),
+                       label_tensor(moving_lab, grid, param.device), name)
 
 
 def structure_organs(prompt: Prompt, structure=None) -> list[str]:
@@ -158,17 +152,9 @@ def pair_dice(model, pair: PairTensors, prompt: Prompt, organs: list[str], ident
 
 def mean_dice(model, pairs: list[PairTensors], prompt: Prompt, organs: list[str], adapter: Adapter | None = None,
               identity: bool = False) -> float:
-    context = adapter.applied(model, check=False) if adapter is not None else _nothing()
+    context = adapter.applied(model, check=False) if adapter is not None else contextlib.nullcontext()
     with context:
         return float(np.nanmean([pair_dice(model, p, prompt, organs, identity) for p in pairs]))
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 # ---------------------------------------------------------------------------------------- adapt
