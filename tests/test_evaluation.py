@@ -1,0 +1,60 @@
+"""`unireg eval` data handling: shard names are checked up front, skipped samples are reported."""
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+
+from data_tools.shards import make_phantom_shards
+from unireg.errors import UserError
+from unireg.evaluation import evaluate_shards, shard_list, write_report
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval_shards")
+    make_phantom_shards(out, n_subjects=2, shape=(16, 16, 16), spacing=(24.0,) * 3, seed=4, intra_per_subject=1,
+                        inter_pairs=1, max_shard_bytes=1)
+    return out
+
+
+def test_shard_names_are_checked_before_any_model_runs(shards, tmp_path):
+    tars = sorted(str(p) for p in shards.glob("*.tar"))
+    assert shard_list([str(shards)]) == tars                               # a folder
+    assert shard_list([str(shards / "*.tar")]) == tars                     # a glob the shell did not expand
+    assert shard_list([str(shards / "pairs-{000000..000001}.tar")]) == tars[:2]
+    assert shard_list(["pipe:cat x.tar"]) == ["pipe:cat x.tar"]            # URLs are the loader's business
+    with pytest.raises(UserError, match="missing.tar not found"):
+        shard_list([str(tmp_path / "missing.tar")])
+    with pytest.raises(UserError, match=r"'.*nothing-\*.tar' matches no file"):
+        shard_list([str(tmp_path / "nothing-*.tar")])
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(UserError, match="notes.txt is not a .tar shard"):
+        shard_list([str(tmp_path / "notes.txt")])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no .tar shards in this folder"):
+        shard_list([str(tmp_path / "empty")])
+
+
+def test_skipped_samples_are_counted_in_the_report(shards, tmp_path):
+    from unireg import UniReg, UniRegConfig
+    broken = tmp_path / "broken.tar"                      # a readable tar whose one sample lacks its arrays
+    with tarfile.open(broken, "w") as tar:
+        payload = json.dumps({"type": "inter"}).encode()
+        info = tarfile.TarInfo("bad.meta.json")
+        info.size = len(payload)
+        tar.addfile(info, io.BytesIO(payload))
+    model = UniReg(UniRegConfig.from_preset("tiny", vit_img_size=64, vit_depth=1, working_spacing_mm=24.0)).eval()
+    urls = sorted(str(p) for p in shards.glob("*.tar"))
+    summary = evaluate_shards(model, urls + [str(broken)], with_hd95=False)
+    assert summary["mean"]["pairs"] == 3 and summary["skipped"] == {"malformed sample": 1}
+    assert np.isfinite(summary["mean"]["dice"])
+    paths = write_report(summary, tmp_path / "report")
+    assert "Skipped samples: 1 (1 malformed sample" in paths["markdown"].read_text()
+    report = json.loads(paths["json"].read_text())
+    assert report["skipped_total"] == 1 and report["mean"]["pairs"] == 3
+    clean = evaluate_shards(model, urls, max_pairs=1, with_hd95=False)
+    assert clean["skipped"] == {} and clean["mean"]["pairs"] == 1
+    with pytest.raises(UserError, match=r"no pair could be read from 1 shard\(s\).*malformed sample"):
+        evaluate_shards(model, [str(broken)])
