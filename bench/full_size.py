@@ -1,0 +1,207 @@
+"""Seconds and peak memory per stage for a clinical-size pair (512x512x400 int16 by default).
+
+    python bench/full_size.py [--size 512 512 400] [--threads 2] [--out DIR] [--data DIR]
+
+A CT-like pair (two phantom subjects rendered coarse and upsampled to ``--size`` at
+0.8 x 0.8 x 1.0 mm, int16 HU, uint8 labels, ``.nii.gz``) is generated once into ``--data`` in a
+child process, so its memory and time count nowhere. This process then loads the shipped
+model, runs ``register`` with the network alone (``refine=False, align="none"`` where
+``register`` has them; ``--full``: its defaults) and ``result.save``, and prints a table.
+
+Stages are timed by wrapping the io / network / visualisation functions wherever the package
+imported them (outermost call wins, so the slices the overview warps count as "overview").
+Peak memory is the process's resident set size (RSS) sampled every 5 ms by a thread (psutil),
+per stage; the last line gives the kernel's exact process peak (``getrusage`` ru_maxrss), which
+includes importing torch and loading the model.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import inspect
+import multiprocessing
+import resource
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+PROMPT = "inter | liver, spleen, kidney_left, kidney_right"
+SPACING = (0.8, 0.8, 1.0)  # mm, (i, j, k) of the generated scans
+
+
+# ------------------------------------------------------------------------------------ the pair
+def generate_pair(size: tuple[int, int, int], folder: Path) -> dict[str, Path]:
+    """Two phantom subjects, rendered at ~4 mm and upsampled to ``size`` (i, j, k)."""
+    import nibabel as nib
+    from scipy import ndimage
+
+    from data_tools.phantom import make_subject
+
+    paths = {k: folder / f"{k}.nii.gz" for k in ("fixed", "moving", "fixed_labels", "moving_labels")}
+    if all(p.exists() for p in paths.values()):
+        return paths
+    folder.mkdir(parents=True, exist_ok=True)
+    coarse = tuple(max(8, round(n * s / 4.0)) for n, s in zip(size[::-1], SPACING[::-1]))  # (z, y, x)
+    affine = np.diag([*SPACING, 1.0])
+    affine[:3, 3] = -np.array(SPACING) * (np.array(size) - 1) / 2
+    for role, seed in (("fixed", 0), ("moving", 1)):
+        subject = make_subject(seed, shape=coarse, spacing_mm=[n * s / c for n, s, c in
+                                                                zip(size[::-1], SPACING[::-1], coarse)])
+        zoom = [n / c for n, c in zip(size[::-1], coarse)]
+        ct = ndimage.zoom(subject.image.astype(np.float32), zoom, order=1, grid_mode=True, mode="nearest")
+        labels = ndimage.zoom(subject.labels, zoom, order=0, grid_mode=True, mode="nearest")
+        nib.save(nib.Nifti1Image(np.rint(ct.T).astype(np.int16), affine), paths[role])
+        nib.save(nib.Nifti1Image(np.ascontiguousarray(labels.T), affine), paths[f"{role}_labels"])
+        del ct, labels
+    return paths
+
+
+# ------------------------------------------------------------------------------ measurement
+class StageMeter:
+    """Wall seconds and sampled peak RSS per named stage; nested stages count for the outer one."""
+
+    def __init__(self, interval_s: float = 0.005):
+        import psutil
+        self._process = psutil.Process()
+        self.seconds: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
+        self.peak: dict[str, int] = {}
+        self._active: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, args=(interval_s,), daemon=True)
+        self._thread.start()
+
+    def rss(self) -> int:
+        return self._process.memory_info().rss
+
+    def _sample(self, interval_s: float) -> None:
+        while not self._stop.wait(interval_s):
+            stage = self._active
+            if stage is not None:
+                self.peak[stage] = max(self.peak.get(stage, 0), self.rss())
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def wrap(self, fn, name):
+        """``fn`` timed as stage ``name`` (a string, or a function of the call's arguments)."""
+        @functools.wraps(fn)
+        def timed(*args, **kwargs):
+            if self._active is not None:
+                return fn(*args, **kwargs)
+            stage = name(*args, **kwargs) if callable(name) else name
+            self._active = stage
+            self.peak[stage] = max(self.peak.get(stage, 0), self.rss())
+            start, cpu = time.perf_counter(), time.process_time()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
+                self.cpu[stage] = self.cpu.get(stage, 0.0) + time.process_time() - cpu
+                self.peak[stage] = max(self.peak.get(stage, 0), self.rss())
+                self._active = None
+        return timed
+
+
+def _replace_everywhere(original, replacement) -> None:
+    """Swap ``original`` for ``replacement`` in every loaded unireg module that imported it."""
+    for module in list(sys.modules.values()):
+        if getattr(module, "__name__", "").startswith("unireg"):
+            for attr, value in list(vars(module).items()):
+                if value is original:
+                    setattr(module, attr, replacement)
+
+
+def instrument(meter: StageMeter, model) -> None:
+    import nibabel as nib
+
+    from unireg import io, visualize
+    for fn, stage in ((io.load_image, "load"), (io.load_labels, "load"), (io.field_on_grid, "map field back"),
+                      (io.save_nifti, "write warped.nii.gz"),
+                      (io.write_itk_displacement, "write displacement_itk.nii.gz"),
+                      (visualize.overview_png, "overview.png")):
+        _replace_everywhere(fn, meter.wrap(fn, stage))
+    warp_params = list(inspect.signature(io.warp_volume).parameters)
+
+    def warp_stage(*args, **kwargs):
+        labels = kwargs.get("labels", args[warp_params.index("labels")] if len(args) > warp_params.index("labels") else False)
+        return "warp labels" if labels else "warp image"
+    _replace_everywhere(io.warp_volume, meter.wrap(io.warp_volume, warp_stage))
+    io.WorkingGrid.resample = meter.wrap(io.WorkingGrid.resample, "resample to working grid")
+    nib.save = meter.wrap(nib.save, "write warped_labels.nii.gz")
+    model.forward = meter.wrap(model.forward, "network")
+
+
+def measure(paths: dict[str, Path], out: Path, full_pipeline: bool = False) -> None:
+    import torch
+
+    from unireg import UniReg
+
+    meter = StageMeter()
+    start = time.perf_counter()
+    model = UniReg.from_pretrained("unireg-tiny-phantom")
+    load_model_s = time.perf_counter() - start
+    baseline = meter.rss()
+    instrument(meter, model)
+    params = inspect.signature(model.register).parameters
+    network_alone = {"refine": False, "align": "none"}
+    kwargs = {} if full_pipeline else {k: v for k, v in network_alone.items() if k in params}
+    start, cpu = time.perf_counter(), time.process_time()
+    result = model.register(str(paths["fixed"]), str(paths["moving"]), PROMPT,
+                            moving_labels=str(paths["moving_labels"]), fixed_labels=str(paths["fixed_labels"]),
+                            **kwargs)
+    register_s, register_cpu = time.perf_counter() - start, time.process_time() - cpu
+    register_stages, register_stages_cpu = dict(meter.seconds), dict(meter.cpu)
+    start, cpu = time.perf_counter(), time.process_time()
+    result.save(out)
+    save_s, save_cpu = time.perf_counter() - start, time.process_time() - cpu
+    meter.stop()
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux
+
+    gb = lambda b: b / 1e9  # noqa: E731
+    print(f"fixed {result.fixed.shape} {result.fixed.get_data_dtype()}, register({kwargs or 'defaults'}), torch threads "
+          f"{torch.get_num_threads()}; RSS after loading the model {gb(baseline):.2f} GB ({load_model_s:.1f} s)")
+    print(f"{'stage':<32}{'seconds':>9}{'CPU s':>8}{'peak RSS GB':>13}")
+    parts = (("register", register_s, register_cpu, list(register_stages), {}, {}),
+             ("save", save_s, save_cpu, list(meter.seconds), register_stages, register_stages_cpu))
+    for part, total, total_cpu, names, before, before_cpu in parts:
+        names = [n for n in names if meter.seconds[n] - before.get(n, 0.0) > 0]
+        wall = {n: meter.seconds[n] - before.get(n, 0.0) for n in names}
+        cpu = {n: meter.cpu[n] - before_cpu.get(n, 0.0) for n in names}
+        for stage in names:
+            print(f"  {stage:<30}{wall[stage]:>9.2f}{cpu[stage]:>8.2f}{gb(meter.peak[stage]):>13.2f}")
+        print(f"  {'(other)':<30}{total - sum(wall.values()):>9.2f}{total_cpu - sum(cpu.values()):>8.2f}")
+        print(f"{part + ' total':<32}{total:>9.2f}{total_cpu:>8.2f}")
+    print(f"{'register + save':<32}{register_s + save_s:>9.2f}{register_cpu + save_cpu:>8.2f}"
+          f"{peak_kb * 1024 / 1e9:>13.2f}  (process peak, getrusage)")
+    sizes = {p.name: p.stat().st_size / 1e6 for p in sorted(out.iterdir())}
+    print("files (MB): " + ", ".join(f"{name} {mb:.1f}" for name, mb in sizes.items()))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, nargs=3, default=(512, 512, 400), metavar=("I", "J", "K"))
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    parser.add_argument("--data", type=Path, default=None, help="folder for the generated pair (reused)")
+    parser.add_argument("--full", action="store_true", help="the default pipeline instead of the network alone")
+    parser.add_argument("--out", type=Path, default=None, help="folder for result.save (default: a temporary one)")
+    args = parser.parse_args()
+    size = tuple(args.size)
+    data = args.data or Path(tempfile.gettempdir()) / f"unireg_full_size_{'x'.join(map(str, size))}"
+    with multiprocessing.get_context("spawn").Pool(1) as pool:  # generation's memory stays in the child
+        paths = pool.apply(generate_pair, (size, data))
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        measure(paths, args.out or Path(tmp) / "out", args.full)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    main()
