@@ -23,7 +23,9 @@ import numpy as np
 import pytest
 import yaml
 
+from unireg.io import ijk_to_tensor_order
 from unireg.organs import ORGAN_TO_ID
+from unireg.training.trainer import free_port
 
 CONFIGS = Path(__file__).resolve().parents[1] / "train_configs"
 #: Run in this order: tiny_phantom_finetune reads what tiny_phantom's commands make.
@@ -104,7 +106,7 @@ def workspace(tmp_path_factory):
     for i in range(15):                                   # 15 subjects: two land in val, so val has pairs
         subject = make_subject(40 + i, shape=(24, 24, 24), spacing_mm=(16.0,) * 3)
         (ts / f"s{i:04d}" / "segmentations").mkdir(parents=True)
-        to_nifti = lambda a: nib.Nifti1Image(np.ascontiguousarray(a.transpose(2, 1, 0)), subject.affine)  # noqa: E731
+        to_nifti = lambda a: nib.Nifti1Image(ijk_to_tensor_order(a), subject.affine)  # noqa: E731
         nib.save(to_nifti(subject.image), ts / f"s{i:04d}" / "ct.nii.gz")
         for organ in ("liver", "spleen", "kidney_left"):
             mask = (subject.labels == ORGAN_TO_ID[organ]).astype(np.uint8)
@@ -128,7 +130,7 @@ def test_header_commands_run_as_written(workspace, name):
             assert (root / config).is_file(), command
             continue
         if "deepspeed" in command:
-            command = command.replace("deepspeed ", f"deepspeed --master_port {_free_port()} ", 1)
+            command = command.replace("deepspeed ", f"deepspeed --master_port {free_port()} ", 1)
         proc = subprocess.run(["bash", "-c", command], cwd=root, env=env, capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, f"{command}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
         ran += 1
@@ -142,8 +144,3 @@ def test_header_commands_run_as_written(workspace, name):
         assert (config.export_dir / "model.safetensors").is_file(), name      # trained to the end and exported
         if config.run.eval_every:
             assert (config.output_dir / "eval_log.csv").is_file(), name        # the validation shards were read
-
-
-def _free_port() -> int:
-    from unireg.training.trainer import free_port
-    return free_port()

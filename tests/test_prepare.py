@@ -11,6 +11,7 @@ from data_tools.phantom import make_intra_pair, make_subject, save_subject
 from data_tools.prepare import PreparationError, prepare_dataset
 from data_tools.shards import prepared_pairs, write_shards
 from unireg.data import iterate_pairs
+from unireg.io import ijk_to_tensor_order
 from unireg.organs import ORGAN_TO_ID
 
 SHAPE, SPACING = (40, 40, 40), (9.0, 9.0, 9.0)
@@ -31,7 +32,7 @@ def subjects(tmp_path_factory):
 
 def _mask(subject, paths, name):
     ct = nib.load(paths["ct"])
-    return nib.Nifti1Image((np.transpose(subject.labels, (2, 1, 0)) == ORGAN_TO_ID[name]).astype(np.uint8), ct.affine)
+    return nib.Nifti1Image((ijk_to_tensor_order(subject.labels) == ORGAN_TO_ID[name]).astype(np.uint8), ct.affine)
 
 
 def test_totalsegmentator_layout_with_missing_file_and_other_grid(subjects, tmp_path):
@@ -78,7 +79,7 @@ def test_learn2reg_layout_and_shards(subjects, tmp_path):
         ct = nib.load(paths["ct"])
         lab = np.zeros(ct.shape, np.uint8)
         for value, name in enumerate(CLASSES[:3], start=1):
-            lab[np.transpose(subject.labels, (2, 1, 0)) == ORGAN_TO_ID[name]] = value
+            lab[ijk_to_tensor_order(subject.labels) == ORGAN_TO_ID[name]] = value
         if sid != "s3":                                          # s3's label file is missing
             nib.save(nib.Nifti1Image(lab, ct.affine), root / "labelsTr" / f"{stem}.nii.gz")
         training.append({"image": f"./imagesTr/{stem}.nii.gz", "label": f"./labelsTr/{stem}.nii.gz"})

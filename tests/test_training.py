@@ -4,6 +4,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from training_utils import data_order, deepspeed_launcher, small_shards, train, trained_prompts, write_config
@@ -101,3 +102,28 @@ def test_task_specific_mode_trains_every_pair_on_the_one_task(shards, tmp_path):
     assert len(set(sampled)) > 1                                   # prompts sampled per pair by default
     assert len(fixed) == len(sampled) and set(fixed) == {"intra | liver"}
     assert data_order(tmp_path / "task" / "run") == data_order(tmp_path / "unified" / "run")  # same pairs, same order
+
+
+def test_resume_from_a_broken_checkpoint_is_one_clear_line(shards, tmp_path):
+    config = write_config(tmp_path, shards, steps=2, checkpoint_every=2)
+    train(config, "--resume", "none", "--no-export")
+    ckpt = tmp_path / "run" / "checkpoints" / "step_00000002"
+
+    def fails(*args, message):
+        proc = train(config, *args, check=False)
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+
+    fails("--resume", "step_00000009", message="no complete checkpoint 'step_00000009'")
+    state = (ckpt / STATE_FILE).read_text()
+    (ckpt / STATE_FILE).write_text(state[:15])
+    fails("--resume", "auto", message="trainer_state.json is unreadable")
+    (ckpt / STATE_FILE).write_text(state)
+    for f in ckpt.glob("*.pt"):
+        f.write_bytes(f.read_bytes()[:100])
+    fails("--resume", "auto", message="step_00000002 cannot be loaded")
+    bad = yaml.safe_load(config.read_text())
+    bad["run"]["steps"] = "two"
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+    bad = tmp_path / "bad.yaml"
+    proc = train(bad, check=False)
+    assert proc.returncode == 2 and "run.steps: expected an integer, got 'two'" in proc.stderr

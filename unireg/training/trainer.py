@@ -24,7 +24,7 @@ from ..losses import RegistrationLoss
 from ..modeling.text_encoder import WHOLE_BODY
 from ..organs import ORGANS, organ_phrase
 from ..prompt import parse_prompt
-from .checkpoint import CheckpointManager
+from .checkpoint import CheckpointError, CheckpointManager
 from .config import ConfigError, TrainConfig
 from .objective import registration_step
 
@@ -141,12 +141,19 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------ loop
     def resume(self, spec: str | None) -> None:
+        """``none``, ``auto`` (the latest complete checkpoint, if any) or a tag; CheckpointError for a tag
+        that is unknown, broken, or was written by another number of ranks under ZeRO."""
         if not spec or spec == "none":
             return
         tag = self.checkpoints.latest() if spec == "auto" else spec
         if tag is None:
             logger.info("no checkpoint to resume from in %s; starting fresh", self.checkpoints.directory)
             return
+        written_by = self.checkpoints.trainer_state(tag).get("world_size", self.world)
+        if written_by != self.world and self.engine.zero_optimization_stage() > 0:
+            raise CheckpointError(f"checkpoint {self.checkpoints.directory / tag} was written by {written_by} rank(s) "
+                                  f"and this run has {self.world}: ZeRO cannot re-partition its optimizer state. "
+                                  f"Resume with {written_by} rank(s), or train in another --output-dir")
         state = self.checkpoints.load(self.engine, tag)
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
