@@ -21,19 +21,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_training(args) -> int:
-    from .config import TrainConfig, command_line_overrides
-    from .trainer import Trainer
-    overrides = command_line_overrides(output_dir=args.output_dir, train_data=args.train_data)
-    config = TrainConfig.from_yaml(args.config, overrides)
-    trainer = Trainer(config, max_steps=args.max_steps)
-    trainer.resume(args.resume)
-    last = trainer.train()
-    if not args.no_export and trainer.step >= config.run.steps:
-        out = trainer.export()
-        if out is not None:
-            print(f"exported model to {out}")
-    if trainer.rank == 0:
-        print(f"finished at step {trainer.step}: " + ", ".join(f"{k}={v:.4f}" for k, v in last.items()))
+    from .run import train_from_config
+    outcome = train_from_config(args.config, resume=args.resume, max_steps=args.max_steps, output_dir=args.output_dir,
+                                train_data=args.train_data, export=not args.no_export)
+    if outcome.export_dir is not None:
+        print(f"exported model to {outcome.export_dir}")
+    if outcome.rank == 0:
+        print(f"finished at step {outcome.step}: " + ", ".join(f"{k}={v:.4f}" for k, v in outcome.metrics.items()))
     return 0
 
 
