@@ -40,14 +40,37 @@ def test_nearest_warp_keeps_label_values():
     labels[4:10, 4:10, 4:10] = 5
     labels[10:14, 2:6, 8:12] = 7
     disp = smooth_random_field(labels.shape, amplitude=2.0, seed=3)
-    warped = SpatialTransformer()(torch.from_numpy(labels)[None, None], disp, nearest=True)
-    assert set(torch.unique(warped).tolist()) <= {0.0, 5.0, 7.0}
+    warped = SpatialTransformer()(torch.from_numpy(labels)[None, None], disp, nearest=True)[0, 0].numpy()
+    coords = np.indices(labels.shape, dtype=np.float32) + disp[0].numpy()
+    expected = ndimage.map_coordinates(labels, coords, order=0, mode="nearest")
+    assert set(np.unique(warped)) == {0.0, 5.0, 7.0}
+    assert (warped != labels).sum() > 20                  # the labels did move ...
+    assert np.array_equal(warped, expected)               # ... exactly where the independent resampler puts them
 
 
 def test_resize_field_keeps_physical_displacement():
-    coarse = torch.full((1, 3, 8, 8, 8), 1.5)  # 1.5 coarse voxels everywhere
-    fine = resize_field(coarse, (16, 16, 16))
-    assert torch.allclose(fine, torch.full_like(fine, 3.0))
+    """A field linear in position (non-uniform, all components) resized anisotropically stays
+    the same physical field: values rescale per axis, positions follow voxel centres."""
+    old, new = (8, 6, 10), (16, 9, 5)
+    a = np.array([[0.3, -0.2, 0.1], [0.05, 0.4, -0.3], [-0.1, 0.2, 0.25]])    # d(physical)/d(position)
+    b = np.array([1.0, -2.0, 0.5])
+
+    def voxel_field(shape):
+        """u(p) = a p + b in extent units (each axis spans [0, 1]) -> voxels of ``shape``."""
+        centres = [(np.arange(n) + 0.5) / n for n in shape]                   # align_corners=False centres
+        p = np.stack(np.meshgrid(*centres, indexing="ij"))
+        u = np.einsum("cd,d...->c...", a, p) + b[:, None, None, None]
+        return torch.from_numpy((u * np.array(shape)[:, None, None, None]).astype(np.float32))[None]
+
+    fine = resize_field(voxel_field(old), new)
+    expected = voxel_field(new)
+    assert fine.shape == (1, 3, *new)
+    # Trilinear interpolation is exact for a linear field between the coarse voxel centres.
+    inside = tuple(slice(int(np.ceil((0.5 * m / o - 0.5))), n - int(np.ceil((0.5 * m / o - 0.5))))
+                   for o, m, n in zip(old, new, new))
+    assert torch.allclose(fine[(slice(None), slice(None), *inside)], expected[(slice(None), slice(None), *inside)],
+                          atol=1e-4)
+    assert not torch.allclose(fine[:, 0], fine[:, 0].mean())                 # a non-uniform field
 
 
 def test_jacobian_of_known_scaling():
