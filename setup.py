@@ -22,6 +22,9 @@ CORE = [
 TRAIN = ["deepspeed>=0.14"]
 APP = ["gradio>=6.0"]  # api_visibility= on events; gradio_client comes with it
 DEV = ["pytest>=8", "pytest-timeout", "playwright>=1.40"]  # playwright drives the system chromium
+# bench/vs_optimisers.py: the classical optimisers UniReg is measured against; never core, not in
+# "all" (antspyx pins numpy<2.4 and scipy<1.16, so installing this extra may downgrade them)
+BENCH = ["antspyx>=0.6", "picsl-greedy>=1.4", "convexadam>=0.2"]
 
 setup(
     name="unireg",
@@ -35,7 +38,8 @@ setup(
                              "checkpoints/*/*.md", "checkpoints/*/*.png"]},
     include_package_data=True,
     install_requires=CORE,
-    extras_require={"train": TRAIN, "app": APP, "dev": DEV, "all": TRAIN + APP + DEV},
+    extras_require={"train": TRAIN, "app": APP, "dev": DEV, "bench": BENCH,
+                    "all": TRAIN + APP + DEV},
     entry_points={"console_scripts": [
         "unireg=unireg.cli:main",
         "unireg-train=unireg.cli.train:main",
