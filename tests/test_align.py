@@ -98,11 +98,11 @@ def test_affine_with_scaling_on_a_rotated_anisotropic_grid():
     truth = _rigid(6.0, (0.2, 1.0, 0.1), (-8.0, 5.0, 4.0))
     truth[:3, :3] = truth[:3, :3] @ np.diag([1.1, 0.92, 1.05])
     flip_rotate = Rotation.from_euler("z", 90, degrees=True).as_matrix() @ np.diag([1.0, -1.0, 1.0])
-    fixed, fa, moving, ma = _pair(truth, moving_shape=(40, 72, 60), moving_spacing=(5.0, 2.5, 3.2),
+    fixed, fa, moving, ma = _pair(truth, moving_shape=(48, 90, 70), moving_spacing=(5.0, 2.5, 3.2),
                                   moving_rotation=flip_rotate)
     result = align_pair(fixed, fa, moving, ma, mode="affine")
     assert result.mode == "affine"
-    assert _max_point_error(result.matrix, truth, fixed, fa) < 1.5
+    assert _max_point_error(result.matrix, truth, fixed, fa) < 1.0
     rigid_only = align_pair(fixed, fa, moving, ma, mode="rigid")
     assert result.loss_after < rigid_only.loss_after
     assert _max_point_error(rigid_only.matrix, truth, fixed, fa) > 5.0

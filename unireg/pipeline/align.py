@@ -209,9 +209,9 @@ def _loss(level: _Level, matrix: torch.Tensor, similarity: str, kernel: int) -> 
 
 
 def _optimise(levels, transform: _LinearTransform, affine: bool, similarity: str, kernel: int,
-              steps: tuple[int, ...], radius_mm: float) -> None:
+              steps: tuple[int, ...], radius_mm: float, lr_scale: float = 1.0) -> None:
     for level, n_steps in zip(levels, steps):
-        lr_t = 0.2 * level.spacing_mm                  # mm per Adam step at the start of the level
+        lr_t = 0.2 * level.spacing_mm * lr_scale                  # mm per Adam step at the start of the level
         groups = [{"params": [transform.translation], "lr": lr_t},
                   {"params": [transform.rotation], "lr": lr_t / radius_mm}]
         if affine:
@@ -298,7 +298,9 @@ def align_pair(fixed: torch.Tensor, fixed_affine: np.ndarray, moving: torch.Tens
             return finish(identity, "none")
     if mode == "rigid":
         return finish(rigid.cpu().numpy(), "rigid")
-    _optimise(levels, transform, affine=True, similarity=similarity, kernel=kernel, steps=steps, radius_mm=radius)
+    # Half the rigid step sizes: the affine stage starts near the optimum and mainly fits scale/shear.
+    _optimise(levels, transform, affine=True, similarity=similarity, kernel=kernel, steps=steps, radius_mm=radius,
+              lr_scale=0.5)
     affine = transform.matrix().detach()
     if mode == "auto" and loss_at(fine, affine) >= loss_rigid:
         return finish(rigid.cpu().numpy(), "rigid")

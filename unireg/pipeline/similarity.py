@@ -1,8 +1,8 @@
 """Image similarities for the optimisation stages: box-filtered LNCC, MIND-SSC, global MI.
 
 The stages call these hundreds of times per pair on a CPU, so the local statistics come from a
-separable box filter (three 1-D ``avg_pool3d`` passes: 3k instead of k^3 work per voxel) over all
-the needed products stacked as channels of one call. Every function takes [B,C,D,H,W] float
+separable box filter (running sums along each axis: constant work per voxel whatever the window)
+over all the needed products stacked as channels of one call. Every function takes [B,C,D,H,W] float
 tensors and an optional voxel weight ``mask`` [B,1,D,H,W] (e.g. the part of the fixed grid that
 the moving scan covers), and returns a scalar loss to *minimise*.
 """
@@ -13,14 +13,21 @@ import torch.nn.functional as F
 
 
 def box_filter(x: torch.Tensor, kernel: int) -> torch.Tensor:
-    """Mean over a cube of side ``kernel`` (odd) around each voxel; the borders average what exists."""
+    """Mean over a cube of side ``kernel`` (odd) around each voxel; the borders average what exists.
+
+    Separable running sums (a cumulative sum and one subtraction per axis): the cost does not grow
+    with the window, and the backward pass is another cumulative sum.
+    """
     if kernel <= 1:
         return x
     r = kernel // 2
-    for dim in range(3):
-        size, pad = [1, 1, 1], [0, 0, 0]
-        size[dim], pad[dim] = kernel, r
-        x = F.avg_pool3d(x, size, stride=1, padding=pad, count_include_pad=False)
+    for dim in (2, 3, 4):
+        n = x.shape[dim]
+        summed = F.pad(x, [0, 0] * (4 - dim) + [r + 1, r]).cumsum(dim)
+        x = summed.narrow(dim, kernel, n) - summed.narrow(dim, 0, n)
+        index = torch.arange(n, device=x.device)
+        count = (index.add(r).clamp(max=n - 1) - index.sub(r).clamp(min=0) + 1).to(x.dtype)
+        x = x / count.view([n if d == dim else 1 for d in range(x.dim())])
     return x
 
 
