@@ -1,7 +1,7 @@
 """Every command in a train_configs/*.yaml header runs as written (with tiny sizes).
 
 The headers are the documentation users copy: each command is read from the YAML, sizes are
-shrunk (subjects, shape, spacing), the real-data root is replaced by a small TotalSegmentator
+shrunk (subjects, shape, spacing, shard size), the real-data root is replaced by a small TotalSegmentator
 tree written here, and the command runs through bash from a copy of the repository layout
 (``train_configs/`` beside ``data/``, ``shards/``, ``runs/``). The YAML copies train 2 steps with
 evaluation, so the shards and exports a header promises are really made and read. Commands that
@@ -31,7 +31,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "train_configs"
 #: Run in this order: tiny_phantom_finetune reads what tiny_phantom's commands make.
 ORDER = ["tiny_cpu", "tiny_phantom", "tiny_phantom_finetune", "finetune_from_pretrained", "base_gpu",
          "large_multinode"]
-SHRINK = [(r"--subjects \d+", "--subjects 3"), (r"--phantom-subjects \d+", "--phantom-subjects 2"),
+SHRINK = [(r"--subjects \d+", "--subjects 6"), (r"--phantom-subjects \d+", "--phantom-subjects 2"),
           (r"--inter-pairs \d+", "--inter-pairs 2"), (r"--shape \d+ \d+ \d+", "--shape 32 32 32"),
           (r"--spacing [\d.]+ [\d.]+ [\d.]+", "--spacing 12 12 12")]
 
@@ -71,6 +71,8 @@ def shrink(command: str, ts_root: Path) -> str:
         command += " --shape 32 32 32 --spacing 12 12 12"
     if command.startswith("unireg prepare dataset") and "--spacing" not in command:
         command += " --spacing 12 12 12"
+    if command.startswith("unireg prepare shards") and "--max-shard-mb" not in command:
+        command += " --max-shard-mb 1"          # several shards, as full-size data gives: one per rank at least
     return command.replace("/data/TotalSegmentator", str(ts_root))
 
 

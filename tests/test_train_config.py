@@ -105,6 +105,9 @@ def test_every_relative_path_follows_the_yaml_not_the_working_directory(tmp_path
     flags = command_line_overrides(output_dir="out", train_data="pipe:cat x.tar")
     config = TrainConfig.from_yaml(path, flags)
     assert config.output_dir == elsewhere / "out" and config.shard_urls("train") == ["pipe:cat x.tar"]
+    large = TrainConfig.from_yaml(CONFIGS / "large_multinode.yaml")         # object-store URLs: one per shard
+    urls = large.shard_urls("train")
+    assert len(urls) == 4096 and urls[1] == "pipe:aws s3 cp s3://your-bucket/unireg/train/pairs-000001.tar -"
 
 
 def test_data_paths_are_checked_when_the_run_starts(tmp_path):

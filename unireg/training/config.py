@@ -227,11 +227,11 @@ def command_line_overrides(output_dir: str | None = None, train_data: str | None
 
 
 def _expand(spec: str, resolve, key: str) -> list[str]:
-    """A folder (its ``*.tar``), a file, a brace pattern of files, or a URL (left to the loader)."""
+    """A folder (its ``*.tar``), a file, a brace pattern of files, or URLs (brace-expanded, read by the loader)."""
+    import braceexpand
     if _is_url(spec):
-        return [spec]
+        return list(braceexpand.braceexpand(spec))
     if "{" in spec:
-        import braceexpand
         paths = [resolve(p) for p in braceexpand.braceexpand(spec)]
     else:
         path = resolve(spec)

@@ -83,6 +83,9 @@ class Trainer:
         self.val_urls = config.shard_urls("val") if config.data.val else None
         init_distributed()
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        if len(self.train_urls) < self.world:  # split_by_node hands out whole shards: a rank without one stalls the rest
+            raise ConfigError(f"data.train has {len(self.train_urls)} shard(s) for {self.world} ranks; each rank reads "
+                              f"whole shards, so write at least {self.world} (smaller --max-shard-mb)")
         torch.manual_seed(self.run.seed)
         self.output_dir = config.output_dir  # relative to the YAML, like every path in it
         self.model = build_model(config)
