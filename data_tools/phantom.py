@@ -24,7 +24,7 @@ same subjects whether they are written as NIfTI or straight into shards.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np

@@ -1,6 +1,4 @@
-"""DeepSpeed training: 2 CPU ranks, resume equals a straight run, crash mid-checkpoint, ZeRO-3 export."""
-import shutil
-
+"""DeepSpeed training: 2 CPU ranks, resume equals a straight run, crash mid-checkpoint, ZeRO-3 export, resume errors."""
 import numpy as np
 import pytest
 import torch

@@ -128,7 +128,7 @@ class TrainConfig:
     def validate(self) -> None:
         for name, section_cls in SECTIONS.items():
             _check_types(getattr(self, name), section_cls, name)
-        m, d, loss, r = self.model, self.data, self.loss, self.run
+        d, loss, r = self.data, self.loss, self.run
         try:
             model_config = self.model_config()
         except ValueError as exc:
