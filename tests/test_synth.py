@@ -97,3 +97,12 @@ def test_write_shards_round_trips_synthetic_pairs(tmp_path):
         assert sample["meta"]["organs"] == original["meta"]["organs"]
         seen += 1
     assert seen == 3
+
+
+def test_anisotropic_spacing_keeps_the_field_in_millimetres():
+    spacing = (5.0, 2.0, 2.5)
+    p = synth_pair(5, (24, 48, 40), spacing, config=SynthConfig(max_displacement_mm=15.0))
+    assert p["fixed"].shape == (24, 48, 40) and p["displacement"].shape == (3, 24, 48, 40)
+    peak_mm = np.abs(p["displacement"]).reshape(3, -1).max(axis=1) * np.array(spacing)
+    assert np.all(peak_mm < 1.5 * 15.0) and np.all(peak_mm > 0.25 * 15.0)   # mm alike on every axis
+    assert peak_mm.max() < 2.5 * peak_mm.min()
