@@ -12,7 +12,7 @@ import logging
 
 import gradio as gr
 
-from unireg.organs import ORGANS
+from unireg.organs import ORGAN_TO_ID, ORGANS
 
 from . import examples
 from .backend import (DEFAULT_MODEL, PIPELINES, ModelStore, RunFolders, adapt_model, check_upload,
@@ -154,7 +154,8 @@ def build_app(model: str = DEFAULT_MODEL, max_upload_mb: float = 512.0, device: 
         adapted = register_pair(net, fixed, moving, fixed_labels, moving_labels, prompt, "network only",
                                 adapter=adapter, out_dir=runs.new("held-out"), max_mb=max_upload_mb)
         views = Views.from_result(adapted.result, adapted.fixed_labels, adapted.moving_labels)
-        images = [views.render("warped", plane, None, True) for plane in PLANES]
+        ids = [ORGAN_TO_ID[o] for o in adapter.metadata.get("structure", []) if o in ORGAN_TO_ID]
+        images = [views.render("warped", plane, views.centre_of(ids, plane), True, only=ids) for plane in PLANES]
         return comparison_markdown(zero.metrics(), adapted.metrics(), prompt), *images
 
     # ------------------------------------------------------------------------------------ page
@@ -212,7 +213,8 @@ def build_app(model: str = DEFAULT_MODEL, max_upload_mb: float = 512.0, device: 
                     source = gr.Radio(["shipped examples", "my uploads"], value="shipped examples",
                                       label="Training pairs")
                     k = gr.Slider(1, 5, value=3, step=1, label="k (shipped example pairs)", elem_id="k-slider")
-                    uploads = gr.File(file_count="multiple", label="Labelled pairs (NIfTI)", elem_id="pair-uploads")
+                    uploads = gr.File(file_count="multiple", label="Labelled pairs (NIfTI)", elem_id="pair-uploads",
+                                      height=FILE_HEIGHT)
                     structure = gr.Dropdown(ORGANS, value="duodenum", filterable=True, label="Structure to learn",
                                             info="its label id in your label maps follows TotalSegmentator",
                                             elem_id="structure-picker")
@@ -233,15 +235,21 @@ def build_app(model: str = DEFAULT_MODEL, max_upload_mb: float = 512.0, device: 
                 with gr.Column():
                     held_source = gr.Radio(["shipped example", "my upload"], value="shipped example",
                                            label="Held-out pair")
-                    with gr.Row():
-                        h_fixed, h_moving = gr.File(label="Fixed scan", height=FILE_HEIGHT), gr.File(label="Moving scan", height=FILE_HEIGHT)
-                        h_fixed_lab, h_moving_lab = gr.File(label="Fixed labels", height=FILE_HEIGHT), gr.File(label="Moving labels", height=FILE_HEIGHT)
-                    adapter_upload = gr.File(label="or use an adapter file", height=FILE_HEIGHT, file_types=[".safetensors"])
+                    with gr.Accordion("my held-out pair", open=False):
+                        with gr.Row():
+                            h_fixed = gr.File(label="Fixed scan", height=FILE_HEIGHT)
+                            h_moving = gr.File(label="Moving scan", height=FILE_HEIGHT)
+                        with gr.Row():
+                            h_fixed_lab = gr.File(label="Fixed labels", height=FILE_HEIGHT)
+                            h_moving_lab = gr.File(label="Moving labels", height=FILE_HEIGHT)
+                    with gr.Accordion("use an adapter file instead", open=False):
+                        adapter_upload = gr.File(label="Adapter (.safetensors)", height=FILE_HEIGHT,
+                                                 file_types=[".safetensors"])
                     held_button = gr.Button("Register held-out pair", variant="primary", elem_id="held-out-button")
                 with gr.Column():
                     held_md = gr.Markdown(elem_id="held-out-metrics")
             with gr.Row():
-                held_images = [gr.Image(label=f"warped + labels, {p}", type="numpy", interactive=False,
+                held_images = [gr.Image(label=f"warped with the adapter + structure (fixed outline), {p}", type="numpy", interactive=False,
                                         elem_id=f"held-out-{p}") for p in PLANES]
 
         # ---------------------------------------------------------------------------- wiring

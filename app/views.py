@@ -76,8 +76,19 @@ class Views:
     def slice_count(self, plane: str) -> int:
         return self.shape[2 - PLANES.index(plane)]
 
-    def render(self, view: str, plane: str, index: int | None = None, overlay: bool = True) -> np.ndarray:
-        """One slice of one view as an RGB uint8 image, scaled for display."""
+    def centre_of(self, label_ids: list[int], plane: str) -> int | None:
+        """The slice through the middle of the given structures in the fixed labels (None: the centre)."""
+        if self.fixed_labels is None or not label_ids:
+            return None
+        where = np.argwhere(np.isin(self.fixed_labels, label_ids))
+        return int(np.median(where[:, 2 - PLANES.index(plane)])) if len(where) else None
+
+    def render(self, view: str, plane: str, index: int | None = None, overlay: bool = True,
+               only: list[int] | None = None) -> np.ndarray:
+        """One slice of one view as an RGB uint8 image, scaled for display.
+
+        ``only``: overlay just these label ids, with the fixed labels' outline on top, to judge one structure.
+        """
         if view not in VIEWS:
             raise ValueError(f"unknown view {view!r}; one of {VIEWS}")
         take = lambda vol: _slice(vol, plane, index)  # noqa: E731
@@ -91,14 +102,19 @@ class Views:
         elif view == "deformation grid":
             rgb = _gray(take(self.grid[plane]), 0.0, 1.0)
         elif view == "Jacobian map":
-            rgb = _colormap(np.log(np.clip(take(self.jacobian), 1e-3, None)), -1.0, 1.0, "RdBu_r")
+            rgb = _colormap(np.log(np.clip(take(self.jacobian), 1e-3, None)), -0.5, 0.5, "RdBu_r")
             rgb[take(self.jacobian) <= 0] = (255, 255, 0)  # folding in yellow
         else:
             rgb = _gray(take(getattr(self, view)))
         labels = {"fixed": self.fixed_labels, "moving": self.moving_labels, "warped": self.warped_labels,
                   "difference": self.fixed_labels, "checkerboard": self.fixed_labels}.get(view)
         if overlay and labels is not None:
-            rgb = _overlay(rgb, take(labels))
+            shown = take(labels)
+            if only:
+                shown = np.where(np.isin(shown, only), shown, 0)
+            rgb = _overlay(rgb, shown)
+            if only and self.fixed_labels is not None:
+                rgb = _outline(rgb, np.isin(take(self.fixed_labels), only))
         return _upscale(rgb, plane, self.zooms)
 
 
@@ -128,6 +144,14 @@ def _overlay(rgb: np.ndarray, labels: np.ndarray, alpha: float = 0.4) -> np.ndar
     out = rgb.astype(np.float32)
     out[mask] = (1 - alpha) * out[mask] + alpha * colors[labels[mask] % 20]
     return out.astype(np.uint8)
+
+
+def _outline(rgb: np.ndarray, mask: np.ndarray, color=(255, 255, 0)) -> np.ndarray:
+    from scipy import ndimage
+    edge = mask & ~ndimage.binary_erosion(mask)
+    out = rgb.copy()
+    out[edge] = color
+    return out
 
 
 def _upscale(rgb: np.ndarray, plane: str, zooms) -> np.ndarray:

@@ -133,9 +133,11 @@ def test_register_example_with_composed_prompt(page, server, tmp_path):
     metrics = register_and_wait(page)
     assert "pancreas" in metrics and "Dice after" in metrics and "non-positive Jacobian" in metrics
     before = page.locator("#view-axial img").get_attribute("src")
-    page.get_by_label("Jacobian map").check()
+    page.get_by_role("radio", name="Jacobian map").check()
     page.wait_for_function("(src) => document.querySelector('#view-axial img')?.src !== src", arg=before)
-    page.get_by_label("warped").check()
+    jacobian = page.locator("#view-axial img").get_attribute("src")
+    page.get_by_role("radio", name="warped", exact=True).check()
+    page.wait_for_function("(src) => document.querySelector('#view-axial img')?.src !== src", arg=jacobian)
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SCREENSHOTS / "app_register.png"), full_page=True)
 
