@@ -106,3 +106,18 @@ def test_anisotropic_spacing_keeps_the_field_in_millimetres():
     peak_mm = np.abs(p["displacement"]).reshape(3, -1).max(axis=1) * np.array(spacing)
     assert np.all(peak_mm < 1.5 * 15.0) and np.all(peak_mm > 0.25 * 15.0)   # mm alike on every axis
     assert peak_mm.max() < 2.5 * peak_mm.min()
+
+
+def test_independent_contrast_redraws_only_the_moving_palette():
+    shape, spacing = (24, 24, 24), (8.0, 8.0, 8.0)
+    ct = synth_pair(6, shape, spacing)
+    mr_like = synth_pair(6, shape, spacing, config=SynthConfig(independent_contrast=True))
+    for k in ("fixed", "fixed_seg", "moving_seg", "displacement"):
+        assert np.array_equal(ct[k], mr_like[k]), k                 # same anatomy, field and fixed scan
+
+    def label_medians(p):
+        return np.array([np.median(p["moving"][p["moving_seg"] == i]) - np.median(p["fixed"][p["fixed_seg"] == i])
+                         for i in np.unique(p["fixed_seg"]) if i])
+
+    assert np.abs(label_medians(ct)).max() < 80                      # CT: HU kept up to jitter, bias, gamma
+    assert np.abs(label_medians(mr_like)).max() > 150                # another contrast for the same labels
