@@ -78,7 +78,8 @@ class CTAugmentConfig:
     def check(self) -> "CTAugmentConfig":
         for name in ("p_noise", "p_thickness", "p_contrast", "p_truncate", "p_table", "p_streaks"):
             if not 0 <= getattr(self, name) <= 1:
-                raise PreparationError(f"CT augmentation {name} must be a probability in [0, 1], got {getattr(self, name)}")
+                raise PreparationError(f"CT augmentation {name} must be a probability in [0, 1], "
+                                       f"got {getattr(self, name)}")
         unknown = [p for p in self.phases if p not in self.phase_offsets]
         if unknown:
             raise PreparationError(f"unknown contrast phases {unknown}; known: {sorted(self.phase_offsets)}")
@@ -96,7 +97,8 @@ def augment_ct(image: np.ndarray, labels: np.ndarray, rng: np.random.Generator,
     reconstruction (slice thickness, noise), then the field of view that cuts it all."""
     cfg = (config or CTAugmentConfig()).check()
     if image.shape != labels.shape or image.ndim != 3:
-        raise PreparationError(f"CT augmentation needs a 3-D image and labels of one shape, got {image.shape}, {labels.shape}")
+        raise PreparationError(f"CT augmentation needs a 3-D image and labels of one shape, "
+                               f"got {image.shape}, {labels.shape}")
     spacing = tuple(float(s) for s in spacing)
     hu = image.astype(np.float32)
     patient = _body(hu)                                               # before a table widens it

@@ -237,7 +237,8 @@ def head_phantom_pairs(n_subjects: int, shape=(64, 64, 64), spacing=(4.0, 4.0, 4
             yield f"head-s{seed}-{i:04d}-intra{j}", {
                 "fixed": s.image, "moving": moving.image, "fixed_seg": s.labels, "moving_seg": moving.labels,
                 "displacement": disp,
-                "meta": {**base, "type": "intra", "fixed_id": f"head-s{seed}-{i}", "moving_id": f"head-s{seed}-{i}-pose{j}"}}
+                "meta": {**base, "type": "intra", "fixed_id": f"head-s{seed}-{i}",
+                         "moving_id": f"head-s{seed}-{i}-pose{j}"}}
     if n_subjects > 1:
         for k in range(n_subjects if inter_pairs is None else inter_pairs):
             a, b = rng.choice(n_subjects, size=2, replace=False)

@@ -101,7 +101,8 @@ def synth_pair(seed: int, shape=(64, 64, 64), spacing=(4.0, 4.0, 4.0), n_labels:
     cfg = (replace(cfg, n_labels=n_labels) if n_labels is not None else cfg).check()
     shape, spacing = tuple(int(n) for n in shape), tuple(float(s) for s in spacing)
     if len(shape) != 3 or min(shape) < 8 or len(spacing) != 3 or min(spacing) <= 0:
-        raise PreparationError(f"synthetic pairs need a 3-D shape of sizes >= 8 and positive spacing, got {shape}, {spacing}")
+        raise PreparationError(f"synthetic pairs need a 3-D shape of sizes >= 8 and positive spacing, "
+                               f"got {shape}, {spacing}")
     if pair_type not in ("intra", "inter"):
         raise PreparationError(f"pair_type must be 'intra' or 'inter', got {pair_type!r}")
     rng = np.random.default_rng(seed)
@@ -130,7 +131,8 @@ def synth_pair(seed: int, shape=(64, 64, 64), spacing=(4.0, 4.0, 4.0), n_labels:
             "displacement": displacement.numpy().astype(np.float32), "meta": meta}
 
 
-def synth_pairs(n: int, seed: int = 0, shape=(64, 64, 64), spacing=(4.0, 4.0, 4.0), **kwargs) -> Iterator[tuple[str, dict]]:
+def synth_pairs(n: int, seed: int = 0, shape=(64, 64, 64), spacing=(4.0, 4.0, 4.0),
+                **kwargs) -> Iterator[tuple[str, dict]]:
     """``(key, pair)`` items for ``write_shards``, like ``phantom_pairs``; pair ``i`` uses seed
     ``seed * 100003 + i`` so runs with different seeds do not share pairs."""
     if n < 0:
@@ -150,7 +152,8 @@ def _label_ids(rng, cfg: SynthConfig, organs) -> np.ndarray:
         if unknown:
             raise PreparationError(f"unknown organ names for synthetic labels: {unknown} (use TotalSegmentator names)")
         if len(set(organs)) < n_named:
-            raise PreparationError(f"need {n_named} distinct organs for {cfg.n_labels} synthetic labels, got {len(set(organs))}")
+            raise PreparationError(f"need {n_named} distinct organs for {cfg.n_labels} synthetic labels, "
+                                   f"got {len(set(organs))}")
         named = np.array([ORGAN_TO_ID[o] for o in rng.permutation(sorted(set(organs)))[:n_named]])
     ids = np.zeros(cfg.n_labels + 1, np.uint8)
     ids[1 + rng.permutation(cfg.n_labels)[:n_named]] = named
@@ -174,7 +177,8 @@ def _upsample(coarse: np.ndarray, shape) -> torch.Tensor:
 
 def _smooth_noise(rng, channels: int, shape, spacing, scale_mm: float) -> torch.Tensor:
     """Random smooth fields [C, D, H, W] with correlation length ``scale_mm``, each peaking at 1."""
-    coarse = ndimage.gaussian_filter(rng.normal(size=(channels, *_coarse_shape(shape, spacing, scale_mm))), (0, 1, 1, 1))
+    coarse = rng.normal(size=(channels, *_coarse_shape(shape, spacing, scale_mm)))
+    coarse = ndimage.gaussian_filter(coarse, (0, 1, 1, 1))
     coarse /= np.abs(coarse).max(axis=(1, 2, 3), keepdims=True) + 1e-9
     return _upsample(coarse, shape)
 
