@@ -115,6 +115,12 @@ def test_warp_without_field_equals_zero_field(small_chunks, moving):
     zero = io.warp_volume(moving, np.zeros((*FIXED_SHAPE, 3), np.float32), FIXED_AFFINE)
     none = io.warp_volume(moving, None, FIXED_AFFINE, shape=FIXED_SHAPE)
     assert np.array_equal(zero, none)
+    ids = nib.Nifti1Image(np.asfortranarray((np.asanyarray(moving.dataobj) // 300).astype(np.int32) + 70000),
+                          moving.affine)
+    zero = io.warp_volume(ids, np.zeros((*FIXED_SHAPE, 3), np.float32), FIXED_AFFINE, labels=True)
+    none = io.warp_volume(ids, None, FIXED_AFFINE, labels=True, shape=FIXED_SHAPE)   # one index table per axis
+    assert none.dtype == np.int32 and len(np.unique(none)) > 4 and (none == 0).mean() > 0.05
+    assert np.array_equal(zero, none)
     with pytest.raises(ValueError, match="shape"):
         io.warp_volume(moving, None, FIXED_AFFINE)
 

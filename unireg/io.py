@@ -339,12 +339,12 @@ def _slabs(shape, points: int | None = None):
         yield start, min(shape[0], start + step)
 
 
-def _grid_points(shape, start: int, stop: int, matrix: np.ndarray) -> np.ndarray:
+def _grid_points(shape, start: int, stop: int, matrix: np.ndarray, device=None) -> torch.Tensor:
     """``matrix @ [i, j, k, 1]`` for the voxels of planes start:stop of a grid -> float32 [n_i, J, K, 3]."""
-    m = np.asarray(matrix, dtype=np.float64)[:3]
-    i = (np.arange(start, stop)[:, None] * m[:, 0] + m[:, 3]).astype(np.float32)
-    j = (np.arange(shape[1])[:, None] * m[:, 1]).astype(np.float32)
-    k = (np.arange(shape[2])[:, None] * m[:, 2]).astype(np.float32)
+    m = torch.as_tensor(np.asarray(matrix, dtype=np.float64)[:3], device=device)
+    i = (torch.arange(start, stop, dtype=torch.float64, device=device)[:, None] * m[:, 0] + m[:, 3]).float()
+    j = (torch.arange(shape[1], dtype=torch.float64, device=device)[:, None] * m[:, 1]).float()
+    k = (torch.arange(shape[2], dtype=torch.float64, device=device)[:, None] * m[:, 2]).float()
     return i[:, None, None] + j[None, :, None] + k[None, None]
 
 
@@ -354,59 +354,87 @@ def voxel_world(shape, affine: np.ndarray, start: int = 0, stop: int | None = No
     For a full-size grid this is 12 bytes a voxel: the resamplers below never build it.
     """
     stop = shape[0] if stop is None else stop
-    return np.ascontiguousarray(_grid_points(shape, start, stop, affine).reshape(-1, 3).T)
+    return np.ascontiguousarray(_grid_points(shape, start, stop, affine).reshape(-1, 3).T.numpy())
 
 
 class _Sampler:
-    """One volume ([I, J, K] or [I, J, K, C]) sampled at voxel coordinates, chunk after chunk.
+    """One volume ([I, J, K] or [I, J, K, C]) sampled at many points, chunk after chunk.
 
     As in ITK, a voxel is a cube: with ``outside`` set, points up to half a voxel beyond the
     edge centres take the edge value and points further out take ``outside`` - so fields
     exported for ITK reproduce our resampling exactly. Without it (None) every point takes
-    the nearest edge value (scipy's mode "nearest"). Nearest-neighbour sampling reads the
-    stored array (labels keep their ids and type); linear sampling is torch ``grid_sample``
+    the nearest edge value (scipy's mode "nearest"). Nearest-neighbour sampling gathers from
+    the stored array (labels keep their ids and type); linear sampling is torch ``grid_sample``
     (all cores, or ``device``) on a float32 copy of the volume.
+
+    Points are produced in the sampler's own coordinates (:meth:`points`): voxel indices for
+    nearest, grid_sample's normalised (x, y, z) for linear, so one matrix product per chunk
+    takes a grid voxel (plus its displacement) to where it is sampled.
     """
 
     def __init__(self, volume: np.ndarray, order: int, outside: float | None, device=None):
         if order not in (0, 1):
             raise ValueError(f"order must be 0 (nearest) or 1 (linear), got {order}")
         self.order, self.outside = order, outside
-        self.shape = np.array(volume.shape[:3])
+        shape = np.array(volume.shape[:3])
         self.channels = volume.shape[3] if volume.ndim == 4 else None
+        self.space = np.eye(4)                                               # voxel (i, j, k) -> sampler coords
         if order == 0:
-            self.volume = volume
-            return
-        self.device = torch.device(device or "cpu")
-        channels_first = volume[None] if self.channels is None else np.moveaxis(volume, 3, 0)
-        # A Fortran-ordered scan (nibabel's usual) is read as its C-ordered transpose: no copy.
-        self.reversed = not channels_first[0].flags.c_contiguous and channels_first[0].T.flags.c_contiguous
-        array = np.swapaxes(channels_first, 1, 3) if self.reversed else channels_first
-        tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None]
-        self.tensor = tensor.to(self.device)
-        scale = np.where(self.shape > 1, 2.0 / np.maximum(self.shape - 1, 1), 0.0)
-        self.scale = scale if self.reversed else scale[::-1].copy()  # grid_sample wants (x, y, z) = last axis first
+            self.device = torch.device("cpu")
+            volume = volume if volume.flags.c_contiguous or volume.flags.f_contiguous else np.ascontiguousarray(volume)
+            self.flat = volume.ravel(order="K")                              # a view, in memory order
+            self.index_type = torch.int32 if volume.size < 2 ** 31 else torch.int64
+            self.strides = [st // volume.itemsize for st in volume.strides[:3]]
+            self.high = torch.from_numpy((shape - 1).astype(np.float32))
+        else:
+            self.device = torch.device(device or "cpu")
+            channels_first = volume[None] if self.channels is None else np.moveaxis(volume, 3, 0)
+            # A Fortran-ordered scan (nibabel's usual) is read as its C-ordered transpose: no copy.
+            first = channels_first[0]
+            reverse = first.T.flags.c_contiguous and not first.flags.c_contiguous
+            array = np.swapaxes(channels_first, 1, 3) if reverse else channels_first
+            self.tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None].to(self.device)
+            order_xyz = [0, 1, 2] if reverse else [2, 1, 0]                  # grid_sample's x indexes the last axis
+            sizes = shape[order_xyz]
+            scale = np.where(sizes > 1, 2.0 / np.maximum(sizes - 1, 1), 1.0)  # align_corners=True
+            self.space = np.zeros((4, 4))
+            self.space[np.arange(3), order_xyz] = scale
+            self.space[:3, 3] = -1.0
+            self.space[3, 3] = 1.0
+        edges = np.stack([np.full(3, -0.5), shape - 0.5])                    # the voxel cubes' extent
+        bounds = edges @ self.space[:3, :3].T + self.space[:3, 3]
+        self.lower = torch.from_numpy(bounds.min(0).astype(np.float32)).to(self.device)
+        self.upper = torch.from_numpy(bounds.max(0).astype(np.float32)).to(self.device)
 
-    def __call__(self, ijk: np.ndarray) -> np.ndarray:
-        """Values at voxel coordinates [n, 3] -> [n] (or [n, C])."""
-        values = self._nearest(ijk) if self.order == 0 else self._linear(ijk)
+    def points(self, shape, start: int, stop: int, to_voxel: np.ndarray, field: np.ndarray | None = None,
+               mm_to_voxel: np.ndarray | None = None) -> torch.Tensor:
+        """Where the grid voxels of planes start:stop are sampled, [n, 3]: ``to_voxel`` (4x4, grid voxel ->
+        volume voxel) plus, with ``field`` ([n_i, J, K, 3] mm), ``mm_to_voxel`` (3x3) of the displacement."""
+        points = _grid_points(shape, start, stop, self.space @ to_voxel, self.device).view(-1, 3)
+        if field is None:
+            return points
+        linear = torch.from_numpy((self.space[:3, :3] @ mm_to_voxel).T.astype(np.float32)).to(self.device)
+        displacement = torch.from_numpy(np.ascontiguousarray(field, dtype=np.float32)).to(self.device).view(-1, 3)
+        return torch.addmm(points, displacement, linear)
+
+    def __call__(self, points: torch.Tensor) -> np.ndarray:
+        """Values at sampler points [n, 3] -> numpy [n] (or [n, C])."""
+        values = self._nearest(points) if self.order == 0 else self._linear(points)
         if self.outside is not None:
-            outside = ((ijk < -0.5) | (ijk > self.shape.astype(np.float32) - 0.5)).any(axis=1)
-            values[outside] = self.outside
+            outside = ((points < self.lower) | (points > self.upper)).any(dim=1)
+            values[outside.cpu().numpy()] = self.outside
         return values
 
-    def _nearest(self, ijk: np.ndarray) -> np.ndarray:
-        idx = np.floor(ijk + np.float32(0.5)).astype(np.intp)
-        np.clip(idx, 0, self.shape - 1, out=idx)
-        return self.volume[idx[:, 0], idx[:, 1], idx[:, 2]]
+    def _nearest(self, points: torch.Tensor) -> np.ndarray:
+        index = (points + 0.5).floor_().clamp_(min=torch.zeros(3), max=self.high).to(self.index_type)
+        flat = index[:, 0] * self.strides[0] + index[:, 1] * self.strides[1] + index[:, 2] * self.strides[2]
+        return np.take(self.flat, flat.numpy())
 
-    def _linear(self, ijk: np.ndarray) -> np.ndarray:
-        xyz = ijk if self.reversed else ijk[:, ::-1]
-        grid = torch.from_numpy(np.ascontiguousarray(xyz * self.scale.astype(np.float32) - 1.0, dtype=np.float32))
-        grid = grid.to(self.device).view(1, 1, 1, -1, 3)
-        out = F.grid_sample(self.tensor, grid, mode="bilinear", padding_mode="border", align_corners=True)
-        out = out.view(out.shape[1], -1).T.cpu().numpy()                        # [n, C]
-        return np.ascontiguousarray(out[:, 0] if self.channels is None else out)
+    def _linear(self, points: torch.Tensor) -> np.ndarray:
+        out = F.grid_sample(self.tensor, points.view(1, 1, 1, -1, 3), mode="bilinear", padding_mode="border",
+                            align_corners=True)
+        out = out.view(out.shape[1], -1)
+        return (out[0] if self.channels is None else out.T.contiguous()).cpu().numpy()
 
 
 def sample_at_world(volume: np.ndarray, affine: np.ndarray, points: np.ndarray, order: int, cval: float,
@@ -421,13 +449,13 @@ def sample_at_world(volume: np.ndarray, affine: np.ndarray, points: np.ndarray, 
     if mode not in ("constant", "nearest"):
         raise ValueError(f"mode must be 'constant' or 'nearest', got {mode!r}")
     sampler = _Sampler(volume, order, cval if mode == "constant" else None)
-    inv = np.linalg.inv(affine)
-    lin, off = inv[:3, :3].astype(np.float32), inv[:3, 3].astype(np.float32)
+    to_sampler = sampler.space @ np.linalg.inv(affine)
+    lin, off = to_sampler[:3, :3].T.astype(np.float32), to_sampler[:3, 3].astype(np.float32)
     n = points.shape[1]
     out = np.empty(n, volume.dtype if order == 0 else np.float32)
     for a in range(0, n, CHUNK_POINTS):
-        ijk = points[:, a:a + CHUNK_POINTS].T.astype(np.float32) @ lin.T + off
-        out[a:a + CHUNK_POINTS] = sampler(ijk)
+        chunk = points[:, a:a + CHUNK_POINTS].T.astype(np.float32) @ lin + off
+        out[a:a + CHUNK_POINTS] = sampler(torch.from_numpy(np.ascontiguousarray(chunk)).to(sampler.device))
     return out
 
 
@@ -438,7 +466,7 @@ def field_on_grid(world_field: np.ndarray, field_affine: np.ndarray, shape, affi
     With ``matrix`` (4x4, world -> world, e.g. a pre-alignment ``A``), the result is the
     composed displacement ``A (x + u(x)) - x``. When the two grids' axes are parallel (a
     working grid is built that way from the fixed scan) trilinear interpolation is done as
-    three 1-D interpolations (separable, a fraction of the work of general sampling).
+    three 1-D interpolations, each a small dense matrix product (BLAS, all cores).
     """
     shape = tuple(int(n) for n in shape)
     to_field = np.linalg.inv(field_affine) @ affine                           # voxel here -> voxel of the field
@@ -449,14 +477,16 @@ def field_on_grid(world_field: np.ndarray, field_affine: np.ndarray, shape, affi
     else:
         sampler = _Sampler(world_field.astype(np.float32, copy=False), order=1, outside=None, device=device)
         for a, b in _slabs(shape):
-            out[a:b] = sampler(_grid_points(shape, a, b, to_field).reshape(-1, 3)).reshape(b - a, *shape[1:], 3)
+            out[a:b] = sampler(sampler.points(shape, a, b, to_field)).reshape(b - a, *shape[1:], 3)
     if matrix is not None and not np.allclose(matrix, np.eye(4)):
         linear = np.asarray(matrix, dtype=np.float64)[:3, :3]
-        rest = np.eye(4)[:3]                                                 # (A - I) x + t, x = affine @ ijk
-        rest[:, :3] = (linear - np.eye(3)) @ affine[:3, :3]
-        rest[:, 3] = (linear - np.eye(3)) @ affine[:3, 3] + np.asarray(matrix)[:3, 3]
+        rest = np.eye(4)                                                     # (A - I) x + t, x = affine @ ijk
+        rest[:3, :3] = (linear - np.eye(3)) @ affine[:3, :3]
+        rest[:3, 3] = (linear - np.eye(3)) @ affine[:3, 3] + np.asarray(matrix)[:3, 3]
+        linear_t = torch.from_numpy(linear.T.astype(np.float32))
         for a, b in _slabs(shape):
-            out[a:b] = out[a:b] @ linear.T.astype(np.float32) + _grid_points(shape, a, b, rest)
+            part = torch.from_numpy(out[a:b]).view(-1, 3)
+            part.copy_(torch.addmm(_grid_points(shape, a, b, rest).view(-1, 3), part, linear_t))
     return out
 
 
@@ -468,30 +498,29 @@ def _axis_permutation(linear: np.ndarray) -> list[int] | None:
     return [int(np.flatnonzero(big[:, c])[0]) for c in range(3)]
 
 
+def _interpolation_matrix(n_out: int, n_in: int, scale: float, offset: float) -> np.ndarray:
+    """[n_out, n_in] weights of 1-D linear interpolation at ``scale * index + offset`` (edges extended)."""
+    x = np.clip(scale * np.arange(n_out) + offset, 0, n_in - 1)
+    lo = np.clip(np.floor(x).astype(np.int64), 0, max(n_in - 2, 0))
+    hi = np.minimum(lo + 1, n_in - 1)
+    weights = np.zeros((n_out, n_in))
+    np.add.at(weights, (np.arange(n_out), lo), 1.0 - (x - lo))
+    np.add.at(weights, (np.arange(n_out), hi), x - lo)
+    return weights.astype(np.float32)
+
+
 def _separable_upsample(field: np.ndarray, to_field: np.ndarray, perm: list[int], out: np.ndarray, device) -> None:
     """Trilinear sampling (edges extended) of ``field`` on a grid whose axis a runs along field axis perm[a]."""
     device = torch.device(device or "cpu")
     source = torch.from_numpy(np.ascontiguousarray(np.transpose(field, (*perm, 3)), dtype=np.float32)).to(device)
-    tables = []
-    for a, r in enumerate(perm):
-        n = field.shape[r]
-        x = np.clip(to_field[r, a] * np.arange(out.shape[a]) + to_field[r, 3], 0, n - 1)
-        lo = np.clip(np.floor(x).astype(np.int64), 0, max(n - 2, 0))
-        hi = np.minimum(lo + 1, n - 1)
-        tables.append((torch.from_numpy(lo).to(device), torch.from_numpy(hi).to(device),
-                       torch.from_numpy((x - lo).astype(np.float32)).to(device)))
-
-    def lerp(t: torch.Tensor, axis: int, table, rows=slice(None)) -> torch.Tensor:
-        lo, hi, w = (v[rows] for v in table)
-        view = [1] * 4
-        view[axis] = -1
-        return torch.lerp(t.index_select(axis, lo), t.index_select(axis, hi), w.view(view))
-
+    n0, n1, n2 = source.shape[:3]
+    w0, w1, w2 = (torch.from_numpy(_interpolation_matrix(out.shape[a], source.shape[a], to_field[r, a],
+                                                         to_field[r, 3])).to(device) for a, r in enumerate(perm))
     target = torch.from_numpy(out)
     for a, b in _slabs(out.shape):
-        part = lerp(source, 0, tables[0], slice(a, b))       # [planes, J', K', 3]: the cheap axis first
-        part = lerp(part, 2, tables[2])                      # [planes, J', Z, 3]
-        target[a:b] = lerp(part, 1, tables[1]).cpu()         # [planes, Y, Z, 3]
+        part = (w0[a:b] @ source.view(n0, -1)).view((b - a) * n1, n2, 3)     # planes a:b, the cheap axis first
+        part = (w2 @ part).view(b - a, n1, -1)                              # [planes, J', Z * 3]
+        target[a:b].view(b - a, out.shape[1], -1).copy_(w1 @ part)          # [planes, Y, Z * 3]
 
 
 def warp_volume(moving: nib.Nifti1Image, field_mm: np.ndarray | None, affine: np.ndarray, labels: bool = False, *,
@@ -510,14 +539,30 @@ def warp_volume(moving: nib.Nifti1Image, field_mm: np.ndarray | None, affine: np
         shape = field_mm.shape[:3]
     data = np.asanyarray(moving.dataobj)
     to_moving = np.linalg.inv(moving.affine) @ affine                    # voxel here -> voxel of moving
-    mm_to_voxel = np.linalg.inv(moving.affine)[:3, :3].T.astype(np.float32)
+    mm_to_voxel = np.linalg.inv(moving.affine)[:3, :3]
+    if labels and field_mm is None and _axis_permutation(to_moving[:3, :3]) is not None:
+        return _nearest_on_parallel_grid(data, to_moving, shape)
     sampler = _Sampler(data, order=0 if labels else 1, outside=0 if labels else HU_OUTSIDE, device=device)
     out = np.empty(shape, data.dtype if labels else np.float32)
     for a, b in _slabs(shape):
-        ijk = _grid_points(shape, a, b, to_moving)
-        if field_mm is not None:
-            ijk += field_mm[a:b] @ mm_to_voxel
-        out[a:b] = sampler(ijk.reshape(-1, 3)).reshape(b - a, *shape[1:])
+        field = None if field_mm is None else field_mm[a:b]
+        out[a:b] = sampler(sampler.points(shape, a, b, to_moving, field, mm_to_voxel)).reshape(b - a, *shape[1:])
+    return out
+
+
+def _nearest_on_parallel_grid(data: np.ndarray, to_moving: np.ndarray, shape) -> np.ndarray:
+    """Nearest-neighbour resampling between grids with parallel axes: one index table per axis."""
+    perm = _axis_permutation(to_moving[:3, :3])                             # axis here -> axis of data
+    picks, outside = [], []
+    for axis, source_axis in enumerate(perm):
+        x = to_moving[source_axis, axis] * np.arange(shape[axis]) + to_moving[source_axis, 3]
+        picks.append(np.clip(np.floor(x + 0.5), 0, data.shape[source_axis] - 1).astype(np.intp))
+        outside.append((x < -0.5) | (x > data.shape[source_axis] - 0.5))
+    out = np.transpose(data, perm)[np.ix_(*picks)]
+    for axis, mask in enumerate(outside):
+        index = [slice(None)] * 3
+        index[axis] = mask
+        out[tuple(index)] = 0
     return out
 
 
