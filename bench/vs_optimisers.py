@@ -20,6 +20,9 @@ Cases (see ``known_deformation`` for how the truth is made and ``real_ct`` for t
 * ``chest_large``: a larger rigid offset, 10 deg + 15 mm (plus the 7 mm field);
 * ``abdomen_native``: a real abdomen-pelvis CT at its 3 mm, with 61 labelled structures.
 
+The real scans are TotalSegmentator 2.18.0's test CTs (PyPI source distribution, Apache-2.0,
+fetched once with pip into ``~/.cache/unireg-bench``; details and citation in ``real_ct``).
+
 TRE is the distance between each method's fixed -> moving mapping and the true one at random
 body voxels of the fixed scan (those whose true match lies inside the moving scan), in mm.
 Errors are pooled over seeds; Dice, HD95, folding and seconds are means over pairs. Timings are
@@ -34,6 +37,7 @@ import shlex
 import sys
 import time
 import traceback
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -221,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     n_points = args.points or (5000 if args.quick else 20000)
 
     import torch
+    warnings.filterwarnings("ignore", category=FutureWarning)      # MONAI's deprecation notes in HD95
     print("command: python bench/vs_optimisers.py " + shlex.join(sys.argv[1:] if argv is None else argv))
     print(f"machine: {os.cpu_count()} cores, torch {torch.get_num_threads()} threads, "
           f"load average {os.getloadavg()[0]:.1f} at start")
@@ -233,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows: dict = {c: {m: [] for m in methods} for c in cases}
     errors: dict = {}
+    traced: set = set()
     for case in cases:
         for seed in range(seeds):
             start = time.perf_counter()
@@ -251,7 +257,9 @@ def main(argv: list[str] | None = None) -> int:
                 except Exception as exc:  # one failing tool must not stop the comparison
                     errors[(case, name)] = f"{type(exc).__name__}: {str(exc)[:120]}"
                     print(f"    {name:<11} failed: {errors[(case, name)]}", flush=True)
-                    traceback.print_exc(limit=2, file=sys.stdout)
+                    if name not in traced:                       # the first failure of a method in full
+                        traced.add(name)
+                        traceback.print_exc(limit=-3, file=sys.stdout)
 
     summary = {c: {m: ({"error": errors[(c, m)]} if not r and (c, m) in errors else summarise(r))
                    for m, r in by_m.items() if r or (c, m) in errors} for c, by_m in rows.items()}
