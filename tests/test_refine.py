@@ -17,7 +17,7 @@ from unireg.io import InputError
 from unireg.metrics import jacobian_determinant
 from unireg.modeling.transform import SpatialTransformer, VelocityIntegrator, resize_field
 from unireg.organs import ORGAN_TO_ID
-from unireg.pipeline.refine import refine_velocity, rigidity_penalty
+from unireg.pipeline.refine import AUTO_BUDGET, _plan_steps, level_shape, refine_velocity, rigidity_penalty
 from unireg.pipeline.similarity import lncc_loss
 from unireg.preprocessing import normalize_ct
 
@@ -124,7 +124,7 @@ def test_rigid_mask_keeps_the_structure_rigid_while_the_rest_deforms():
         if weight:
             tre_outside = _tre_mm(field, truth, outside)
     assert (dets[0.0] - 1).abs().max() > 0.2                       # the true field squeezes the liver
-    assert (dets[10.0] - 1).abs().max() < 0.08
+    assert (dets[10.0] - 1).abs().max() < 0.05
     assert (dets[10.0] - 1).abs().mean() < 0.02
     assert strain[10.0] < 0.1 * strain[0.0]                        # no shear either: J is a rotation
     assert tre_outside < 0.7 * _tre_mm(torch.zeros_like(truth), truth, outside)
@@ -168,3 +168,14 @@ def test_bad_arguments_are_named():
         refine_velocity(fixed, moving, smoothness=0.3, spacing_mm=SPACING, fixed_masks=fixed)
     with pytest.raises(InputError, match="steps"):
         refine_velocity(fixed, moving, smoothness=0.3, spacing_mm=SPACING, steps=-1)
+
+
+def test_step_plans():
+    shapes = [level_shape((128,) * 3, f) for f in (4, 2, 1)]
+    cpu = _plan_steps("auto", shapes, torch.device("cpu"))
+    assert cpu[0] > 0 and cpu[-1] == 0                   # the full 128^3 grid is beyond a CPU's budget
+    assert sum(n * np.prod(s) for n, s in zip(cpu, shapes)) <= AUTO_BUDGET["cpu"] * 1.01
+    assert all(n > 0 for n in _plan_steps("auto", shapes, torch.device("cuda")))
+    for total in (0, 1, 7, 150):
+        plan = _plan_steps(total, shapes, torch.device("cpu"))
+        assert sum(plan) == total and plan[0] >= plan[-1]
