@@ -112,7 +112,7 @@ def test_higher_smoothness_gives_a_smoother_field():
 
 def test_rigid_mask_keeps_the_structure_rigid_while_the_rest_deforms():
     fixed, moving, truth, body, liver = _pair(seed=1, amplitude=2.5)
-    rigid = liver[None, None].float()
+    rigid = liver[None, None]
     outside = body & ~liver
     core = torch.from_numpy(_erode(liver.numpy()))
     dets, strain = {}, {}
@@ -148,9 +148,11 @@ def test_dice_term_pulls_labelled_structures_together():
     fixed, _, _, _, liver = _pair()
     fixed_mask = liver[None, None].float()
     moving_mask = SpatialTransformer()(fixed_mask, resize_field(VelocityIntegrator()(-_smooth_velocity(0, 2.0)), SHAPE))
+    moving_mask = moving_mask > 0.5                    # label maps arrive as booleans or integers
     blank = torch.full_like(fixed, 0.5)                # no image information: only the masks can drive it
     result = refine_velocity(blank, blank, None, smoothness=0.3, spacing_mm=SPACING, levels=(2, 1), steps=60,
-                             fixed_masks=fixed_mask, moving_masks=moving_mask)
+                             fixed_masks=fixed_mask.bool(), moving_masks=moving_mask)
+    moving_mask = moving_mask.float()
     warped = SpatialTransformer()(moving_mask, result.displacement)
 
     def dice(a):

@@ -174,6 +174,8 @@ def refine_velocity(fixed: torch.Tensor, moving: torch.Tensor, velocity: torch.T
     use_dice = fixed_masks is not None and dice_weight > 0
     use_rigid = rigid_mask is not None and rigid_weight > 0
     v = None if velocity is None else velocity.detach().float().to(device)
+    fixed_masks, moving_masks, rigid_mask = (None if m is None else m.detach().float().to(device)
+                                             for m in (fixed_masks, moving_masks, rigid_mask))
     history = []
 
     for index, (factor, shape, n_steps) in enumerate(zip(levels, shapes, plan)):
