@@ -124,7 +124,8 @@ class RegistrationPipeline:
             if prompt.rigid:
                 rigid_mask = _rigid_mask(pair, fine, device, matrix, prompt)
             res = refine_velocity(fixed_f, moving_f, velocity, smoothness=self.model.condition.smoothness_of(prompt),
-                                  spacing_mm=fine.spacing, steps=steps, fixed_masks=fixed_masks,
+                                  spacing_mm=fine.spacing, steps="auto" if steps < 0 else steps,
+                                  fixed_masks=fixed_masks,
                                   moving_masks=moving_masks, rigid_mask=rigid_mask, progress=progress)
             info.update(grid=list(fine.shape), spacing_mm=round(fine.spacing, 3), levels=res.history)
         return res.displacement, fine
