@@ -113,16 +113,19 @@ def _installed(module):
     return importlib.util.find_spec(module) is not None
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not _installed("picsl_greedy"), reason="picsl-greedy not installed (bench extra)")
-def test_greedy_output_is_converted_to_the_shared_convention(subject):
+@pytest.mark.parametrize("method, module", [
+    ("greedy", "picsl_greedy"), ("ants_syn", "ants"),
+    pytest.param("convex_adam", "convexAdam", marks=pytest.mark.slow)])
+def test_optimiser_output_is_converted_to_the_shared_convention(subject, method, module):
     """A known translation comes back as the fixed -> moving mapping in RAS mm (LPS flipped)."""
+    if not _installed(module):
+        pytest.skip(f"{module} not installed (pip install -e '.[bench]')")
     import optimiser_methods as om
     fixed, _ = subject
     truth = KnownDeformation.random(fixed, seed=0, rotation_deg=0, translation_mm=0, field_mm=0)
     truth.translation = np.array([6.0, -4.0, 3.0])
     moving, _ = make_moving(fixed, truth, noise_hu=0.0)
-    field, seconds = om.greedy(fixed, moving)
+    field, seconds = getattr(om, method)(fixed, moving)
     points = evaluation_points(fixed, 2000, seed=0)
     shift = np.median(mapped_points(field, fixed.affine, points) - points, axis=0)
     np.testing.assert_allclose(shift, -truth.translation, atol=1.5)
