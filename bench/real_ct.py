@@ -19,6 +19,7 @@ Scans used (both real, anonymised patient CTs):
 """
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -64,8 +65,9 @@ def fetch(cache: Path | None = None) -> Path:
     return folder
 
 
+@functools.lru_cache(maxsize=4)        # several seeds of a case start from the same scan; callers never modify it
 def load_scan(name: str, spacing_mm: float | None = None, cache: Path | None = None):
-    """A real CT (RAS, at ``spacing_mm`` isotropic or its native spacing) and its label map (or None)."""
+    """A real CT (RAS, at ``spacing_mm`` isotropic or its native spacing) and its label map."""
     if name not in SCANS:
         raise ValueError(f"unknown real scan {name!r}; choose from {sorted(SCANS)}")
     folder = fetch(cache)

@@ -78,7 +78,7 @@ def phantom_pair(kind: str, seed: int, n_points: int, shape=(96, 96, 96), spacin
     fixed = nib.Nifti1Image(to_nib(fixed_s.image), affine)
     if kind == "inter":
         moving_s = make_subject(2000 + seed, shape=shape, spacing_mm=spacing)
-        return Pair(f"phantom_inter", seed, fixed, nib.Nifti1Image(to_nib(moving_s.image), affine), "inter",
+        return Pair("phantom_inter", seed, fixed, nib.Nifti1Image(to_nib(moving_s.image), affine), "inter",
                     to_nib(fixed_s.labels), to_nib(moving_s.labels))
     moving_s, d = make_intra_pair(fixed_s, 3000 + seed)
     true_field = np.transpose(d[::-1], (3, 2, 1, 0)) @ affine[:3, :3].T          # voxels (dz,dy,dx) -> mm RAS
