@@ -31,6 +31,7 @@ Method
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -119,9 +120,10 @@ def _plan_steps(steps, shapes, device: torch.device) -> list[int]:
     auto = _auto_steps(shapes, device)
     if steps == "auto":
         return auto
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
         raise InputError(f'refine steps must be "auto" or a whole number >= 0, got {steps!r}')
     # A total budget split evenly over the levels (early stopping may leave some unspent).
+    steps = int(steps)
     share = [steps // len(shapes)] * len(shapes)
     for i in range(steps - sum(share)):
         share[i] += 1
