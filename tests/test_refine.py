@@ -100,6 +100,7 @@ def test_zero_steps_returns_the_starting_velocity_and_its_field():
     assert result.history == []
 
 
+@pytest.mark.slow
 def test_higher_smoothness_gives_a_smoother_field():
     fixed, moving, _, body, _ = _pair()
     sd = {}
@@ -110,6 +111,7 @@ def test_higher_smoothness_gives_a_smoother_field():
     assert sd[1.0] < 0.6 * sd[0.0], sd
 
 
+@pytest.mark.slow
 def test_rigid_mask_keeps_the_structure_rigid_while_the_rest_deforms():
     fixed, moving, truth, body, liver = _pair(seed=1, amplitude=2.5)
     rigid = liver[None, None]
