@@ -140,7 +140,8 @@ def _check(fixed, moving, velocity, fixed_masks, moving_masks, rigid_mask, simil
         raise InputError(f"initial velocity must be [1,3,d,h,w], got {tuple(velocity.shape)}")
     if (fixed_masks is None) != (moving_masks is None):
         raise InputError("refine needs label masks for both scans or for neither")
-    if fixed_masks is not None and (fixed_masks.shape != moving_masks.shape or fixed_masks.shape[2:] != fixed.shape[2:]):
+    if fixed_masks is not None and (fixed_masks.shape != moving_masks.shape
+                                    or fixed_masks.shape[2:] != fixed.shape[2:]):
         raise InputError(f"fixed and moving masks must be [1,K,D,H,W] on the image grid, got "
                          f"{tuple(fixed_masks.shape)} and {tuple(moving_masks.shape)}")
     if rigid_mask is not None and rigid_mask.shape != fixed.shape:
