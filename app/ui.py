@@ -222,7 +222,7 @@ def build_app(model: str = DEFAULT_MODEL, max_upload_mb: float = 512.0, device: 
                     fs_prompt = gr.Textbox("", label="Prompt (optional; default: type | structure)",
                                            placeholder="e.g. align the duodenum between two patients",
                                            elem_id="fewshot-prompt")
-                    steps = gr.Slider(5, 300, value=60, step=5, label="adaptation steps", elem_id="steps-slider")
+                    steps = gr.Slider(5, 300, value=40, step=5, label="adaptation steps", elem_id="steps-slider")
                     fs_model = model_picker()
                     adapt_button = gr.Button("Adapt", variant="primary", elem_id="adapt-button")
                 with gr.Column():

@@ -15,7 +15,7 @@ Two kinds of "unseen", on held-out phantom subjects (64^3 at 6 mm, the shipped m
 Dice is the mean over held-out pairs of the prompted structure on the working grid (for these
 phantoms the scans' own grid). Few-shot pairs and held-out pairs share no subject.
 
-    python bench/unseen_task.py                       # the full table (about an hour on 2 busy cores)
+    python bench/unseen_task.py                       # the table (about an hour on 2 busy cores)
     python bench/unseen_task.py --organs duodenum --k 1 --steps 10 --test-pairs 2   # a smoke run
 """
 from __future__ import annotations
@@ -38,10 +38,10 @@ from unireg.data import MIN_PROMPT_VOXELS  # noqa: E402
 from unireg.organs import ORGAN_TO_ID  # noqa: E402
 from unireg.prompt import parse_prompt  # noqa: E402
 
-HELD_OUT = ["duodenum", "esophagus"]
-PHRASES = {  # seen organ -> words the model never saw for it
-    "pancreas": "align the long gland lying behind the stomach between two patients",
-    "gallbladder": "align the small pear shaped sac under the liver between two patients",
+HELD_OUT = ["duodenum"]     # also possible: esophagus, trachea (see never_prompted)
+PHRASES = {  # seen organ -> words the model never saw for it (free text naming no organ)
+    "pancreas": "align the elongated soft gland across the upper abdomen between two patients",
+    "gallbladder": "align the small pear shaped sac in the upper right abdomen between two patients",
 }
 TRAIN_START, TEST_START = 0, 10      # example pair indices: training pairs 0..4, held-out pairs 10..
 
@@ -124,11 +124,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="unireg-tiny-phantom")
     parser.add_argument("--organs", nargs="*", default=HELD_OUT, help="held-out organs (default %(default)s)")
-    parser.add_argument("--phrases", nargs="*", default=list(PHRASES), help="seen organs prompted by unseen words")
+    parser.add_argument("--phrases", nargs="*", default=["pancreas"], choices=list(PHRASES),
+                        help="seen organs prompted by unseen words (default %(default)s)")
     parser.add_argument("--k", nargs="*", type=int, default=[1, 3, 5])
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--test-pairs", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--lr", type=float, default=1e-2)
+    parser.add_argument("--test-pairs", type=int, default=3)
     parser.add_argument("--no-full", action="store_true", help="skip the full-pipeline columns")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", help="also write the rows here")
@@ -144,6 +145,9 @@ def main(argv=None) -> int:
     test = [prepare_pair(model, p) for p in test_raw]
     rows = []
     jobs = [(o, f"inter | {o}", None) for o in args.organs] + [(o, PHRASES[o], f"inter | {o}") for o in args.phrases]
+    for organ, prompt, _ in jobs:
+        if organ in args.phrases and parse_prompt(prompt).organs:
+            raise SystemExit(f"the phrase for {organ} names an organ ({parse_prompt(prompt).organs}); reword it")
     for organ, prompt, seen in jobs:
         print(f"{organ}: prompt {prompt!r}", flush=True)
         rows.append(evaluate(model, organ, prompt, seen, args.k, args.steps, test_raw, test, not args.no_full, args.lr))

@@ -158,15 +158,17 @@ def mean_dice(model, pairs: list[PairTensors], prompt: Prompt, organs: list[str]
 
 
 # ---------------------------------------------------------------------------------------- adapt
-def adapt(model, pairs, prompt: "str | Prompt", steps: int = 120, rank: int = 4, lr: float = 3e-3,
+def adapt(model, pairs, prompt: "str | Prompt", steps: int = 60, rank: int = 4, lr: float = 1e-2,
           held_out=None, progress: bool = True, seed: int = 0, callback=None, batch_size: int = 1,
-          structure=None) -> Adapter:
+          structure=None, dice_weight: float = 2.0) -> Adapter:
     """Train an adapter for ``prompt`` on labelled ``pairs`` (CSV / folder / list, see module doc).
 
     ``held_out`` pairs (same forms) are only measured: mean Dice of the prompted structure on the
     working grid with no registration, zero-shot and with the adapter, stored in the metadata.
     ``callback(step, steps, loss)`` is called after every step (e.g. a UI progress bar).
     ``structure``: organ name(s) whose labels the Dice term uses, default the prompt's organs.
+    ``dice_weight``: the structure's Dice against LNCC (weight 1) - the task is the structure, so
+    it weighs more than in training.
     Returns the :class:`~unireg.adapter.Adapter`; the model's weights are left unchanged.
     """
     from tqdm.auto import tqdm
@@ -184,7 +186,7 @@ def adapt(model, pairs, prompt: "str | Prompt", steps: int = 120, rank: int = 4,
     if test:
         dice_test["identity"] = mean_dice(model, test, parsed, organs, identity=True)
         dice_test["zero_shot"] = mean_dice(model, test, parsed, organs)
-    loss_fn = RegistrationLoss()
+    loss_fn = RegistrationLoss(dice_weight=dice_weight)
     optimizer = torch.optim.Adam(adapter.weights.parameters(), lr=lr)
     rng = random.Random(seed)
     order: list[int] = []
@@ -226,7 +228,7 @@ def adapt(model, pairs, prompt: "str | Prompt", steps: int = 120, rank: int = 4,
     adapter.weights.eval()
     if test:
         dice_test["adapted"] = mean_dice(model, test, parsed, organs, adapter=adapter)
-    adapter.metadata["structure"] = organs
+    adapter.metadata.update(structure=organs, dice_weight=dice_weight)
     adapter.metadata.update(_training_summary(train, steps, lr, seed, batch_size, losses, dice_terms, seconds,
                                               dice_test, len(test)))
     return adapter
@@ -262,9 +264,9 @@ def add_adapt_arguments(parser: argparse.ArgumentParser) -> None:
                              "one sub-folder per pair with fixed/moving/fixed_labels/moving_labels.nii.gz)")
     parser.add_argument("--prompt", required=True, help='the structure to adapt to, e.g. "inter | duodenum"')
     parser.add_argument("--model", default="unireg-tiny-phantom", help="shipped name, model folder or hub id")
-    parser.add_argument("--steps", type=int, default=120, help="optimisation steps (default 120)")
+    parser.add_argument("--steps", type=int, default=60, help="optimisation steps (default 60)")
     parser.add_argument("--rank", type=int, default=4, help="LoRA rank of the controller updates (default 4)")
-    parser.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate (default 3e-3)")
+    parser.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate (default 1e-2)")
     parser.add_argument("--out", required=True, help="adapter file to write, e.g. duodenum.safetensors")
     parser.add_argument("--held-out", help="CSV or folder of held-out labelled pairs to measure Dice on")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])

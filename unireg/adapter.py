@@ -227,7 +227,11 @@ class Adapter:
 
 def _attach_controller(controller, lora: ControllerLoRA) -> list:
     """Hooks adding the LoRA terms: on ``mlp[0]`` directly, and on the controller's output from
-    the hidden vector captured at ``mlp`` (the controller applies ``out`` through F.linear)."""
+    the hidden vector captured at ``mlp`` (the controller applies ``out`` through F.linear).
+
+    The output update is not scaled by the controller's 1/hidden: that scale tames Adam on a full
+    hidden x params matrix, while a rank-r product moves only r terms per kernel entry.
+    """
     hidden = {}
 
     def first_layer(module, inputs, output):
@@ -237,7 +241,7 @@ def _attach_controller(controller, lora: ControllerLoRA) -> list:
         hidden["value"] = output
 
     def kernels(module, inputs, output):
-        return output + lora.out(hidden.pop("value")) * controller.scale
+        return output + lora.out(hidden.pop("value"))
 
     return [controller.mlp[0].register_forward_hook(first_layer), controller.mlp.register_forward_hook(capture),
             controller.register_forward_hook(kernels)]
