@@ -11,8 +11,9 @@ model, runs ``register`` with the network alone (``refine=False, align="none"`` 
 Stages are timed by wrapping the io / network / visualisation functions wherever the package
 imported them (outermost call wins, so the slices the overview warps count as "overview").
 Peak memory is the process's resident set size (RSS) sampled every 5 ms by a thread (psutil),
-per stage; the last line gives the kernel's exact process peak (``getrusage`` ru_maxrss), which
-includes importing torch and loading the model.
+per stage (a busy machine can starve the sampler, so spikes may be missed); "max RSS rose to"
+is exact: the kernel's process maximum (``getrusage`` ru_maxrss) where a stage raised it. The
+last line gives that maximum for the whole run, importing torch and loading the model included.
 """
 from __future__ import annotations
 
@@ -71,6 +72,9 @@ class StageMeter:
         self.cpu: dict[str, float] = {}
         self.peak: dict[str, int] = {}
         self._active: str | None = None
+        self.outside: str | None = None   # where samples go while no wrapped function runs
+        self.rose: dict[str, int] = {}      # stage -> process maximum RSS reached during it (exact)
+        self._max_seen = _max_rss()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, args=(interval_s,), daemon=True)
         self._thread.start()
@@ -80,7 +84,7 @@ class StageMeter:
 
     def _sample(self, interval_s: float) -> None:
         while not self._stop.wait(interval_s):
-            stage = self._active
+            stage = self._active or self.outside
             if stage is not None:
                 self.peak[stage] = max(self.peak.get(stage, 0), self.rss())
 
@@ -95,6 +99,7 @@ class StageMeter:
             if self._active is not None:
                 return fn(*args, **kwargs)
             stage = name(*args, **kwargs) if callable(name) else name
+            self._note_rise(self.outside)
             self._active = stage
             self.peak[stage] = max(self.peak.get(stage, 0), self.rss())
             start, cpu = time.perf_counter(), time.process_time()
@@ -104,8 +109,20 @@ class StageMeter:
                 self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
                 self.cpu[stage] = self.cpu.get(stage, 0.0) + time.process_time() - cpu
                 self.peak[stage] = max(self.peak.get(stage, 0), self.rss())
+                self._note_rise(stage)
                 self._active = None
         return timed
+
+    def _note_rise(self, stage: str | None) -> None:
+        """The kernel's process maximum is exact where sampling may miss a spike: note where it rises."""
+        now = _max_rss()
+        if now > self._max_seen and stage is not None:
+            self.rose[stage] = now
+        self._max_seen = max(self._max_seen, now)
+
+
+def _max_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
 
 
 def _replace_everywhere(original, replacement) -> None:
@@ -151,22 +168,26 @@ def measure(paths: dict[str, Path], out: Path, full_pipeline: bool = False) -> N
     params = inspect.signature(model.register).parameters
     network_alone = {"refine": False, "align": "none"}
     kwargs = {} if full_pipeline else {k: v for k, v in network_alone.items() if k in params}
+    meter.outside = "(other) register"
     start, cpu = time.perf_counter(), time.process_time()
     result = model.register(str(paths["fixed"]), str(paths["moving"]), PROMPT,
                             moving_labels=str(paths["moving_labels"]), fixed_labels=str(paths["fixed_labels"]),
                             **kwargs)
     register_s, register_cpu = time.perf_counter() - start, time.process_time() - cpu
     register_stages, register_stages_cpu = dict(meter.seconds), dict(meter.cpu)
+    meter._note_rise("(other) register")
+    meter.outside = "(other) save"
     start, cpu = time.perf_counter(), time.process_time()
     result.save(out)
     save_s, save_cpu = time.perf_counter() - start, time.process_time() - cpu
+    meter._note_rise("(other) save")
     meter.stop()
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux
 
     gb = lambda b: b / 1e9  # noqa: E731
     print(f"fixed {result.fixed.shape} {result.fixed.get_data_dtype()}, register({kwargs or 'defaults'}), torch threads "
           f"{torch.get_num_threads()}; RSS after loading the model {gb(baseline):.2f} GB ({load_model_s:.1f} s)")
-    print(f"{'stage':<32}{'seconds':>9}{'CPU s':>8}{'peak RSS GB':>13}")
+    print(f"{'stage':<32}{'seconds':>9}{'CPU s':>8}{'peak RSS GB':>13}{'max RSS rose to':>17}")
     parts = (("register", register_s, register_cpu, list(register_stages), {}, {}),
              ("save", save_s, save_cpu, list(meter.seconds), register_stages, register_stages_cpu))
     for part, total, total_cpu, names, before, before_cpu in parts:
@@ -174,8 +195,11 @@ def measure(paths: dict[str, Path], out: Path, full_pipeline: bool = False) -> N
         wall = {n: meter.seconds[n] - before.get(n, 0.0) for n in names}
         cpu = {n: meter.cpu[n] - before_cpu.get(n, 0.0) for n in names}
         for stage in names:
-            print(f"  {stage:<30}{wall[stage]:>9.2f}{cpu[stage]:>8.2f}{gb(meter.peak[stage]):>13.2f}")
-        print(f"  {'(other)':<30}{total - sum(wall.values()):>9.2f}{total_cpu - sum(cpu.values()):>8.2f}")
+            rose = f"{gb(meter.rose[stage]):>17.2f}" if stage in meter.rose else ""
+            print(f"  {stage:<30}{wall[stage]:>9.2f}{cpu[stage]:>8.2f}{gb(meter.peak[stage]):>13.2f}{rose}")
+        print(f"  {'(other)':<30}{total - sum(wall.values()):>9.2f}{total_cpu - sum(cpu.values()):>8.2f}"
+              f"{gb(meter.peak.get(f'(other) {part}', 0)):>13.2f}"
+              + (f"{gb(meter.rose[f'(other) {part}']):>17.2f}" if f"(other) {part}" in meter.rose else ""))
         print(f"{part + ' total':<32}{total:>9.2f}{total_cpu:>8.2f}")
     print(f"{'register + save':<32}{register_s + save_s:>9.2f}{register_cpu + save_cpu:>8.2f}"
           f"{peak_kb * 1024 / 1e9:>13.2f}  (process peak, getrusage)")
