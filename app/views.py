@@ -110,9 +110,11 @@ class Views:
                   "difference": self.fixed_labels, "checkerboard": self.fixed_labels}.get(view)
         if overlay and labels is not None:
             shown = take(labels)
-            if only:
-                shown = np.where(np.isin(shown, only), shown, 0)
-            rgb = _overlay(rgb, shown)
+            if only:  # one structure: solid red, easy to judge against the fixed outline
+                rgb = _overlay(rgb, np.isin(shown, only).astype(np.int16), alpha=0.55, colors=np.array(
+                    [[0, 0, 0], [230, 40, 40]], np.float32))
+            else:
+                rgb = _overlay(rgb, shown)
             if only and self.fixed_labels is not None:
                 rgb = _outline(rgb, np.isin(take(self.fixed_labels), only))
         return _upscale(rgb, plane, self.zooms)
@@ -137,12 +139,13 @@ def _colormap(sl: np.ndarray, lo: float, hi: float, name: str) -> np.ndarray:
     return (colormaps[name](np.clip((sl - lo) / (hi - lo), 0, 1))[..., :3] * 255).astype(np.uint8)
 
 
-def _overlay(rgb: np.ndarray, labels: np.ndarray, alpha: float = 0.4) -> np.ndarray:
+def _overlay(rgb: np.ndarray, labels: np.ndarray, alpha: float = 0.4, colors: np.ndarray | None = None) -> np.ndarray:
     from matplotlib import colormaps
-    colors = (colormaps["tab20"](np.arange(20))[:, :3] * 255)
+    if colors is None:
+        colors = colormaps["tab20"](np.arange(20))[:, :3] * 255
     mask = labels > 0
     out = rgb.astype(np.float32)
-    out[mask] = (1 - alpha) * out[mask] + alpha * colors[labels[mask] % 20]
+    out[mask] = (1 - alpha) * out[mask] + alpha * colors[labels[mask] % len(colors)]
     return out.astype(np.uint8)
 
 

@@ -128,8 +128,9 @@ def test_register_example_with_composed_prompt(page, server, tmp_path):
     import SimpleITK as sitk
     load_example(page)
     pick(page, "organ-picker", "pancreas", search="panc")
-    prompt = page.locator("#prompt-box textarea, #prompt-box input").first.input_value()
-    assert prompt == "inter | liver, spleen, pancreas"          # example's organs + the picked one
+    # the example's organs + the picked one, composed by the page
+    page.wait_for_function("() => document.querySelector('#prompt-box textarea, #prompt-box input')?.value"
+                           " === 'inter | liver, spleen, pancreas'", timeout=30_000)
     metrics = register_and_wait(page)
     assert "pancreas" in metrics and "Dice after" in metrics and "non-positive Jacobian" in metrics
     before = page.locator("#view-axial img").get_attribute("src")
