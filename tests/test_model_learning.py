@@ -8,6 +8,7 @@ from unireg import UniReg, UniRegConfig
 from unireg.losses import RegistrationLoss
 from unireg.organs import ORGAN_TO_ID
 from unireg.preprocessing import normalize_ct
+from unireg.prompt import parse_prompt
 from unireg.training.objective import registration_step
 
 SHAPE = (32, 32, 32)
@@ -26,7 +27,7 @@ def trained():
     model = UniReg(UniRegConfig.from_preset("tiny", vit_img_size=64, vit_depth=2, working_spacing_mm=1.0))
     fixed, moving = normalize_ct(_tensor(fixed_hu).float()), normalize_ct(_tensor(moving_hu).float())
     batch = {"fixed": fixed, "moving": moving, "fixed_seg": _tensor(fixed_lab).long(),
-             "moving_seg": _tensor(moving_lab).long(), "organs": [["liver", "spleen"]], "prompt": [PROMPT]}
+             "moving_seg": _tensor(moving_lab).long(), "organs": [["liver", "spleen"]], "prompt": [parse_prompt(PROMPT)]}
     loss_fn = RegistrationLoss(lncc_kernel=5)
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
     losses = []

@@ -1,6 +1,9 @@
 """`unireg prepare phantom | dataset | shards`: training data, from phantoms or real data sets."""
 from __future__ import annotations
 
+import json
+
+from ..errors import UserError
 from .common import add_verb
 
 
@@ -43,15 +46,38 @@ def add_parser(subparsers) -> None:
 
 
 def run_phantom(args) -> int:
-    from data_tools.cli import _phantom
-    return _phantom(args)
+    from data_tools.phantom import write_phantom_dataset
+    result = write_phantom_dataset(args.out, n_subjects=args.subjects, shape=tuple(args.shape),
+                                   spacing=tuple(args.spacing), intra_per_subject=args.intra_per_subject,
+                                   seed=args.seed, montage=not args.no_png)
+    print(f"wrote {args.subjects} phantom subjects (+{args.intra_per_subject} breathing phases each) and "
+          f"pairs.json {_split_counts(result['pairs'])} to {args.out}")
+    return 0
 
 
 def run_dataset(args) -> int:
-    from data_tools.cli import _dataset
-    return _dataset(args)
+    from data_tools.prepare import prepare_dataset
+    result = prepare_dataset(args.layout, args.root, args.out, spacing=tuple(args.spacing), seed=args.seed)
+    print(json.dumps({"scans": len(result["scans"]), "skipped": len(result["skipped"]),
+                      "skipped_scans": result["skipped"], "pairs": _split_counts(result["pairs"])}, indent=1))
+    return 0
 
 
 def run_shards(args) -> int:
-    from data_tools.cli import _shards
-    return _shards(args)
+    from data_tools.shards import make_phantom_shards, shards_from_pairs
+    if args.split and not args.from_pairs:
+        raise UserError("--split selects pairs of a pairs.json: use it with --from-pairs")
+    if args.from_pairs:
+        index = shards_from_pairs(args.from_pairs, args.out, split=args.split, max_shard_bytes=args.max_shard_mb * 1e6,
+                                  encoding=args.encoding)
+    else:
+        index = make_phantom_shards(args.out, n_subjects=args.phantom_subjects, shape=tuple(args.shape),
+                                    spacing=tuple(args.spacing), seed=args.seed, intra_per_subject=args.intra_per_subject,
+                                    inter_pairs=args.inter_pairs, max_shard_bytes=args.max_shard_mb * 1e6,
+                                    encoding=args.encoding)
+    print(json.dumps(index["counts"]), f"-> {len(index['shards'])} shards in {args.out}")
+    return 0
+
+
+def _split_counts(pairs: list[dict]) -> dict:
+    return {s: sum(p["split"] == s for p in pairs) for s in ("train", "val", "test")}

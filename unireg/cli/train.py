@@ -27,8 +27,14 @@ def add_parser(subparsers) -> None:
 
 def run(args) -> int:
     require_extra("deepspeed", "train", "train")
-    from ..training.cli import run_training
-    return run_training(args)
+    from ..training.run import train_from_config
+    outcome = train_from_config(args.config, resume=args.resume, max_steps=args.max_steps, output_dir=args.output_dir,
+                                train_data=args.train_data, export=not args.no_export)
+    if outcome.export_dir is not None:
+        print(f"exported model to {outcome.export_dir}")
+    if outcome.rank == 0:
+        print(f"finished at step {outcome.step}: " + ", ".join(f"{k}={v:.4f}" for k, v in outcome.metrics.items()))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,6 @@
 """Model card for an exported model: how it was trained, its training curve, its held-out table.
 
-    python -m unireg.training.model_card --run runs/tiny_phantom --model unireg/checkpoints/unireg-tiny-phantom \
+    unireg card --run runs/tiny_phantom --model unireg/checkpoints/unireg-tiny-phantom \
         --eval eval_out/tiny_phantom --command "DS_ACCELERATOR=cpu unireg-train --config ..." --train-minutes 45
 
 Reads ``train_log.csv`` / ``eval_log.csv`` of the run and ``eval.md`` / ``eval.json`` written by
@@ -9,7 +9,6 @@ the numbers in the card are the numbers the pipeline measured, never typed by ha
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
@@ -114,19 +113,3 @@ def _count_params(model_dir: Path) -> int:
     from safetensors import safe_open
     with safe_open(str(model_dir / "model.safetensors"), "pt") as f:
         return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", required=True, type=Path, help="run folder with train_log.csv / eval_log.csv")
-    parser.add_argument("--model", required=True, type=Path, help="exported model folder (card written into it)")
-    parser.add_argument("--eval", required=True, type=Path, help="folder written by `unireg eval`")
-    parser.add_argument("--command", required=True, help="the exact training command")
-    parser.add_argument("--data", required=True, help="what the model was trained on")
-    parser.add_argument("--train-minutes", type=float)
-    args = parser.parse_args(argv)
-    print(write_model_card(args.run, args.model, args.eval, args.command, args.data, args.train_minutes))
-
-
-if __name__ == "__main__":
-    main()
