@@ -119,8 +119,9 @@ def test_warp_without_field_equals_zero_field(small_chunks, moving):
                           moving.affine)
     zero = io.warp_volume(ids, np.zeros((*FIXED_SHAPE, 3), np.float32), FIXED_AFFINE, labels=True)
     none = io.warp_volume(ids, None, FIXED_AFFINE, labels=True, shape=FIXED_SHAPE)   # one index table per axis
+    expected = _reference_sample(np.asanyarray(ids.dataobj), ids.affine, _world(FIXED_SHAPE, FIXED_AFFINE), 0, 0)
     assert none.dtype == np.int32 and len(np.unique(none)) > 4 and (none == 0).mean() > 0.05
-    assert np.array_equal(zero, none)
+    assert np.array_equal(zero, none) and np.array_equal(none, expected.reshape(FIXED_SHAPE))
     with pytest.raises(ValueError, match="shape"):
         io.warp_volume(moving, None, FIXED_AFFINE)
 

@@ -540,8 +540,8 @@ def warp_volume(moving: nib.Nifti1Image, field_mm: np.ndarray | None, affine: np
     data = np.asanyarray(moving.dataobj)
     to_moving = np.linalg.inv(moving.affine) @ affine                    # voxel here -> voxel of moving
     mm_to_voxel = np.linalg.inv(moving.affine)[:3, :3]
-    if labels and field_mm is None and _axis_permutation(to_moving[:3, :3]) is not None:
-        return _nearest_on_parallel_grid(data, to_moving, shape)
+    if labels and _axis_permutation(to_moving[:3, :3]) is not None and (field_mm is None or not field_mm.any()):
+        return _nearest_on_parallel_grid(data, to_moving, shape)                # an all-zero field: no sampling
     sampler = _Sampler(data, order=0 if labels else 1, outside=0 if labels else HU_OUTSIDE, device=device)
     out = np.empty(shape, data.dtype if labels else np.float32)
     for a, b in _slabs(shape):
