@@ -146,7 +146,8 @@ def instrument(meter: StageMeter, model) -> None:
     warp_params = list(inspect.signature(io.warp_volume).parameters)
 
     def warp_stage(*args, **kwargs):
-        labels = kwargs.get("labels", args[warp_params.index("labels")] if len(args) > warp_params.index("labels") else False)
+        position = warp_params.index("labels")
+        labels = kwargs.get("labels", args[position] if len(args) > position else False)
         return "warp labels" if labels else "warp image"
     _replace_everywhere(io.warp_volume, meter.wrap(io.warp_volume, warp_stage))
     io.WorkingGrid.resample = meter.wrap(io.WorkingGrid.resample, "resample to working grid")
@@ -185,8 +186,9 @@ def measure(paths: dict[str, Path], out: Path, full_pipeline: bool = False) -> N
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux
 
     gb = lambda b: b / 1e9  # noqa: E731
-    print(f"fixed {result.fixed.shape} {result.fixed.get_data_dtype()}, register({kwargs or 'defaults'}), torch threads "
-          f"{torch.get_num_threads()}; RSS after loading the model {gb(baseline):.2f} GB ({load_model_s:.1f} s)")
+    print(f"fixed {result.fixed.shape} {result.fixed.get_data_dtype()}, register({kwargs or 'defaults'}), "
+          f"torch threads {torch.get_num_threads()}; RSS after loading the model {gb(baseline):.2f} GB "
+          f"({load_model_s:.1f} s)")
     print(f"{'stage':<32}{'seconds':>9}{'CPU s':>8}{'peak RSS GB':>13}{'max RSS rose to':>17}")
     parts = (("register", register_s, register_cpu, list(register_stages), {}, {}),
              ("save", save_s, save_cpu, list(meter.seconds), register_stages, register_stages_cpu))

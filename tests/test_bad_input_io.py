@@ -1,4 +1,5 @@
-"""Inputs that reach unireg.io directly (API arrays and tensors, odd files): a clear InputError or a documented conversion."""
+"""Inputs that reach unireg.io directly (API arrays and tensors, odd files): a clear InputError
+or a documented conversion."""
 import warnings
 
 import nibabel as nib

@@ -1,7 +1,6 @@
 """Spatial transform: scaling and squaring, warping against an independent resampler."""
 import numpy as np
 import torch
-import torch.nn.functional as F
 from scipy import ndimage
 
 from unireg.metrics import jacobian_determinant, jacobian_stats
