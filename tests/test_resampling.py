@@ -200,3 +200,13 @@ def test_overview_slices_equal_slices_of_full_volumes(moving):
         for ours, expected in zip(slices[key], center_slices(canonical(volume))):
             assert ours.shape == expected.shape
             assert np.allclose(ours, expected, atol=1e-3), key
+
+
+def test_field_written_as_mha_equals_the_nifti(tmp_path):
+    field = _smooth_field(FIXED_SHAPE, 6.0, seed=8)
+    io.write_itk_displacement(field, FIXED_AFFINE, tmp_path / "field.nii.gz")
+    io.write_itk_displacement(field, FIXED_AFFINE, tmp_path / "field.mha")       # through SimpleITK
+    a, b = sitk.ReadImage(str(tmp_path / "field.nii.gz")), sitk.ReadImage(str(tmp_path / "field.mha"))
+    assert b.GetPixelID() == sitk.sitkVectorFloat32
+    assert np.allclose(a.GetOrigin(), b.GetOrigin()) and np.allclose(a.GetDirection(), b.GetDirection())
+    assert np.array_equal(sitk.GetArrayFromImage(a), sitk.GetArrayFromImage(b))
