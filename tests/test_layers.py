@@ -10,7 +10,7 @@ LAYERS = [  # lowest first; a module may import its own layer and the ones below
               "losses"]),
     ("network", ["modeling"]),
     ("pipeline", ["pipeline", "result", "visualize", "adapter"]),
-    ("api", ["api", "data", "evaluation", "demo"]),
+    ("api", ["api", "data", "evaluation", "steering", "demo"]),
     ("training", ["training", "adapt"]),
     ("cli", ["cli"]),
 ]

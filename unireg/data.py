@@ -14,6 +14,7 @@ import logging
 import random
 import threading
 import zlib
+from dataclasses import dataclass
 from collections import Counter
 
 import numpy as np
@@ -114,13 +115,44 @@ def _crop(arrays: dict, patch, rng) -> dict:
     return out
 
 
-def prepare_pair(sample: dict, patch_size, seed: int, epoch: int, prompt_sampling: bool, smoothness, augment: bool,
+@dataclass(frozen=True)
+class PromptSampling:
+    """How training prompts are drawn, so that naming an organ has to matter.
+
+    A share of pairs gets the whole-body prompt (Dice on every organ, uniform similarity: the
+    global objective); the others name one organ or a small group, and only those organs' Dice
+    and neighbourhood count. ``zero_shot`` organs are never named in training (their Dice still
+    counts under the whole-body prompt), so evaluation can measure prompting them by text alone.
+    ``enabled=False`` names every present organ (task-specific style).
+    """
+    enabled: bool = True
+    whole_body_prob: float = 0.25
+    group_prob: float = 0.35
+    max_group: int = 3
+    zero_shot: tuple[str, ...] = ()
+
+    def sample(self, present: list[str], rng: np.random.Generator) -> list[str]:
+        """The organs the prompt names; [] is the whole-body prompt."""
+        if not self.enabled:
+            return list(present)
+        candidates = [o for o in present if o not in self.zero_shot]
+        if not candidates or rng.random() < self.whole_body_prob:
+            return []
+        k = 1
+        if len(candidates) > 1 and rng.random() < self.group_prob:
+            k = int(rng.integers(2, min(self.max_group, len(candidates)) + 1))
+        return sorted(rng.choice(candidates, size=k, replace=False).tolist(), key=candidates.index)
+
+
+def prepare_pair(sample: dict, patch_size, seed: int, epoch: int, prompt_sampling: "bool | PromptSampling", smoothness,
+                 augment: bool,
                  identity_prob: float = 0.0) -> dict:
     """Crop, augment and prompt one pair -> the training sample.
 
     Returns ``fixed``/``moving`` [1,D,H,W] in [0, 1], ``fixed_seg``/``moving_seg`` [1,D,H,W] label
     ids, ``prompt`` (a :class:`~unireg.prompt.Prompt`: the pair's type, the sampled organs, λ drawn
-    from ``smoothness`` when given), ``organs`` (the organs whose Dice is trained: the prompt's) and
+    from ``smoothness`` when given), ``organs`` (the organs whose Dice is trained: the named ones, or
+    every present organ for the whole-body prompt; see :class:`PromptSampling`) and
     ``key``. With probability ``identity_prob`` the pair becomes (fixed, fixed): the network must
     learn that identical scans need no deformation, or it can settle on a content-independent mean
     field that it applies to every pair."""
@@ -137,18 +169,15 @@ def prepare_pair(sample: dict, patch_size, seed: int, epoch: int, prompt_samplin
         moving = moving * rng.uniform(0.97, 1.03) + rng.uniform(-20, 20)
     present = organs_in_both(arrays["fixed_seg"], arrays["moving_seg"], MIN_PROMPT_VOXELS,
                              among=sample["meta"].get("organs", []))
-    if prompt_sampling and present:
-        k = int(rng.integers(1, min(4, len(present)) + 1))
-        organs = sorted(rng.choice(present, size=k, replace=False).tolist(), key=present.index)
-    else:
-        organs = present
+    sampling = prompt_sampling if isinstance(prompt_sampling, PromptSampling) else PromptSampling(bool(prompt_sampling))
+    named = sampling.sample(present, rng)
     # λ at the precision a user writes it ("smooth=0.35"), so training sees the values prompts can say.
     lam = round(float(rng.uniform(*smoothness)), 2) if smoothness else None
-    prompt = Prompt(type=sample["meta"].get("type", "inter"), organs=tuple(organs), smoothness=lam)
+    prompt = Prompt(type=sample["meta"].get("type", "inter"), organs=tuple(named), smoothness=lam)
     return {"fixed": torch.from_numpy(normalize_ct(fixed))[None], "moving": torch.from_numpy(normalize_ct(moving))[None],
             "fixed_seg": torch.from_numpy(arrays["fixed_seg"].astype(np.int64))[None],
             "moving_seg": torch.from_numpy(arrays["moving_seg"].astype(np.int64))[None],
-            "organs": organs, "prompt": prompt, "key": sample["key"]}
+            "organs": named or present, "prompt": prompt, "key": sample["key"]}
 
 
 def collate(samples: list[dict]) -> dict:
@@ -174,7 +203,8 @@ def _rank() -> int:
 
 
 def build_pipeline(urls, batch_size: int | None, patch_size=None, seed: int = 0, epoch: int = 0, shuffle: bool = True,
-                   prompt_sampling: bool = True, smoothness=None, augment: bool = True, shuffle_buffer: int = 8,
+                   prompt_sampling: "bool | PromptSampling" = True, smoothness=None, augment: bool = True,
+                   shuffle_buffer: int = 8,
                    identity_prob: float = 0.0):
     import webdataset as wds
     stages = [wds.SimpleShardList(_shard_list(urls, seed, epoch, shuffle)), wds.split_by_node, wds.split_by_worker,
@@ -206,7 +236,8 @@ class _LazyRng(random.Random):
 
 
 def make_loader(urls, batch_size: int, patch_size=(64, 64, 64), seed: int = 0, epoch: int = 0, num_workers: int = 0,
-                shuffle: bool = True, prompt_sampling: bool = True, smoothness=(0.0, 1.0), augment: bool = True,
+                shuffle: bool = True, prompt_sampling: "bool | PromptSampling" = True, smoothness=(0.0, 1.0),
+                augment: bool = True,
                 shuffle_buffer: int = 8, identity_prob: float = 0.0):
     """Batches for one epoch of this rank's share of the shards (see module docstring)."""
     pipeline = build_pipeline(urls, batch_size, patch_size, seed, epoch, shuffle, prompt_sampling, smoothness,

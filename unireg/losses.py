@@ -1,13 +1,22 @@
-"""Training losses: LNCC image similarity, Dice on prompted organs, gradient smoothness.
+"""Training losses: prompt-focused LNCC, Dice on the prompted organs, λ-weighted smoothness.
 
-MONAI provides LNCC and soft Dice; the smoothness term is computed per sample because its
-weight is a per-sample condition (the prompt's smoothness).
+The prompt must matter, so the objective rewards what it names: image similarity is weighted
+towards the named organs (a dilated mask of them plus a smaller global weight), the Dice of the
+named organs carries a weight that makes them win over the rest of the image, and the
+whole-body prompt keeps the global objective (every organ's Dice, uniform similarity). The
+smoothness weight is a per-sample condition (HyperMorph-style): λ ∈ [0, 1] maps log-linearly
+onto ``smoothness_scale · [SMOOTHNESS_RANGE]`` so ``smooth=`` changes regularity monotonically over
+two orders of magnitude. MONAI provides LNCC (per voxel) and soft Dice.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from monai.losses import DiceLoss, LocalNormalizedCrossCorrelationLoss
+
+#: Regulariser weight at λ = 0 and λ = 1 (times ``smoothness_scale``), log-linear in between.
+SMOOTHNESS_RANGE = (0.1, 10.0)
 
 
 def gradient_l2(field: torch.Tensor) -> torch.Tensor:
@@ -19,28 +28,56 @@ def gradient_l2(field: torch.Tensor) -> torch.Tensor:
     return sum(terms) / 3.0
 
 
+def smoothness_weight(lam: torch.Tensor) -> torch.Tensor:
+    """λ in [0, 1] -> regulariser weight, log-linear over SMOOTHNESS_RANGE."""
+    lo, hi = SMOOTHNESS_RANGE
+    return lo * (hi / lo) ** lam.clamp(0.0, 1.0)
+
+
+def focus_map(fixed_masks: torch.Tensor, warped_masks: torch.Tensor, valid: torch.Tensor,
+              dilation: int = 2) -> torch.Tensor:
+    """[B,1,...] in {0,1}: the named organs in either scan, dilated so their borders count too."""
+    union = torch.maximum(fixed_masks, warped_masks.detach()) * valid[:, :, None, None, None]
+    focus = union.amax(dim=1, keepdim=True)
+    if dilation:
+        focus = F.max_pool3d(focus, 2 * dilation + 1, stride=1, padding=dilation)
+    return focus
+
+
 class RegistrationLoss(nn.Module):
-    """similarity_weight * LNCC + dice_weight * Dice(prompted organs) + lambda_i * smoothness."""
+    """similarity (focus-weighted LNCC) + dice_weight · Dice(named organs) + w(λ) · smoothness."""
 
     def __init__(self, lncc_kernel: int = 9, similarity_weight: float = 1.0, dice_weight: float = 1.0,
-                 smoothness_scale: float = 1.0):
+                 smoothness_scale: float = 1.0, global_weight: float = 0.25, focus_dilation: int = 2):
         super().__init__()
         self.lncc = LocalNormalizedCrossCorrelationLoss(spatial_dims=3, kernel_size=lncc_kernel,
-                                                        kernel_type="rectangular", reduction="mean")
+                                                        kernel_type="rectangular", reduction="none")
         self.dice = DiceLoss(reduction="none", smooth_nr=1e-5, smooth_dr=1e-5)
         self.similarity_weight = similarity_weight
         self.dice_weight = dice_weight
         self.smoothness_scale = smoothness_scale
+        self.global_weight = global_weight
+        self.focus_dilation = focus_dilation
 
     def forward(self, fixed: torch.Tensor, warped: torch.Tensor, velocity: torch.Tensor,
                 smoothness: torch.Tensor, fixed_masks: torch.Tensor | None = None,
-                warped_masks: torch.Tensor | None = None, mask_valid: torch.Tensor | None = None) -> dict:
-        """Masks [B,K,...] (soft for the warped ones); mask_valid [B,K] marks real organs."""
-        similarity = self.lncc(warped.float(), fixed.float())
-        smooth = (gradient_l2(velocity.float()) * smoothness.float() * self.smoothness_scale).mean()
+                warped_masks: torch.Tensor | None = None, mask_valid: torch.Tensor | None = None,
+                focused: torch.Tensor | None = None) -> dict:
+        """Masks [B,K,...] (soft for the warped ones); ``mask_valid`` [B,K] marks real organs;
+        ``focused`` [B] (bool) marks pairs whose prompt names organs (False: whole body, uniform similarity)."""
+        per_voxel = self.lncc(warped.float(), fixed.float())              # [B,1,...], in [-1, 0]
+        has_masks = fixed_masks is not None and mask_valid is not None and bool(mask_valid.any())
+        if has_masks and focused is not None and bool(focused.any()):
+            focus = focus_map(fixed_masks.float(), warped_masks.float(), mask_valid, self.focus_dilation)
+            focus = focus * focused.float().view(-1, 1, 1, 1, 1)
+            weight = self.global_weight + focus          # named organs: 1 + g, the rest of the image: g
+            similarity = ((per_voxel * weight).flatten(1).sum(1) / weight.flatten(1).sum(1)).mean()
+        else:
+            similarity = per_voxel.mean()
+        smooth = (gradient_l2(velocity.float()) * smoothness_weight(smoothness.float()) * self.smoothness_scale).mean()
         total = self.similarity_weight * similarity + smooth
         out = {"similarity": similarity.detach(), "smoothness": smooth.detach()}
-        if fixed_masks is not None and mask_valid is not None and mask_valid.any():
+        if has_masks:
             per = self.dice(warped_masks.float(), fixed_masks.float()).flatten(2).mean(2)  # [B,K]
             dice = (per * mask_valid).sum() / mask_valid.sum()
             total = total + self.dice_weight * dice

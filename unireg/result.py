@@ -92,7 +92,7 @@ class RegistrationResult:
     def _write(self, folder: Path) -> dict[str, str]:
         names = {"warped": "warped.nii.gz", "displacement": "displacement_itk.nii.gz", "affine": "affine.mat",
                  "metrics": "metrics.json", "overview": "overview.png"}
-        save_nifti(np.asanyarray(self.warped.dataobj).astype(np.float32), self.affine, folder / names["warped"])
+        save_nifti(np.asarray(self.warped.dataobj, dtype=np.float32), self.affine, folder / names["warped"])
         write_itk_displacement(self.displacement, self.affine, folder / names["displacement"])
         write_itk_affine(self.affine_matrix, folder / names["affine"])
         if self.warped_labels is not None:
@@ -105,12 +105,17 @@ class RegistrationResult:
 
     def summary(self) -> dict:
         return {"prompt": str(self.prompt), "seconds": round(self.seconds, 3), "jacobian": self.jacobian,
-                "max_displacement_mm": float(np.linalg.norm(self.displacement, axis=-1).max()),
+                "max_displacement_mm": max_norm(self.displacement),
                 **self.metrics}
 
     def moving_in_fixed_grid(self) -> np.ndarray:
         """The moving image resampled into the fixed grid without deformation (for comparisons)."""
-        return warp_volume(self.moving, np.zeros_like(self.displacement), self.affine)
+        return warp_volume(self.moving, None, self.affine, shape=self.displacement.shape[:3])
+
+
+def max_norm(field: np.ndarray, slab: int = 16) -> float:
+    """Largest vector length of a [X,Y,Z,3] field, one slab at a time (no full-size temporary)."""
+    return float(max(np.sqrt((field[..., k:k + slab, :] ** 2).sum(-1)).max() for k in range(0, field.shape[2], slab)))
 
 
 def check_output_dir(out: Path, overwrite: bool) -> None:

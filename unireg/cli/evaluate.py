@@ -11,6 +11,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--out", default="eval_out", help="report folder (eval.md, eval.json, eval_per_organ.csv)")
     p.add_argument("--max-pairs", type=int)
     p.add_argument("--prompt", help="one prompt for every pair (default: each pair's type and organs)")
+    p.add_argument("--steering", action="store_true",
+                   help="also prompt specificity per organ and SDlogJ per smooth=λ (steering.md / steering.csv)")
+    p.add_argument("--zero-shot", nargs="*", default=[], metavar="ORGAN",
+                   help="organs never named in training, reported apart in the steering table")
 
 
 def run(args) -> int:
@@ -20,4 +24,10 @@ def run(args) -> int:
     summary = evaluate_shards(model, args.data, max_pairs=args.max_pairs, prompt=args.prompt)
     paths = write_report(summary, args.out)
     print(paths["markdown"].read_text())
+    if args.steering:
+        from ..prompt import parse_prompt
+        from ..steering import evaluate_steering, write_steering_report
+        zero_shot = tuple(o for name in args.zero_shot for o in parse_prompt(f"inter | {name}").organs)
+        steering = evaluate_steering(model, args.data, max_pairs=args.max_pairs, zero_shot=zero_shot)
+        print(write_steering_report(steering, args.out)["markdown"].read_text())
     return 0

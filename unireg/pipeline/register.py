@@ -48,6 +48,12 @@ class RegistrationPipeline:
                  fixed_labels=None, refine: "str | int | bool" = "auto", align: str = "auto", adapter=None,
                  fixed_affine=None, moving_affine=None,
                  progress: "Callable[[int, int, float], None] | None" = None) -> RegistrationResult:
+        with torch.inference_mode(False):  # the optimisation stages need autograd even under a caller's inference_mode
+            return self._register(fixed, moving, prompt, moving_labels, fixed_labels, refine, align, adapter,
+                                  fixed_affine, moving_affine, progress)
+
+    def _register(self, fixed, moving, prompt, moving_labels, fixed_labels, refine, align, adapter, fixed_affine,
+                  moving_affine, progress) -> RegistrationResult:
         start = time.perf_counter()
         refine_steps = check_refine(refine)
         align = check_align(align)
@@ -211,10 +217,10 @@ def _warp_labels(pair: ScanPair, field_mm: np.ndarray, prompt: Prompt):
     import nibabel as nib
     fixed_aff = pair.fixed.affine
     warped = warp_volume(pair.moving_labels, field_mm, fixed_aff, labels=True)
-    image = nib.Nifti1Image(warped, fixed_aff)
+    image = nib.Nifti1Image(warped, fixed_aff, dtype=warped.dtype)
     if pair.fixed_labels is None:
         return image, {}
-    before = warp_volume(pair.moving_labels, np.zeros_like(field_mm), fixed_aff, labels=True)
+    before = warp_volume(pair.moving_labels, None, fixed_aff, labels=True, shape=pair.fixed.shape[:3])
     fixed_arr = np.asanyarray(pair.fixed_labels.dataobj)
     organs = tuple(o for o in prompt.organs)
     return image, dice_before_after(fixed_arr, before, warped, organs)

@@ -50,6 +50,9 @@ class DataSection:
     smoothness: list | None = field(default_factory=lambda: [0.0, 1.0])
     augment: bool = True
     identity_prob: float = 0.0           # share of pairs turned into (fixed, fixed): teaches 'no motion -> no field'
+    whole_body_prob: float = 0.25        # share of prompts naming no organ (the global objective)
+    group_prob: float = 0.35             # share of organ prompts naming 2-3 organs instead of one
+    zero_shot_organs: list = field(default_factory=list)  # never named in training; eval measures them by text alone
 
 
 @dataclass
@@ -58,6 +61,8 @@ class LossSection:
     similarity_weight: float = 1.0
     dice_weight: float = 1.0
     smoothness_scale: float = 1.0
+    global_weight: float = 0.25          # similarity weight outside the named organs (1 + this inside)
+    focus_dilation: int = 2              # voxels the named organs' mask grows by for the similarity focus
 
 
 @dataclass
@@ -148,11 +153,20 @@ class TrainConfig:
             raise ConfigError(f"data.smoothness: need [low, high] within [0, 1] (or null), got {d.smoothness}")
         if d.num_workers < 0:
             raise ConfigError(f"data.num_workers must be >= 0, got {d.num_workers}")
+        for key in ("whole_body_prob", "group_prob"):
+            if not 0 <= getattr(d, key) <= 1:
+                raise ConfigError(f"data.{key} must be in [0, 1], got {getattr(d, key)}")
+        from ..organs import ORGANS
+        unknown = [o for o in d.zero_shot_organs if o not in ORGANS]
+        if unknown:
+            raise ConfigError(f"data.zero_shot_organs: unknown organ {unknown[0]!r} (TotalSegmentator class names)")
+        if loss.focus_dilation < 0:
+            raise ConfigError(f"loss.focus_dilation must be >= 0, got {loss.focus_dilation}")
         if not 0 <= d.identity_prob < 1:
             raise ConfigError(f"data.identity_prob must be in [0, 1), got {d.identity_prob}")
         if loss.lncc_kernel < 3 or loss.lncc_kernel % 2 == 0:
             raise ConfigError(f"loss.lncc_kernel must be an odd number >= 3, got {loss.lncc_kernel}")
-        for key in ("similarity_weight", "dice_weight", "smoothness_scale"):
+        for key in ("similarity_weight", "dice_weight", "smoothness_scale", "global_weight"):
             if getattr(loss, key) < 0:
                 raise ConfigError(f"loss.{key} must be >= 0, got {getattr(loss, key)}")
         for key in ("steps", "log_every", "checkpoint_every", "keep_last", "eval_pairs"):

@@ -4,7 +4,8 @@ A batch is the loader's dict (:func:`unireg.data.prepare_pair`): ``fixed``/``mov
 [B,1,D,H,W] in [0,1], ``fixed_seg``/``moving_seg`` [B,1,D,H,W] label ids, ``prompt`` (one parsed
 :class:`~unireg.prompt.Prompt` per pair; its λ, or the type's default when it has none, weights
 the smoothness term) and ``organs`` (per pair, the organs whose Dice is trained; default: the
-prompt's). Fields beyond these are ignored.
+prompt's). A prompt that names organs focuses the similarity on them (see ``unireg.losses``);
+the whole-body prompt keeps it uniform. Fields beyond these are ignored.
 """
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ def registration_step(model, batch: dict, loss_fn: RegistrationLoss, forward=Non
         fixed_masks, valid = organ_masks(batch["fixed_seg"], organs)
         moving_masks, _ = organ_masks(batch["moving_seg"], organs)
         warped_masks = model.warp(moving_masks.to(fixed.dtype), out.displacement)
-    terms = loss_fn(fixed, warped, out.velocity, lam, fixed_masks, warped_masks, valid)
+    focused = torch.tensor([bool(p.organs) for p in prompts], device=fixed.device)  # whole body: global objective
+    terms = loss_fn(fixed, warped, out.velocity, lam, fixed_masks, warped_masks, valid, focused=focused)
     terms["displacement"] = out.displacement
     return terms

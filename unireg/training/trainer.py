@@ -107,11 +107,13 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------ data
     def _loader(self, epoch: int):
-        from ..data import make_loader
+        from ..data import PromptSampling, make_loader
         d = self.config.data
         return make_loader(self.train_urls, batch_size=self.batch_size,
                            patch_size=tuple(d.patch_size) if d.patch_size else None, seed=self.run.seed,
-                           epoch=epoch, num_workers=d.num_workers, shuffle=True, prompt_sampling=d.prompt_sampling,
+                           epoch=epoch, num_workers=d.num_workers, shuffle=True,
+                           prompt_sampling=PromptSampling(d.prompt_sampling, d.whole_body_prob, d.group_prob,
+                                                          zero_shot=tuple(d.zero_shot_organs)),
                            smoothness=tuple(d.smoothness) if d.smoothness else None, augment=d.augment,
                            identity_prob=d.identity_prob)
 
