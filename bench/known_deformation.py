@@ -23,6 +23,8 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
+from unireg.preprocessing import to_stored_hu
+
 HU_AIR = -1024.0
 
 
@@ -136,7 +138,7 @@ def make_moving(fixed: nib.Nifti1Image, truth: KnownDeformation, spacing_mm=None
         hu += sample(data, fixed.affine, truth(points + np.array([0.0, 0.0, dz])), 1, HU_AIR)
     hu /= len(offsets)
     hu += np.random.default_rng(seed).normal(0.0, noise_hu, hu.shape).astype(np.float32)
-    moving = nib.Nifti1Image(np.clip(np.rint(hu), -1024, 3071).astype(np.int16).reshape(shape), affine)
+    moving = nib.Nifti1Image(to_stored_hu(hu).reshape(shape), affine)
     moving_labels = None
     if labels is not None:
         moving_labels = sample(labels.astype(np.float32), fixed.affine, truth(points), 0, 0).astype(labels.dtype).reshape(shape)
