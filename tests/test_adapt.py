@@ -148,16 +148,17 @@ def test_adapt_refuses_pairs_without_the_structure(model, pairs):
 
 @pytest.mark.slow
 def test_few_shot_beats_zero_shot_on_held_out_pairs(model, tmp_path):
-    """k = 2 pairs, 25 steps: the adapted duodenum Dice on two held-out pairs beats zero-shot."""
+    """One labelled pair, 30 steps: the adapted duodenum Dice on three held-out pairs beats the
+    zero-shot prompt (measured 0.19 -> 0.29; bench/unseen_task.py has the full table)."""
     folder = tmp_path / "examples"
-    train, held_out = example_pairs(2, start=0, folder=folder), example_pairs(2, start=10, folder=folder)
+    train, held_out = example_pairs(1, start=0, folder=folder), example_pairs(3, start=10, folder=folder)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    adapter = adapt(model, train, PROMPT, steps=25, held_out=held_out, progress=False)
+    adapter = adapt(model, train, PROMPT, steps=30, held_out=held_out, progress=False)
     scores = adapter.metadata["held_out"]
     assert scores["adapted"] > scores["zero_shot"] + 0.03, scores
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())   # base untouched
     assert all(p.requires_grad for p in model.parameters())
-    assert adapter.metadata["k"] == 2 and adapter.metadata["loss_last"] < adapter.metadata["loss_first"]
+    assert adapter.metadata["k"] == 1 and adapter.metadata["loss_last"] < adapter.metadata["loss_first"]
 
 
 @pytest.mark.slow
