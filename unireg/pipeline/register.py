@@ -94,6 +94,10 @@ class RegistrationPipeline:
             with _stage(stages, "labels"):
                 result.warped_labels, dice = _warp_labels(pair, field_mm, prompt)
                 result.metrics.update(dice)
+        refine_info = next((s for s in stages if s["stage"] == "refine"), {})
+        if "dice_term_label_ids" in refine_info and "dice_after" in result.metrics:
+            result.metrics["dice_note"] = ("instance optimisation used these label maps (Dice term), so dice_after "
+                                           "is not an independent score; pass only moving_labels to measure it")
         result.metrics["alignment"] = align_info
         result.metrics["stages"] = stages
         result.seconds = time.perf_counter() - start
@@ -124,7 +128,8 @@ class RegistrationPipeline:
                 fixed_lab = label_tensor(pair.fixed_labels, fine, device)
                 moving_lab = label_tensor(pair.moving_labels, fine, device, matrix)
                 ids = _dice_ids(fixed_lab, moving_lab, prompt)
-                if ids:
+                if ids:  # the reported Dice then scores labels the optimiser saw: metrics.json says so
+                    info["dice_term_label_ids"] = ids
                     fixed_masks = torch.cat([(fixed_lab == i).float() for i in ids], 1)
                     moving_masks = torch.cat([(moving_lab == i).float() for i in ids], 1)
             if prompt.rigid:
