@@ -91,6 +91,7 @@ class UniRegModel(nn.Module):
         if missing or unexpected:
             raise ModelLoadError(f"{folder / WEIGHTS_NAME} does not match its config: missing {missing[:5]}, "
                                  f"unexpected {unexpected[:5]}")
+        model.name_or_path = str(name_or_path)  # a readable id for adapters and model cards (HF convention)
         return model.to(device).eval()
 
     def save_pretrained(self, folder: "str | Path", cache_vocabulary: bool = True) -> Path:
