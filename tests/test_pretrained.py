@@ -10,6 +10,7 @@ from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncode
 
 from synthetic import blob_volume
 from unireg import UniReg, UniRegConfig
+from unireg.errors import ModelLoadError
 from unireg.modeling.sam_checkpoint import load_sam_image_encoder
 
 
@@ -39,10 +40,10 @@ def test_save_and_load_pretrained_give_identical_outputs(tmp_path):
 
 
 def test_unknown_model_name_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no UniReg model"):
+    with pytest.raises(ModelLoadError, match="no UniReg model"):
         UniReg.from_pretrained("does-not-exist")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="not a UniReg model folder"):
+    with pytest.raises(ModelLoadError, match="not a UniReg model folder"):
         UniReg.from_pretrained(tmp_path / "empty")
 
 
