@@ -4,3 +4,16 @@ import os
 os.environ.setdefault("DS_ACCELERATOR", "cpu")   # DeepSpeed's CPU accelerator + gloo, also for subprocesses
 os.environ.setdefault("HF_HUB_OFFLINE", "1")     # the text model comes from the PyPI package, never the hub
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """The CI machine has two shared cores: one intra-op thread avoids oversubscription stalls."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -21,18 +21,9 @@ from unireg.pipeline.refine import AUTO_BUDGET, _plan_steps, level_shape, refine
 from unireg.pipeline.similarity import lncc_loss
 from unireg.preprocessing import normalize_ct
 
-pytestmark = pytest.mark.filterwarnings("ignore:monai.networks.blocks.Warp")
+pytestmark = [pytest.mark.filterwarnings("ignore:monai.networks.blocks.Warp"), pytest.mark.usefixtures("one_torch_thread")]
 SHAPE = (48, 48, 48)
 SPACING = 4.0
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The CI machine has two shared cores: one intra-op thread avoids oversubscription stalls."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _smooth_velocity(seed: int, amplitude: float, coarse: int = 5) -> torch.Tensor:
