@@ -1,13 +1,13 @@
 """Test-session defaults: the suite runs on CPU and offline, whatever the machine has."""
 import os
 
+import pytest
+import torch
+
 os.environ.setdefault("DS_ACCELERATOR", "cpu")   # DeepSpeed's CPU accelerator + gloo, also for subprocesses
 os.environ.setdefault("HF_HUB_OFFLINE", "1")     # the text model comes from the PyPI package, never the hub
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
 
 
 @pytest.fixture(scope="module")
