@@ -9,7 +9,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")     # the text model comes from the
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
-
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """The CI machine has two shared cores: one intra-op thread avoids oversubscription stalls."""
