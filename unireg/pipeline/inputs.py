@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import nibabel as nib
 import numpy as np
 
-from ..io import InputError, fields_of_view_overlap, load_image, load_labels
+from ..io import InputError, fields_of_view_overlap, label_ids, load_image, load_labels
 from ..organs import ID_TO_ORGAN
 
 
@@ -42,7 +42,7 @@ def load_pair(fixed, moving, fixed_labels=None, moving_labels=None, fixed_affine
 
 
 def _warn_unknown_ids(labels: np.ndarray, name: str) -> None:
-    ids = np.unique(labels)
+    ids = label_ids(labels)
     unknown = [int(i) for i in ids if i != 0 and int(i) not in ID_TO_ORGAN]
     if unknown:
         warnings.warn(f"{name}: ids {unknown[:8]} are not TotalSegmentator class ids (1-{max(ID_TO_ORGAN)}); "
