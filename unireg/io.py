@@ -498,29 +498,38 @@ def _axis_permutation(linear: np.ndarray) -> list[int] | None:
     return [int(np.flatnonzero(big[:, c])[0]) for c in range(3)]
 
 
-def _interpolation_matrix(n_out: int, n_in: int, scale: float, offset: float) -> np.ndarray:
-    """[n_out, n_in] weights of 1-D linear interpolation at ``scale * index + offset`` (edges extended)."""
+def _interpolation_taps(n_out: int, n_in: int, scale: float, offset: float, device):
+    """1-D linear interpolation at ``scale * index + offset`` (edges extended): lower/upper source index
+    and the upper weight, each [n_out]."""
     x = np.clip(scale * np.arange(n_out) + offset, 0, n_in - 1)
     lo = np.clip(np.floor(x).astype(np.int64), 0, max(n_in - 2, 0))
     hi = np.minimum(lo + 1, n_in - 1)
-    weights = np.zeros((n_out, n_in))
-    np.add.at(weights, (np.arange(n_out), lo), 1.0 - (x - lo))
-    np.add.at(weights, (np.arange(n_out), hi), x - lo)
-    return weights.astype(np.float32)
+    as_tensor = lambda a, dtype: torch.from_numpy(a).to(device=device, dtype=dtype)  # noqa: E731
+    return as_tensor(lo, torch.int64), as_tensor(hi, torch.int64), as_tensor(x - lo, torch.float32)
+
+
+def _lerp_axis(source: torch.Tensor, axis: int, taps) -> torch.Tensor:
+    lo, hi, t = taps
+    shape = [1] * source.dim()
+    shape[axis] = -1
+    return torch.lerp(source.index_select(axis, lo), source.index_select(axis, hi), t.view(shape))
 
 
 def _separable_upsample(field: np.ndarray, to_field: np.ndarray, perm: list[int], out: np.ndarray, device) -> None:
-    """Trilinear sampling (edges extended) of ``field`` on a grid whose axis a runs along field axis perm[a]."""
+    """Trilinear sampling (edges extended) of ``field`` on a grid whose axis a runs along field axis perm[a].
+
+    Three 1-D interpolations (two taps each, gathered), one slab of output planes at a time: memory-bound
+    work, no full-size temporaries.
+    """
     device = torch.device(device or "cpu")
     source = torch.from_numpy(np.ascontiguousarray(np.transpose(field, (*perm, 3)), dtype=np.float32)).to(device)
-    n0, n1, n2 = source.shape[:3]
-    w0, w1, w2 = (torch.from_numpy(_interpolation_matrix(out.shape[a], source.shape[a], to_field[r, a],
-                                                         to_field[r, 3])).to(device) for a, r in enumerate(perm))
+    taps = [_interpolation_taps(out.shape[a], source.shape[a], to_field[r, a], to_field[r, 3], device)
+            for a, r in enumerate(perm)]
     target = torch.from_numpy(out)
     for a, b in _slabs(out.shape):
-        part = (w0[a:b] @ source.view(n0, -1)).view((b - a) * n1, n2, 3)     # planes a:b, the cheap axis first
-        part = (w2 @ part).view(b - a, n1, -1)                              # [planes, J', Z * 3]
-        target[a:b].view(b - a, out.shape[1], -1).copy_(w1 @ part)          # [planes, Y, Z * 3]
+        first = tuple(t[a:b] for t in taps[0])
+        part = _lerp_axis(_lerp_axis(_lerp_axis(source, 0, first), 2, taps[2]), 1, taps[1])
+        target[a:b].copy_(part.cpu())
 
 
 def warp_volume(moving: nib.Nifti1Image, field_mm: np.ndarray | None, affine: np.ndarray, labels: bool = False, *,

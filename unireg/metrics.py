@@ -7,11 +7,18 @@ from monai.metrics import compute_hausdorff_distance
 
 
 def jacobian_determinant(displacement: torch.Tensor) -> torch.Tensor:
-    """det(I + grad u) of a voxel-unit field [B,3,D,H,W] (central differences) -> [B,D,H,W]."""
-    grads = [torch.gradient(displacement[:, c], dim=(1, 2, 3)) for c in range(3)]
-    jac = torch.stack([torch.stack(g, dim=-1) for g in grads], dim=-2)  # [B,D,H,W,3,3]
-    jac = jac + torch.eye(3, device=displacement.device, dtype=displacement.dtype)
-    return torch.linalg.det(jac.double()).to(displacement.dtype)
+    """det(I + grad u) of a voxel-unit field [B,3,D,H,W] (central differences) -> [B,D,H,W].
+
+    The 3x3 determinant written out (rule of Sarrus) over whole volumes: no [..., 3, 3] stack of a
+    full-size field and no batched LU, which took most of the time of a full-size registration.
+    """
+    j = [[g.double() for g in torch.gradient(displacement[:, c], dim=(1, 2, 3))] for c in range(3)]
+    for c in range(3):
+        j[c][c] = j[c][c] + 1.0
+    det = (j[0][0] * (j[1][1] * j[2][2] - j[1][2] * j[2][1])
+           - j[0][1] * (j[1][0] * j[2][2] - j[1][2] * j[2][0])
+           + j[0][2] * (j[1][0] * j[2][1] - j[1][1] * j[2][0]))
+    return det.to(displacement.dtype)
 
 
 def jacobian_stats(displacement: torch.Tensor) -> dict:
