@@ -1,6 +1,7 @@
 """Grids the pipeline works on, all over the fixed scan's field of view.
 
-The network sees both scans on the model's *working grid* (isotropic, config spacing);
+The network sees both scans on the model's *working grid*, made by the model's preprocessing spec
+(``config.preprocessing``: the same rule and HU window as the training loader and evaluation);
 instance optimisation runs on a *refinement grid* with the same extent and centre but finer
 voxels, so a field on one resizes exactly onto the other (``resize_field`` assumes equal extent).
 """
@@ -13,15 +14,15 @@ import numpy as np
 import torch
 
 from ..config import UniRegConfig
-from ..io import WorkingGrid, ijk_to_tensor_order
-from ..preprocessing import normalize_ct
+from ..io import WorkingGrid
+from ..preprocessing import on_grid
 
 #: Largest refinement grid (voxels) by device: instance optimisation holds ~30 float32 copies of it.
 MAX_REFINE_VOXELS = {"cpu": 160 ** 3, "cuda": 320 ** 3}
 
 
 def working_grid(fixed: nib.Nifti1Image, config: UniRegConfig) -> WorkingGrid:
-    return WorkingGrid.from_image(fixed, config.working_spacing_mm, config.max_working_size, config.size_divisor)
+    return config.preprocessing.grid(fixed)
 
 
 def refinement_grid(grid: WorkingGrid, fixed: nib.Nifti1Image, device: torch.device,
@@ -44,14 +45,15 @@ def refinement_grid(grid: WorkingGrid, fixed: nib.Nifti1Image, device: torch.dev
 def scan_tensor(img: nib.Nifti1Image, grid: WorkingGrid, config: UniRegConfig, device, dtype=torch.float32,
                 matrix: np.ndarray | None = None) -> torch.Tensor:
     """A CT on ``grid`` (optionally sampled through a world ``matrix``: fixed -> moving) -> [1,1,D,H,W] in [0,1]."""
-    hu = torch.from_numpy(ijk_to_tensor_order(_on_grid(img, grid, matrix, labels=False)))[None, None]
-    return normalize_ct(hu, config.hu_min, config.hu_max).to(device=device, dtype=dtype)
+    spec = config.preprocessing
+    hu = on_grid(img, _sampling_grid(grid, matrix))
+    return spec.network_input(hu)[None, None].to(device=device, dtype=dtype)
 
 
 def label_tensor(img: nib.Nifti1Image, grid: WorkingGrid, device, matrix: np.ndarray | None = None) -> torch.Tensor:
     """A label map on ``grid`` (nearest) -> int64 [1,1,D,H,W]."""
-    arr = _on_grid(img, grid, matrix, labels=True)
-    return torch.from_numpy(ijk_to_tensor_order(arr.astype(np.int64)))[None, None].to(device)
+    arr = on_grid(img, _sampling_grid(grid, matrix), labels=True)
+    return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.int64))[None, None].to(device)
 
 
 def tensor_affine(grid: WorkingGrid) -> np.ndarray:
@@ -59,7 +61,8 @@ def tensor_affine(grid: WorkingGrid) -> np.ndarray:
     return grid.affine @ np.eye(4)[[2, 1, 0, 3]]
 
 
-def _on_grid(img, grid: WorkingGrid, matrix, labels: bool) -> np.ndarray:
+def _sampling_grid(grid: WorkingGrid, matrix: np.ndarray | None) -> WorkingGrid:
+    """``grid``'s voxels at the world points a fixed -> moving ``matrix`` sends them to."""
     if matrix is None or np.allclose(matrix, np.eye(4)):
-        return grid.resample(img, labels=labels)
-    return WorkingGrid(grid.shape, matrix @ grid.affine).resample(img, labels=labels)
+        return grid
+    return WorkingGrid(grid.shape, matrix @ grid.affine)
