@@ -158,9 +158,17 @@ def mean_dice(model, pairs: list[PairTensors], prompt: Prompt, organs: list[str]
 
 
 # ---------------------------------------------------------------------------------------- adapt
+#: Pairs per step when ``batch_size`` is not given: all k up to this many. One pair per step let
+#: the adapter chase whichever pair it saw last (k = 3 and 5 overfitted the last pair at lr 1e-2).
+MAX_BATCH = 5
+#: AdamW's decoupled weight decay pulls the LoRA factors and the prompt offset back to zero, i.e.
+#: towards the base model, which is the sensible prior with k = 1..5 pairs.
+WEIGHT_DECAY = 1e-2
+
+
 def adapt(model, pairs, prompt: "str | Prompt", steps: int = 60, rank: int = 4, lr: float = 1e-2,
-          held_out=None, progress: bool = True, seed: int = 0, callback=None, batch_size: int = 1,
-          structure=None, dice_weight: float = 2.0) -> Adapter:
+          held_out=None, progress: bool = True, seed: int = 0, callback=None, batch_size: int | None = None,
+          structure=None, dice_weight: float = 2.0, weight_decay: float = WEIGHT_DECAY) -> Adapter:
     """Train an adapter for ``prompt`` on labelled ``pairs`` (CSV / folder / list, see module doc).
 
     ``held_out`` pairs (same forms) are only measured: mean Dice of the prompted structure on the
@@ -168,7 +176,9 @@ def adapt(model, pairs, prompt: "str | Prompt", steps: int = 60, rank: int = 4, 
     ``callback(step, steps, loss)`` is called after every step (e.g. a UI progress bar).
     ``structure``: organ name(s) whose labels the Dice term uses, default the prompt's organs.
     ``dice_weight``: the structure's Dice against LNCC (weight 1) - the task is the structure, so
-    it weighs more than in training.
+    it weighs more than in training. ``batch_size``: pairs per step, default all k (at most
+    ``MAX_BATCH``). The learning rate decays on a cosine to a tenth of ``lr`` so the last steps
+    settle instead of jumping between pairs.
     Returns the :class:`~unireg.adapter.Adapter`; the model's weights are left unchanged.
     """
     from tqdm.auto import tqdm
@@ -180,6 +190,9 @@ def adapt(model, pairs, prompt: "str | Prompt", steps: int = 60, rank: int = 4, 
     test = [prepare_pair(model, p, f"held-out pair {i + 1}") for i, p in enumerate(read_pair_list(held_out))] \
         if held_out is not None else []
     _check_structure_present(train, organs)
+    batch_size = min(len(train), MAX_BATCH) if batch_size is None else int(batch_size)
+    if batch_size < 1:
+        raise InputError(f"batch_size must be at least 1, got {batch_size}")
 
     adapter = Adapter.create(model, prompt, rank=rank, seed=seed)
     dice_test = {}
@@ -187,7 +200,8 @@ def adapt(model, pairs, prompt: "str | Prompt", steps: int = 60, rank: int = 4, 
         dice_test["identity"] = mean_dice(model, test, parsed, organs, identity=True)
         dice_test["zero_shot"] = mean_dice(model, test, parsed, organs)
     loss_fn = RegistrationLoss(dice_weight=dice_weight)
-    optimizer = torch.optim.Adam(adapter.weights.parameters(), lr=lr)
+    optimizer = torch.optim.AdamW(adapter.weights.parameters(), lr=lr, weight_decay=weight_decay)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps, eta_min=0.1 * lr)
     rng = random.Random(seed)
     order: list[int] = []
     losses, dice_terms = [], []
@@ -215,6 +229,7 @@ def adapt(model, pairs, prompt: "str | Prompt", steps: int = 60, rank: int = 4, 
                 optimizer.zero_grad()
                 terms["loss"].backward()
                 optimizer.step()
+                schedule.step()
                 losses.append(float(terms["loss"].detach()))
                 dice_terms.append(float(terms.get("dice", float("nan"))))
                 bar.set_postfix(loss=f"{losses[-1]:.4f}", dice=f"{1 - dice_terms[-1]:.3f}")
@@ -228,7 +243,7 @@ def adapt(model, pairs, prompt: "str | Prompt", steps: int = 60, rank: int = 4, 
     adapter.weights.eval()
     if test:
         dice_test["adapted"] = mean_dice(model, test, parsed, organs, adapter=adapter)
-    adapter.metadata.update(structure=organs, dice_weight=dice_weight)
+    adapter.metadata.update(structure=organs, dice_weight=dice_weight, weight_decay=weight_decay)
     adapter.metadata.update(_training_summary(train, steps, lr, seed, batch_size, losses, dice_terms, seconds,
                                               dice_test, len(test)))
     return adapter
