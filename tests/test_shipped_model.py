@@ -78,3 +78,16 @@ def test_shipped_model_loads_offline_without_the_text_model(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr
     assert "torch.Size([1, 384])" in proc.stdout
+
+
+@pytest.mark.slow
+def test_sdlogj_falls_as_smooth_rises_on_a_held_out_pair(model, held_out):
+    """The prompt's ``smooth=`` orders regularity: the default pipeline (network + instance
+    optimisation, whose regulariser weight follows smooth log-linearly over three decades) gives a
+    smoother field at every step up, and smooth=1 at most half the SDlogJ of smooth=0."""
+    fixed, moving = held_out["inter"][1]
+    fixed_img, moving_img = ((s.image.transpose(2, 1, 0), s.affine) for s in (fixed, moving))
+    sdlogj = [model.register(fixed_img, moving_img, f"inter | smooth={lam}", align="none")
+              .jacobian["sd_log_jacobian"] for lam in (0.0, 0.25, 0.5, 0.75, 1.0)]
+    assert all(a > b for a, b in zip(sdlogj, sdlogj[1:])), sdlogj
+    assert sdlogj[-1] <= 0.5 * sdlogj[0], sdlogj
