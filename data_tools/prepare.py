@@ -3,7 +3,8 @@
 Layouts: TotalSegmentator (``<id>/ct.nii.gz`` + ``<id>/segmentations/<class>.nii.gz``),
 Learn2Reg (``imagesTr/``, ``labelsTr/`` and the task's ``*.json`` with its label names and
 registration pairs) and a CSV (``image,label,subject[,session]``). Every scan is reoriented to
-RAS, resampled to the target spacing, cropped to the body and stored as int16 HU / uint8
+RAS, resampled to the target spacing, cropped to the body (grown to a multiple of 16 voxels, the
+working-grid rule of :mod:`unireg.preprocessing`) and stored as int16 HU / uint8
 TotalSegmentator ids under ``<out>/subjects/`` with names made of the subject and session ids
 reduced to safe characters (an id such as ``../x`` or ``/abs`` never writes outside ``--out``).
 ``pairs.json`` lists the scans and the pairs (intra-subject: scans of one subject; inter-subject:
@@ -28,9 +29,13 @@ from nibabel.processing import resample_from_to, resample_to_output
 
 from unireg.errors import UserError
 from unireg.organs import ORGAN_TO_ID, resolve_organ
-from unireg.preprocessing import to_stored_hu
+from unireg.preprocessing import HU_OUTSIDE, to_stored_hu
 
 logger = logging.getLogger(__name__)
+
+#: Prepared scans are cropped to a multiple of this many voxels along each axis: the coarsest level
+#: stride of every preset (``UniRegConfig.size_divisor``), so the working-grid rule keeps them as they are.
+GRID_DIVISOR = 16
 
 
 class PreparationError(UserError):
@@ -156,7 +161,11 @@ def label_map(scan: Scan, ct: nib.Nifti1Image, notes: list, missing: list) -> np
     return out
 
 
-def prepare_scan(scan: Scan, spacing, margin_mm: float = 10.0) -> tuple[nib.Nifti1Image, nib.Nifti1Image, dict]:
+def prepare_scan(scan: Scan, spacing, margin_mm: float = 10.0,
+                 divisor: int = GRID_DIVISOR) -> tuple[nib.Nifti1Image, nib.Nifti1Image, dict]:
+    """RAS, ``spacing``, cropped to the body plus ``margin_mm``; the crop then grows (air beyond the
+    scan) to a multiple of ``divisor`` voxels, centred, which is the working-grid rule of
+    :mod:`unireg.preprocessing`: at a model's working spacing the scan is its working grid as stored."""
     ct = _load(scan.image, f"CT of {scan.subject}")
     if ct.ndim != 3:
         raise PreparationError(f"{scan.image} is {ct.ndim}-D; expected a 3-D CT")
@@ -172,11 +181,14 @@ def prepare_scan(scan: Scan, spacing, margin_mm: float = 10.0) -> tuple[nib.Nift
     pad = np.ceil(margin_mm / np.array(spacing)).astype(int)
     lo = np.maximum(body.min(0) - pad, 0)
     hi = np.minimum(body.max(0) + pad + 1, hu.shape)
-    sl = tuple(slice(a, b) for a, b in zip(lo, hi))
+    extra = -(hi - lo) % divisor
+    lo, hi = lo - extra // 2, hi + extra - extra // 2
+    inside = tuple(slice(max(a, 0), min(b, n)) for a, b, n in zip(lo, hi, hu.shape))
+    outside = [(max(0, -a), max(0, b - n)) for a, b, n in zip(lo, hi, hu.shape)]
     affine = ct.affine.copy()
     affine[:3, 3] = (ct.affine @ np.append(lo, 1))[:3]
-    ct_out = nib.Nifti1Image(to_stored_hu(hu[sl]), affine)
-    lab_out = nib.Nifti1Image(np.asanyarray(labels.dataobj)[sl].astype(np.uint8), affine)
+    ct_out = nib.Nifti1Image(to_stored_hu(np.pad(hu[inside], outside, constant_values=HU_OUTSIDE)), affine)
+    lab_out = nib.Nifti1Image(np.pad(np.asanyarray(labels.dataobj)[inside], outside).astype(np.uint8), affine)
     return ct_out, lab_out, {"notes": notes, "missing_labels": missing}
 
 

@@ -4,9 +4,11 @@ One sample per pair: ``fixed.npy`` / ``moving.npy`` (int16 HU), ``fixed_seg.npy`
 ``moving_seg.npy`` (uint8 TotalSegmentator ids), ``meta.json`` (type, organs present in both,
 spacing, subject ids, source, split) and, when known, ``displacement.npy`` (float32 voxels,
 (dz, dy, dx), the true field with ``fixed(x) = moving(x + d(x))``). Arrays are in torch order
-[D, H, W]. Arrays are stored as raw ``.npy``: ``bench/data_loading.py`` measures the trade-off
-(zlib-compressed ``.npz`` is ~3-4x smaller but decodes several times slower, and decode speed is
-what keeps training fed); pass ``encoding="npz"`` where storage matters more.
+[D, H, W]. ``spacing`` (mm along D, H, W) is required: the loader puts every pair on the trained
+model's working grid from it (see :mod:`unireg.data`), as stored when it already is one. Arrays
+are stored as raw ``.npy``: ``bench/data_loading.py`` measures the trade-off (zlib-compressed
+``.npz`` is ~3-4x smaller but decodes several times slower, and decode speed is what keeps
+training fed); pass ``encoding="npz"`` where storage matters more.
 
 Shards are written under a temporary folder inside ``out_dir`` and moved into place only when
 every pair has been written, ``index.json`` last: a failure (a corrupt scan, a full disk) leaves
@@ -68,12 +70,16 @@ def pair_sample(key: str, pair: dict, encoding: str = "npy") -> dict:
     for k in ARRAY_KEYS:
         if pair[k].shape != shape:
             raise PreparationError(f"pair {key}: {k} has shape {pair[k].shape}, fixed has {shape}; resample first")
+    spacing = pair.get("meta", {}).get("spacing")
+    if spacing is None or len(spacing) != 3 or min(spacing) <= 0:
+        raise PreparationError(f"pair {key}: meta needs 'spacing', three positive mm values along D, H, W "
+                               f"(got {spacing!r}); the loader resamples by it")
     sample = {"__key__": key}
     for k in (*ARRAY_KEYS, "displacement"):
         if pair.get(k) is not None:
             sample[f"{k}.{encoding}"] = encode_array(np.ascontiguousarray(pair[k]).astype(DTYPES[k]), encoding)
     meta = {"organs": organs_in_both(pair["fixed_seg"], pair["moving_seg"]), **pair.get("meta", {})}
-    meta["shape"] = list(shape)
+    meta["shape"], meta["spacing"] = list(shape), [float(v) for v in spacing]
     sample["meta.json"] = json.dumps(meta).encode()
     return sample
 

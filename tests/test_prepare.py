@@ -65,6 +65,7 @@ def test_totalsegmentator_layout_with_missing_file_and_other_grid(subjects, tmp_
         assert result["splits"][p["fixed_id"].rsplit("_", 1)[0]] == result["splits"][p["moving_id"].rsplit("_", 1)[0]]
     ct = nib.load(out / result["scans"]["s0_0"]["image"])
     assert ct.get_data_dtype() == np.int16 and nib.aff2axcodes(ct.affine) == ("R", "A", "S")
+    assert all(n % 16 == 0 for n in ct.shape)                    # the working-grid rule: loads as stored
 
 
 def test_learn2reg_layout_and_shards(subjects, tmp_path):

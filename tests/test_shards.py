@@ -7,7 +7,11 @@ import numpy as np
 import pytest
 
 from data_tools.shards import make_phantom_shards, phantom_pairs, write_shards
+from unireg.config import UniRegConfig
 from unireg.data import iterate_pairs, make_loader, skip_stats
+
+#: The preprocessing of a model whose working grid is the fixture's 12 mm: pairs load as stored.
+SPEC = UniRegConfig(working_spacing_mm=12.0).preprocessing
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +58,7 @@ def test_two_ranks_times_two_workers_see_every_pair_once(shards, monkeypatch):
             monkeypatch.setenv("WORLD_SIZE", "2")
             monkeypatch.setenv("WORKER", str(worker))
             monkeypatch.setenv("NUM_WORKERS", "2")
-            for batch in make_loader(urls, batch_size=1, patch_size=None, seed=3, epoch=0):
+            for batch in make_loader(urls, batch_size=1, patch_size=None, seed=3, epoch=0, spec=SPEC):
                 keys.extend(batch["key"])
     assert sorted(keys) == sorted(set(keys)) and len(keys) == index["counts"]["pairs"]
 
@@ -63,7 +67,7 @@ def test_same_seed_and_epoch_give_the_same_stream(shards):
     out, _ = shards
     urls = sorted(str(p) for p in out.glob("*.tar"))
     run = lambda epoch: [(b["key"], b["prompt"], float(b["fixed"].sum())) for b in  # noqa: E731
-                         make_loader(urls, 2, (16, 16, 16), seed=1, epoch=epoch)]
+                         make_loader(urls, 2, (16, 16, 16), seed=1, epoch=epoch, spec=SPEC)]
     assert run(0) == run(0)
     assert run(0) != run(1)
 
@@ -118,7 +122,7 @@ def test_prompts_name_only_organs_large_enough_in_both_scans(shards):
     assert small and len(small) < len(sizes)            # the fixture has both kinds
     prompted = set()
     for epoch in range(40):
-        prompted |= set(prepare_pair(sample, None, 0, epoch, True, None, False)["organs"])
+        prompted |= set(prepare_pair(sample, None, 0, epoch, True, None, False, spec=SPEC)["organs"])
     assert prompted and not prompted & small
 
 
@@ -126,10 +130,11 @@ def test_identity_pairs_make_moving_the_fixed_scan(shards):
     from unireg.data import prepare_pair
     out, _ = shards
     samples = list(iterate_pairs(sorted(str(p) for p in out.glob("*.tar"))))
-    made = [prepare_pair(s, None, 0, epoch, True, None, False, identity_prob=0.5) for s in samples for epoch in range(4)]
+    made = [prepare_pair(s, None, 0, epoch, True, None, False, identity_prob=0.5, spec=SPEC)
+            for s in samples for epoch in range(4)]
     same = [b for b in made if bool((b["moving_seg"] == b["fixed_seg"]).all()) and bool((b["moving"] == b["fixed"]).all())]
     assert 0 < len(same) < len(made)
-    plain = [prepare_pair(s, None, 0, 0, True, None, False) for s in samples]
+    plain = [prepare_pair(s, None, 0, 0, True, None, False, spec=SPEC) for s in samples]
     assert not any(bool((b["moving"] == b["fixed"]).all()) for b in plain)
 
 

@@ -11,6 +11,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .preprocessing import PreprocessingSpec
+
 DEFAULT_TEXT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
 
@@ -42,7 +44,8 @@ class UniRegConfig:
     controller_hidden: int = 128
     # Transform.
     integration_steps: int = 7
-    # Working grid: the fixed image's field of view resampled to isotropic voxels.
+    # Preprocessing (see ``preprocessing``): the fixed image's field of view resampled to isotropic
+    # voxels of this size, at most max_working_size along an axis, HU clamped to [hu_min, hu_max].
     working_spacing_mm: float = 4.0
     max_working_size: int = 128
     hu_min: float = -1000.0
@@ -63,11 +66,22 @@ class UniRegConfig:
             raise ValueError(f"stem_channels needs an entry per stride up to {self.level_strides[0]}")
         if self.vit_img_size % self.vit_patch_size:
             raise ValueError("vit_img_size must be a multiple of vit_patch_size")
+        if not self.hu_max > self.hu_min:
+            raise ValueError(f"hu_max ({self.hu_max}) must be above hu_min ({self.hu_min})")
+        if not self.working_spacing_mm > 0:
+            raise ValueError(f"working_spacing_mm must be positive, got {self.working_spacing_mm}")
 
     @property
     def size_divisor(self) -> int:
         """Working-grid sizes are multiples of this so every level has whole voxels."""
         return self.level_strides[0]
+
+    @property
+    def preprocessing(self) -> PreprocessingSpec:
+        """How this model sees a CT: shard loading, training, evaluation and ``register`` all use it."""
+        return PreprocessingSpec(hu_min=float(self.hu_min), hu_max=float(self.hu_max),
+                                 spacing_mm=float(self.working_spacing_mm), max_size=self.max_working_size,
+                                 divisor=self.size_divisor)
 
     @classmethod
     def from_preset(cls, size: str, **overrides) -> "UniRegConfig":

@@ -6,6 +6,19 @@ augmented and given a sampled prompt. Every random choice is seeded by (seed, ep
 sample key), so a resumed run sees the same stream. Unreadable shards and malformed samples are
 skipped, logged and counted in :data:`skip_stats`; the rest of the data still arrives.
 Arrays are torch order [D, H, W]; see ``data_tools/shards.py`` for the sample layout.
+
+Every pair reaches the network as ``register`` would hand it a scan of the same voxels: through
+the preprocessing spec of the model being trained or evaluated (the trainer and evaluation pass
+``model.config.preprocessing``, see :mod:`unireg.preprocessing`; a direct caller that passes none
+gets the default ``UniRegConfig()``'s). :func:`on_working_grid` puts a
+pair on the spec's working grid by the rule ``register`` uses: a shard at the model's working
+spacing whose sizes are multiples of the level stride is used as stored (no copy, no cost);
+a shard at another spacing (its ``meta.json`` ``spacing``, mm along D, H, W) is **resampled**
+onto the working grid when it is loaded, as ``register`` resamples a scan: trilinear HU with air
+outside, nearest labels. That costs CPU time on every load, and a warning says so once per
+spacing: write shards at the model's ``working_spacing_mm`` (``unireg prepare ... --spacing``)
+to avoid it. A sample without a usable ``spacing`` is malformed (skipped and counted). The
+training loader does not apply ``max_working_size``: it crops ``patch_size`` instead.
 """
 from __future__ import annotations
 
@@ -20,8 +33,9 @@ from collections import Counter
 import numpy as np
 import torch
 
+from .config import UniRegConfig
 from .organ_presence import organs_in_both
-from .preprocessing import HU_OUTSIDE, normalize_ct
+from .preprocessing import HU_OUTSIDE, PreprocessingSpec, is_on_grid, on_grid, shard_image
 from .prompt import Prompt
 
 logger = logging.getLogger(__name__)
@@ -91,7 +105,36 @@ def decode_pair(sample: dict, extras: tuple[str, ...] = ("displacement",)) -> di
     shapes = {out[k].shape for k in REQUIRED}
     if len(shapes) != 1 or len(out["fixed"].shape) != 3:
         raise ValueError(f"sample {key}: arrays must share one 3-D shape, got {shapes}")
+    spacing = out["meta"].get("spacing")
+    if not (isinstance(spacing, list) and len(spacing) == 3 and all(isinstance(v, (int, float)) and v > 0
+                                                                    for v in spacing)):
+        raise ValueError(f"sample {key}: meta.json needs 'spacing', three positive mm values along D, H, W "
+                         f"(got {spacing!r}); write the shards with `unireg prepare shards`")
     return out
+
+
+_warned_spacings: set = set()
+
+
+def on_working_grid(arrays: dict, spacing, spec: PreprocessingSpec, capped: bool = True) -> tuple[dict, float]:
+    """A pair's arrays (tensor order, one grid at ``spacing`` mm) on ``spec``'s working grid.
+
+    Returns the arrays (images as HU, ``*_seg`` label maps in their stored dtype) and the grid's
+    spacing in mm; see the module docstring for when this resamples."""
+    images = {name: shard_image(array, spacing) for name, array in arrays.items()}
+    grid = spec.grid(images["fixed"], capped)
+    if not is_on_grid(images["fixed"], grid) and (tuple(spacing), grid.spacing) not in _warned_spacings:
+        _warned_spacings.add((tuple(spacing), grid.spacing))
+        logger.warning("shards at %s mm (here %s voxels) are resampled onto the model's working grid (%g mm, sizes "
+                       "multiples of %d) on every load; write them so to skip this",
+                       "x".join(f"{s:g}" for s in spacing), "x".join(map(str, arrays["fixed"].shape)), grid.spacing,
+                       spec.divisor)
+    out = {}
+    for name, image in images.items():
+        labels = name.endswith("_seg")
+        placed = on_grid(image, grid, labels)
+        out[name] = placed.astype(arrays[name].dtype, copy=False) if labels else placed
+    return out, grid.spacing
 
 
 def _rng(seed: int, epoch: int, key: str) -> np.random.Generator:
@@ -146,8 +189,8 @@ class PromptSampling:
 
 def prepare_pair(sample: dict, patch_size, seed: int, epoch: int, prompt_sampling: "bool | PromptSampling", smoothness,
                  augment: bool,
-                 identity_prob: float = 0.0) -> dict:
-    """Crop, augment and prompt one pair -> the training sample.
+                 identity_prob: float = 0.0, spec: PreprocessingSpec | None = None) -> dict:
+    """Put on the working grid, crop, augment and prompt one pair -> the training sample.
 
     Returns ``fixed``/``moving`` [1,D,H,W] in [0, 1], ``fixed_seg``/``moving_seg`` [1,D,H,W] label
     ids, ``prompt`` (a :class:`~unireg.prompt.Prompt`: the pair's type, the sampled organs, λ drawn
@@ -155,9 +198,11 @@ def prepare_pair(sample: dict, patch_size, seed: int, epoch: int, prompt_samplin
     every present organ for the whole-body prompt; see :class:`PromptSampling`) and
     ``key``. With probability ``identity_prob`` the pair becomes (fixed, fixed): the network must
     learn that identical scans need no deformation, or it can settle on a content-independent mean
-    field that it applies to every pair."""
+    field that it applies to every pair. ``spec`` is the trained model's preprocessing (the default
+    model's when not given): its working grid, uncapped, and its HU window."""
+    spec = spec or UniRegConfig().preprocessing
     rng = _rng(seed, epoch, sample["key"])
-    arrays = {k: sample[k] for k in REQUIRED}
+    arrays, _ = on_working_grid({k: sample[k] for k in REQUIRED}, sample["meta"]["spacing"], spec, capped=False)
     if identity_prob and rng.random() < identity_prob:
         arrays["moving"], arrays["moving_seg"] = arrays["fixed"], arrays["fixed_seg"]
     if patch_size is not None:
@@ -174,7 +219,7 @@ def prepare_pair(sample: dict, patch_size, seed: int, epoch: int, prompt_samplin
     # λ at the precision a user writes it ("smooth=0.35"), so training sees the values prompts can say.
     lam = round(float(rng.uniform(*smoothness)), 2) if smoothness else None
     prompt = Prompt(type=sample["meta"].get("type", "inter"), organs=tuple(named), smoothness=lam)
-    return {"fixed": torch.from_numpy(normalize_ct(fixed))[None], "moving": torch.from_numpy(normalize_ct(moving))[None],
+    return {"fixed": spec.network_input(fixed)[None], "moving": spec.network_input(moving)[None],
             "fixed_seg": torch.from_numpy(arrays["fixed_seg"].astype(np.int64))[None],
             "moving_seg": torch.from_numpy(arrays["moving_seg"].astype(np.int64))[None],
             "organs": named or present, "prompt": prompt, "key": sample["key"]}
@@ -205,7 +250,7 @@ def _rank() -> int:
 def build_pipeline(urls, batch_size: int | None, patch_size=None, seed: int = 0, epoch: int = 0, shuffle: bool = True,
                    prompt_sampling: "bool | PromptSampling" = True, smoothness=None, augment: bool = True,
                    shuffle_buffer: int = 8,
-                   identity_prob: float = 0.0):
+                   identity_prob: float = 0.0, spec: PreprocessingSpec | None = None):
     import webdataset as wds
     stages = [wds.SimpleShardList(_shard_list(urls, seed, epoch, shuffle)), wds.split_by_node, wds.split_by_worker,
               wds.tarfile_to_samples(handler=_skip_shard),
@@ -214,7 +259,7 @@ def build_pipeline(urls, batch_size: int | None, patch_size=None, seed: int = 0,
         stages.append(wds.shuffle(shuffle_buffer, initial=shuffle_buffer,
                                   rng=_LazyRng(seed, epoch)))
     stages.append(wds.map(lambda s: prepare_pair(s, patch_size, seed, epoch, prompt_sampling, smoothness, augment,
-                                                identity_prob),
+                                                identity_prob, spec),
                           handler=_skip_sample))
     if batch_size:
         stages.append(wds.batched(batch_size, collation_fn=collate, partial=False))
@@ -238,10 +283,11 @@ class _LazyRng(random.Random):
 def make_loader(urls, batch_size: int, patch_size=(64, 64, 64), seed: int = 0, epoch: int = 0, num_workers: int = 0,
                 shuffle: bool = True, prompt_sampling: "bool | PromptSampling" = True, smoothness=(0.0, 1.0),
                 augment: bool = True,
-                shuffle_buffer: int = 8, identity_prob: float = 0.0):
-    """Batches for one epoch of this rank's share of the shards (see module docstring)."""
+                shuffle_buffer: int = 8, identity_prob: float = 0.0, spec: PreprocessingSpec | None = None):
+    """Batches for one epoch of this rank's share of the shards, preprocessed by ``spec`` (the trained
+    model's ``config.preprocessing``; see the module docstring)."""
     pipeline = build_pipeline(urls, batch_size, patch_size, seed, epoch, shuffle, prompt_sampling, smoothness,
-                              augment, shuffle_buffer, identity_prob)
+                              augment, shuffle_buffer, identity_prob, spec)
     if num_workers == 0:
         return pipeline
     import webdataset as wds

@@ -73,6 +73,7 @@ def run_train_demo(out_dir: "str | Path", steps: int = 40) -> dict:
 
 DEMO_YAML = """model:
   preset: tiny
+  overrides: {{working_spacing_mm: 5.0}}   # the shards' spacing: they load as stored, no resampling
 data:
   train: shards/train
   val: shards/val

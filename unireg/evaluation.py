@@ -1,7 +1,8 @@
 """Held-out evaluation: per-organ Dice, HD95, Jacobian statistics and speed, against identity.
 
-Pairs come from shards (``unireg.data.iterate_pairs``) already on a shared grid, so the model
-runs on tensors directly; the prompt is the pair's type and its organs (or a fixed task prompt).
+Pairs come from shards (``unireg.data.iterate_pairs``) with both scans on one grid; each is put on
+the model's working grid by its preprocessing spec, exactly as training and ``register`` see a
+scan, and scored there. The prompt is the pair's type and its organs (or a fixed task prompt).
 Shards are named as files, folders, brace patterns, globs (also when the shell did not expand
 them) or URLs; a local name that matches no readable tar is an error before any model runs, and
 samples skipped as unreadable are counted in the report, so a score is never silently based on
@@ -20,13 +21,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .errors import UserError
 from .metrics import jacobian_stats, organ_dice, organ_hd95
 from .organ_presence import organs_in_both
 from .organs import ORGAN_TO_ID
-from .preprocessing import normalize_ct
 from .prompt import Prompt, parse_prompt
 
 
@@ -39,31 +38,31 @@ def pair_prompt(meta: dict, fixed_labels: np.ndarray, moving_labels: np.ndarray,
 
 @torch.no_grad()
 def evaluate_pair(model, fixed_hu, moving_hu, fixed_lab, moving_lab, prompt: Prompt, spacing, with_hd95=True) -> dict:
-    """Arrays in tensor order [D,H,W] on one grid -> metrics after vs identity."""
-    device = next(model.parameters()).device
-    div = model.config.size_divisor
-    shape = fixed_hu.shape
-    pad = [(-n) % div for n in shape]
-    padding = [p for n in reversed(pad) for p in (0, n)]
+    """Arrays in tensor order [D,H,W] on one grid of ``spacing`` mm -> metrics after vs identity.
 
-    def tensor(a, norm):
-        t = torch.from_numpy(np.ascontiguousarray(a)).float()[None, None]
-        t = normalize_ct(t, model.config.hu_min, model.config.hu_max) if norm else t
-        return F.pad(t, padding, mode="replicate" if norm else "constant").to(device)
+    The pair is put on the model's working grid first, as the training loader and ``register`` put
+    a scan (``model.config.preprocessing``), and every metric is measured on that grid."""
+    from .data import on_working_grid
+    param = next(model.parameters())
+    spec = model.config.preprocessing
+    arrays, grid_mm = on_working_grid({"fixed": fixed_hu, "moving": moving_hu, "fixed_seg": fixed_lab,
+                                       "moving_seg": moving_lab}, spacing, spec)
+    fixed_lab, moving_lab = arrays["fixed_seg"], arrays["moving_seg"]
+    spacing = (grid_mm,) * 3
+    image = lambda name: spec.network_input(arrays[name])[None, None].to(param.device, param.dtype)  # noqa: E731
 
     start = time.perf_counter()
-    out = model(tensor(fixed_hu, True).to(next(model.parameters()).dtype),
-                tensor(moving_hu, True).to(next(model.parameters()).dtype), [prompt])
+    out = model(image("fixed"), image("moving"), [prompt])
     disp = out.displacement.float()
-    warped = model.warp(tensor(moving_lab, False), disp, nearest=True)[0, 0]
+    moving_seg = torch.from_numpy(np.ascontiguousarray(moving_lab, dtype=np.float32))[None, None].to(param.device)
+    warped = model.warp(moving_seg, disp, nearest=True)[0, 0]
     seconds = time.perf_counter() - start
-    d, h, w = shape
-    warped = warped[:d, :h, :w].round().cpu().numpy().astype(np.int64)
+    warped = warped.round().cpu().numpy().astype(np.int64)
     names = {o: ORGAN_TO_ID[o] for o in prompt.organs} or {
         n: i for n, i in ORGAN_TO_ID.items() if i in set(np.unique(fixed_lab).tolist())}
     row = {"prompt": str(prompt), "seconds": seconds,
            "dice_identity": organ_dice(fixed_lab, moving_lab, names), "dice": organ_dice(fixed_lab, warped, names),
-           **jacobian_stats(disp[..., :d, :h, :w].cpu())}
+           **jacobian_stats(disp.cpu())}
     if with_hd95:
         row["hd95_identity"] = organ_hd95(fixed_lab, moving_lab, names, spacing)
         row["hd95"] = organ_hd95(fixed_lab, warped, names, spacing)
@@ -114,7 +113,7 @@ def evaluate_shards(model, urls, max_pairs: int | None = None, prompt: str | Non
         meta = sample["meta"]
         p = pair_prompt(meta, sample["fixed_seg"], sample["moving_seg"], prompt)
         row = evaluate_pair(model, sample["fixed"], sample["moving"], sample["fixed_seg"], sample["moving_seg"], p,
-                            tuple(meta.get("spacing", (1.0, 1.0, 1.0))), with_hd95)
+                            meta["spacing"], with_hd95)
         row.update(key=sample.get("key", ""), type=p.type)
         rows.append(row)
     skipped = dict(Counter(skip_stats.counts) - skipped_before)

@@ -6,6 +6,9 @@ import json
 from ..errors import UserError
 from .common import add_verb
 
+SPACING_HINT = ("the model's working_spacing_mm (isotropic) lets shards load as stored; at another spacing the "
+                "loader resamples every pair onto the model's working grid")
+
 
 def add_parser(subparsers) -> None:
     prepare = add_verb(subparsers, "prepare", "make phantom data, prepare real data sets, write pair shards", None,
@@ -27,7 +30,8 @@ def add_parser(subparsers) -> None:
     d.add_argument("--layout", required=True, choices=["totalsegmentator", "learn2reg", "csv"])
     d.add_argument("--root", required=True, help="data set folder (or the CSV file)")
     d.add_argument("--out", required=True)
-    d.add_argument("--spacing", type=float, nargs=3, default=[2.0, 2.0, 2.0])
+    d.add_argument("--spacing", type=float, nargs=3, default=[2.0, 2.0, 2.0],
+                   help=f"mm along D H W; {SPACING_HINT}")
     d.add_argument("--seed", type=int, default=0)
 
     s = add_verb(sub, "shards", "WebDataset pair shards from a pairs.json or from new phantoms", run_shards,
@@ -37,7 +41,8 @@ def add_parser(subparsers) -> None:
     s.add_argument("--split", choices=["train", "val", "test"], help="only pairs of this split")
     s.add_argument("--phantom-subjects", type=int, default=8)
     s.add_argument("--shape", type=int, nargs=3, default=[96, 96, 96])
-    s.add_argument("--spacing", type=float, nargs=3, default=[4.0, 4.0, 4.0])
+    s.add_argument("--spacing", type=float, nargs=3, default=[4.0, 4.0, 4.0],
+                   help=f"phantom mm along D H W; {SPACING_HINT}")
     s.add_argument("--intra-per-subject", type=int, default=1)
     s.add_argument("--inter-pairs", type=int)
     s.add_argument("--seed", type=int, default=0)

@@ -115,7 +115,7 @@ class Trainer:
                            prompt_sampling=PromptSampling(d.prompt_sampling, d.whole_body_prob, d.group_prob,
                                                           zero_shot=tuple(d.zero_shot_organs)),
                            smoothness=tuple(d.smoothness) if d.smoothness else None, augment=d.augment,
-                           identity_prob=d.identity_prob)
+                           identity_prob=d.identity_prob, spec=self.model.config.preprocessing)
 
     def _batches(self):
         """Endless (epoch, batch) stream, starting where the last run stopped."""
