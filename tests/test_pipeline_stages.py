@@ -126,3 +126,33 @@ def test_rigid_prompt_keeps_the_structure_rigid(model, deformed):
     assert np.abs(det_rigid - 1).mean() < 0.5 * np.abs(det_free - 1).mean()
     outside = (lab == 0) & (ndimage.binary_dilation(lab > 0, iterations=3) == 0)
     assert np.abs(rigid.displacement[outside]).max() > 0.5       # the rest still deforms
+
+
+def test_a_partial_field_of_view_is_masked_not_matched_to_air(model, fixed, monkeypatch):
+    """The moving scan is the fixed one cut to its central 60 % of slices: the true mapping is the
+    identity. Instance optimisation must measure similarity only where the moving scan has data;
+    matched against the air beyond its last slice, the anatomy next to the cut gets pulled."""
+    import unireg.pipeline.register as register_module
+    image, _ = fixed
+    cut = slice(int(0.2 * SHAPE[2]), int(0.8 * SHAPE[2]))
+    affine = _affine()
+    moving_affine = affine.copy()
+    moving_affine[:3, 3] += affine[:3, 2] * cut.start            # same world positions, fewer slices
+    moving = np.ascontiguousarray(image[..., cut])
+    near_cut = np.zeros(SHAPE, bool)                              # body voxels within 4 slices of the cuts
+    for k in (cut.start, cut.stop - 1):
+        near_cut[..., max(0, k - 4):k + 5] = True
+    near_cut &= image > -500
+
+    def worst_near_cut():
+        result = model.register((image, affine), (moving, moving_affine), "intra", align="none")
+        stage = next(s for s in result.metrics["stages"] if s["stage"] == "refine")
+        inside = near_cut[:, :, cut]                               # the part the moving scan covers
+        return float(np.linalg.norm(result.displacement[:, :, cut][inside], axis=-1).max()), stage
+
+    masked, stage = worst_near_cut()
+    assert 55 <= stage["moving_coverage_pct"] <= 65
+    real = register_module.coverage_tensor
+    monkeypatch.setattr(register_module, "coverage_tensor", lambda img, *a, **k: real(img, *a, **k) * 0 + 1)
+    unmasked, _ = worst_near_cut()
+    assert masked < 0.5 * SPACING and masked < 0.5 * unmasked, (masked, unmasked)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..config import UniRegConfig
-from ..io import WorkingGrid
+from ..io import WorkingGrid, _grid_points, ijk_to_tensor_order
 from ..preprocessing import on_grid
 
 #: Largest refinement grid (voxels) by device: instance optimisation holds ~30 float32 copies of it.
@@ -54,6 +54,24 @@ def label_tensor(img: nib.Nifti1Image, grid: WorkingGrid, device, matrix: np.nda
     """A label map on ``grid`` (nearest) -> int64 [1,1,D,H,W]."""
     arr = on_grid(img, _sampling_grid(grid, matrix), labels=True)
     return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.int64))[None, None].to(device)
+
+
+def coverage_tensor(img: nib.Nifti1Image, grid: WorkingGrid, device,
+                    matrix: np.ndarray | None = None) -> torch.Tensor:
+    """Where a scan (seen through a world ``matrix``: fixed -> moving) has voxels on ``grid``: float
+    [1,1,D,H,W] of 0/1.
+
+    A moving scan with a shorter field of view is air beyond its last slice; measured there, the
+    similarity would pull anatomy towards that artificial edge.
+    """
+    to_img = np.linalg.inv(img.affine) @ (np.eye(4) if matrix is None else matrix) @ grid.affine
+    size = torch.tensor(img.shape[:3], dtype=torch.float32)
+    inside = np.empty(grid.shape, dtype=bool)
+    for a in range(0, grid.shape[0], 16):
+        b = min(grid.shape[0], a + 16)
+        points = _grid_points(grid.shape, a, b, to_img)
+        inside[a:b] = ((points >= -0.5) & (points <= size - 0.5)).all(dim=-1).numpy()
+    return torch.from_numpy(ijk_to_tensor_order(inside.astype(np.float32)))[None, None].to(device)
 
 
 def tensor_affine(grid: WorkingGrid) -> np.ndarray:

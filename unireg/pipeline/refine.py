@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from ..io import InputError
 from ..losses import gradient_l2
 from ..modeling.transform import SpatialTransformer, VelocityIntegrator, resize_field
-from .similarity import lncc_loss, mind_loss, mind_ssc
+from .similarity import box_filter, lncc_loss, mind_loss, mind_ssc
 
 SIMILARITIES = ("lncc", "mind")
 #: Regulariser weight at smoothness 0 and at smoothness 1 (log-linear in between), per similarity:
@@ -143,7 +143,8 @@ def _plan_steps(steps, shapes, device: torch.device) -> list[int]:
     return share
 
 
-def _check(fixed, moving, velocity, fixed_masks, moving_masks, rigid_mask, similarity, levels, smoothness) -> None:
+def _check(fixed, moving, velocity, fixed_masks, moving_masks, rigid_mask, moving_coverage, similarity, levels,
+           smoothness) -> None:
     if similarity not in SIMILARITIES:
         raise InputError(f"refine similarity must be one of {', '.join(SIMILARITIES)}; got {similarity!r}")
     if fixed.dim() != 5 or fixed.shape[:2] != (1, 1) or fixed.shape != moving.shape:
@@ -157,6 +158,8 @@ def _check(fixed, moving, velocity, fixed_masks, moving_masks, rigid_mask, simil
                                     or fixed_masks.shape[2:] != fixed.shape[2:]):
         raise InputError(f"fixed and moving masks must be [1,K,D,H,W] on the image grid, got "
                          f"{tuple(fixed_masks.shape)} and {tuple(moving_masks.shape)}")
+    if moving_coverage is not None and moving_coverage.shape != fixed.shape:
+        raise InputError(f"moving coverage must be [1,1,D,H,W] like the images, got {tuple(moving_coverage.shape)}")
     if rigid_mask is not None and rigid_mask.shape != fixed.shape:
         raise InputError(f"rigid mask must be [1,1,D,H,W] like the images, got {tuple(rigid_mask.shape)}")
     if not levels or any(int(f) != f or f < 1 for f in levels):
@@ -168,7 +171,8 @@ def _check(fixed, moving, velocity, fixed_masks, moving_masks, rigid_mask, simil
 def refine_velocity(fixed: torch.Tensor, moving: torch.Tensor, velocity: torch.Tensor | None = None, *,
                     smoothness: float, spacing_mm: float, levels=(4, 2, 1), steps="auto", similarity: str = "lncc",
                     fixed_masks: torch.Tensor | None = None, moving_masks: torch.Tensor | None = None,
-                    rigid_mask: torch.Tensor | None = None, rigid_weight: float = 10.0, dice_weight: float = 1.0,
+                    rigid_mask: torch.Tensor | None = None, moving_coverage: torch.Tensor | None = None,
+                    rigid_weight: float = 10.0, dice_weight: float = 1.0,
                     lr: float = 0.1, lncc_kernel: int = 7, integration_steps: int = 7,
                     min_improvement: float = 2e-3, check_every: int = 10, velocity_factor: int = 2,
                     progress: Callable[[int, int, float], None] | None = None) -> RefineResult:
@@ -176,10 +180,13 @@ def refine_velocity(fixed: torch.Tensor, moving: torch.Tensor, velocity: torch.T
 
     ``steps``: ``"auto"`` (a voxel-step budget, ``AUTO_BUDGET``: a 128^3 CPU run in seconds) or a
     total number of Adam steps split over the levels (at most; early stopping may use fewer).
+    ``moving_coverage`` [1,1,D,H,W] (1 where the moving scan has data, on this grid): the similarity
+    is measured only there (a partial field of view; beyond it the moving scan is padding air).
     ``lr``: Adam step in voxels of each level's velocity grid. ``progress(level_index, step, loss)``
     is called after every step.
     """
-    _check(fixed, moving, velocity, fixed_masks, moving_masks, rigid_mask, similarity, levels, smoothness)
+    _check(fixed, moving, velocity, fixed_masks, moving_masks, rigid_mask, moving_coverage, similarity, levels,
+           smoothness)
     device = fixed.device
     fixed, moving = fixed.float(), moving.float()
     integrate = VelocityIntegrator(integration_steps).to(device)
@@ -190,8 +197,9 @@ def refine_velocity(fixed: torch.Tensor, moving: torch.Tensor, velocity: torch.T
     use_dice = fixed_masks is not None and dice_weight > 0
     use_rigid = rigid_mask is not None and rigid_weight > 0
     v = None if velocity is None else velocity.detach().float().to(device)
-    fixed_masks, moving_masks, rigid_mask = (None if m is None else m.detach().float().to(device)
-                                             for m in (fixed_masks, moving_masks, rigid_mask))
+    fixed_masks, moving_masks, rigid_mask, moving_coverage = (
+        None if m is None else m.detach().float().to(device)
+        for m in (fixed_masks, moving_masks, rigid_mask, moving_coverage))
     history = []
 
     for index, (factor, shape, n_steps) in enumerate(zip(levels, shapes, plan)):
@@ -200,6 +208,11 @@ def refine_velocity(fixed: torch.Tensor, moving: torch.Tensor, velocity: torch.T
         start = time.perf_counter()
         vel_shape = level_shape(fixed.shape[2:], max(2 * int(factor), int(velocity_factor)))
         f_l, m_l = _resample(fixed, shape), _resample(moving, shape)
+        # A fixed mask, not one warped with the moving scan: warped, the optimiser could lower the
+        # loss by pushing badly matching voxels out of it.
+        # Eroded by the LNCC window: a window that reaches past the moving scan's edge sees its padding.
+        mask = None if moving_coverage is None else \
+            (box_filter(_resample(moving_coverage, shape), lncc_kernel) > 0.999).float()
         if similarity == "mind":
             f_feat, m_feat = mind_ssc(f_l), mind_ssc(m_l)
         fm_l, mm_l = (_resample(fixed_masks, shape), _resample(moving_masks, shape)) if use_dice else (None, None)
@@ -216,9 +229,9 @@ def refine_velocity(fixed: torch.Tensor, moving: torch.Tensor, velocity: torch.T
         def losses():
             disp = resize_field(integrate(param), shape)
             if similarity == "mind":
-                sim = mind_loss(f_feat, warp(m_feat, disp))
+                sim = mind_loss(f_feat, warp(m_feat, disp), mask=mask)
             else:
-                sim = lncc_loss(f_l, warp(m_l, disp), kernel=lncc_kernel, eps=LNCC_EPS)
+                sim = lncc_loss(f_l, warp(m_l, disp), kernel=lncc_kernel, eps=LNCC_EPS, mask=mask)
             total = sim + lam * gradient_l2(param).sum()
             if use_dice:
                 total = total + dice_weight * soft_dice_loss(fm_l, warp(mm_l, disp))

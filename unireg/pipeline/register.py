@@ -23,7 +23,7 @@ from ..modeling.model import UniRegModel
 from ..organs import ORGAN_TO_ID
 from ..prompt import Prompt, parse_prompt
 from ..result import RegistrationResult
-from .grids import label_tensor, refinement_grid, scan_tensor, tensor_affine, working_grid
+from .grids import coverage_tensor, label_tensor, refinement_grid, scan_tensor, tensor_affine, working_grid
 from .inputs import ScanPair, load_pair
 from .mapping import total_displacement
 from .network import predict_field
@@ -131,6 +131,13 @@ class RegistrationPipeline:
             fine = refinement_grid(grid, pair.fixed, device, self.refine_spacing_mm)
             fixed_f = scan_tensor(pair.fixed, fine, cfg, device)
             moving_f = scan_tensor(pair.moving, fine, cfg, device, matrix=matrix)
+            coverage = coverage_tensor(pair.moving, fine, device, matrix)
+            fixed_coverage = coverage_tensor(pair.fixed, fine, device)
+            if bool((coverage >= fixed_coverage).all()):
+                coverage = None        # the moving scan covers the fixed one: nothing to mask
+            else:
+                info["moving_coverage_pct"] = round(100 * float((coverage * fixed_coverage).sum()
+                                                                / fixed_coverage.sum()), 1)
             fixed_masks = moving_masks = rigid_mask = None
             if pair.fixed_labels is not None and pair.moving_labels is not None:
                 fixed_lab = label_tensor(pair.fixed_labels, fine, device)
@@ -147,7 +154,8 @@ class RegistrationPipeline:
                                   levels=REFINE_LEVELS,
                                   velocity_factor=2 if prompt.rigid else max(2, round(VELOCITY_SPACING_MM / fine.spacing)),
                                   fixed_masks=fixed_masks,
-                                  moving_masks=moving_masks, rigid_mask=rigid_mask, progress=progress)
+                                  moving_masks=moving_masks, rigid_mask=rigid_mask, moving_coverage=coverage,
+                                  progress=progress)
             info.update(grid=list(fine.shape), spacing_mm=round(fine.spacing, 3), levels=res.history)
         return res.displacement, fine
 
