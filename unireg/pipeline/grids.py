@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..config import UniRegConfig
-from ..io import WorkingGrid, _grid_points, ijk_to_tensor_order
+from ..io import WorkingGrid, ijk_to_tensor_order, voxel_world
 from ..preprocessing import on_grid
 
 #: Largest refinement grid (voxels) by device: instance optimisation holds ~30 float32 copies of it.
@@ -65,12 +65,12 @@ def coverage_tensor(img: nib.Nifti1Image, grid: WorkingGrid, device,
     similarity would pull anatomy towards that artificial edge.
     """
     to_img = np.linalg.inv(img.affine) @ (np.eye(4) if matrix is None else matrix) @ grid.affine
-    size = torch.tensor(img.shape[:3], dtype=torch.float32)
+    size = np.array(img.shape[:3], dtype=np.float32)[:, None]
     inside = np.empty(grid.shape, dtype=bool)
-    for a in range(0, grid.shape[0], 16):
+    for a in range(0, grid.shape[0], 16):                 # slabs: a full-size grid's points never at once
         b = min(grid.shape[0], a + 16)
-        points = _grid_points(grid.shape, a, b, to_img)
-        inside[a:b] = ((points >= -0.5) & (points <= size - 0.5)).all(dim=-1).numpy()
+        ijk = voxel_world(grid.shape, to_img, a, b)          # [3, N] voxel coordinates in the scan
+        inside[a:b] = ((ijk >= -0.5) & (ijk <= size - 0.5)).all(axis=0).reshape(b - a, *grid.shape[1:])
     return torch.from_numpy(ijk_to_tensor_order(inside.astype(np.float32)))[None, None].to(device)
 
 

@@ -12,11 +12,12 @@ Conventions (the network's, from ``unireg.modeling.transform``)
     ``u = resize_field(VelocityIntegrator(v), fixed.shape)``.
 
 Method
-    Levels are downsampling factors of the fixed grid, coarse to fine (default 4, 2, 1; images
+    Levels are downsampling factors of the fixed grid, coarse to fine (default 4, 2, 1, the pipeline
+    8, 4, 2, 1; images
     area-averaged). At each level the velocity lives on a coarser grid than the images: half the
     level's resolution, or ``velocity_factor`` times coarser than the fixed grid when that is coarser
-    still (the pipeline uses 8: a cheap scaling and squaring while the similarity keeps the level's
-    detail); the displacement is integrated there and upsampled (trilinear) to the level grid for
+    still (the pipeline asks for ~16 mm: a cheap scaling and squaring while the similarity keeps the
+    level's detail); the displacement is integrated there and upsampled (trilinear) to the level grid for
     warping. Loss per step:
 
         similarity (LNCC, box filter; or MIND-SSC, robust to contrast changes)
@@ -124,6 +125,7 @@ def _auto_steps(shapes, device: torch.device) -> list[int]:
             return plan
     return plan
 
+
 def _plan_steps(steps, shapes, device: torch.device) -> list[int]:
     auto = _auto_steps(shapes, device)
     if steps == "auto":
@@ -179,7 +181,8 @@ def refine_velocity(fixed: torch.Tensor, moving: torch.Tensor, velocity: torch.T
     """Optimise a velocity for this pair, coarse to fine; see the module docstring for the loss.
 
     ``steps``: ``"auto"`` (a voxel-step budget, ``AUTO_BUDGET``: a 128^3 CPU run in seconds) or a
-    total number of Adam steps split over the levels (at most; early stopping may use fewer).
+    total number of Adam steps split over the levels (at most; early stopping may use fewer), or a
+    list with one number per level.
     ``moving_coverage`` [1,1,D,H,W] (1 where the moving scan has data, on this grid): the similarity
     is measured only there (a partial field of view; beyond it the moving scan is padding air).
     ``lr``: Adam step in voxels of each level's velocity grid. ``progress(level_index, step, loss)``
