@@ -158,16 +158,13 @@ def mean_dice(model, pairs: list[PairTensors], prompt: Prompt, organs: list[str]
 
 
 # ---------------------------------------------------------------------------------------- adapt
-#: Pairs per step when ``batch_size`` is not given: all k up to this many. One pair per step let
-#: the adapter chase whichever pair it saw last (k = 3 and 5 overfitted the last pair at lr 1e-2).
-MAX_BATCH = 5
 #: AdamW's decoupled weight decay pulls the LoRA factors and the prompt offset back to zero, i.e.
 #: towards the base model, which is the sensible prior with k = 1..5 pairs.
 WEIGHT_DECAY = 1e-2
 
 
 def adapt(model, pairs, prompt: "str | Prompt", steps: int = 60, rank: int = 4, lr: float = 1e-2,
-          held_out=None, progress: bool = True, seed: int = 0, callback=None, batch_size: int | None = None,
+          held_out=None, progress: bool = True, seed: int = 0, callback=None, batch_size: int = 1,
           structure=None, dice_weight: float = 2.0, weight_decay: float = WEIGHT_DECAY) -> Adapter:
     """Train an adapter for ``prompt`` on labelled ``pairs`` (CSV / folder / list, see module doc).
 
@@ -176,8 +173,9 @@ def adapt(model, pairs, prompt: "str | Prompt", steps: int = 60, rank: int = 4, 
     ``callback(step, steps, loss)`` is called after every step (e.g. a UI progress bar).
     ``structure``: organ name(s) whose labels the Dice term uses, default the prompt's organs.
     ``dice_weight``: the structure's Dice against LNCC (weight 1) - the task is the structure, so
-    it weighs more than in training. ``batch_size``: pairs per step, default all k (at most
-    ``MAX_BATCH``). The learning rate decays on a cosine to a tenth of ``lr`` so the last steps
+    it weighs more than in training. ``batch_size``: pairs per step. One is the default: on the
+    held-out duodenum (k = 5, 40 steps) all five per step fitted the training pairs better (Dice 0.61
+    vs 0.51) but scored no better on held-out pairs (0.206 vs 0.222) in 6x the time. The learning rate decays on a cosine to a tenth of ``lr`` so the last steps
     settle instead of jumping between pairs.
     Returns the :class:`~unireg.adapter.Adapter`; the model's weights are left unchanged.
     """
@@ -190,7 +188,7 @@ def adapt(model, pairs, prompt: "str | Prompt", steps: int = 60, rank: int = 4, 
     test = [prepare_pair(model, p, f"held-out pair {i + 1}") for i, p in enumerate(read_pair_list(held_out))] \
         if held_out is not None else []
     _check_structure_present(train, organs)
-    batch_size = min(len(train), MAX_BATCH) if batch_size is None else int(batch_size)
+    batch_size = int(batch_size)
     if batch_size < 1:
         raise InputError(f"batch_size must be at least 1, got {batch_size}")
 
