@@ -175,8 +175,9 @@ def adapt(model, pairs, prompt: "str | Prompt", steps: int = 60, rank: int = 4, 
     ``dice_weight``: the structure's Dice against LNCC (weight 1) - the task is the structure, so
     it weighs more than in training. ``batch_size``: pairs per step. One is the default: on the
     held-out duodenum (k = 5, 40 steps) all five per step fitted the training pairs better (Dice 0.61
-    vs 0.51) but scored no better on held-out pairs (0.206 vs 0.222) in 6x the time. The learning rate decays on a cosine to a tenth of ``lr`` so the last steps
-    settle instead of jumping between pairs.
+    vs 0.51) but scored no better on held-out pairs (0.206 vs 0.222) in 6x the time. The learning
+    rate decays on a cosine to a tenth of ``lr`` so the last steps settle instead of jumping between
+    pairs.
     Returns the :class:`~unireg.adapter.Adapter`; the model's weights are left unchanged.
     """
     from tqdm.auto import tqdm
