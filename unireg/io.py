@@ -106,6 +106,8 @@ def label_ids(labels: np.ndarray) -> np.ndarray:
     if not np.issubdtype(labels.dtype, np.integer) or hi - lo > 1 << 24:
         return np.unique(labels)
     counts = np.zeros(hi - lo + 1, np.int64)
+    if labels.flags.f_contiguous:   # NIfTI data is Fortran-ordered: slabs of its transpose are views
+        labels = labels.T
     for a, b in _slabs(labels.shape):
         counts += np.bincount((labels[a:b].ravel().astype(np.int64) - lo), minlength=counts.size)
     return (np.flatnonzero(counts) + lo).astype(labels.dtype)

@@ -47,8 +47,10 @@ def organ_dice(labels_a: np.ndarray, labels_b: np.ndarray, label_ids: dict[str, 
         values = values[(values >= 0) & (values < n)].astype(np.int64, copy=False)
         return np.bincount(values, minlength=n)
 
-    for k in range(0, a.shape[-1], 32):
-        sa, sb = a[..., k:k + 32].ravel(), b[..., k:k + 32].ravel()
+    if a.flags.f_contiguous and b.flags.f_contiguous:   # NIfTI data: slabs of the transposes are views
+        a, b = a.T, b.T
+    for k in range(0, a.shape[0], 32):
+        sa, sb = a[k:k + 32].ravel(), b[k:k + 32].ravel()
         size_a += count(sa)
         size_b += count(sb)
         inter += count(sa[sa == sb])
