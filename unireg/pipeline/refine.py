@@ -12,13 +12,12 @@ Conventions (the network's, from ``unireg.modeling.transform``)
     ``u = resize_field(VelocityIntegrator(v), fixed.shape)``.
 
 Method
-    Levels are downsampling factors of the fixed grid, coarse to fine (default 4, 2, 1, the pipeline
-    8, 4, 2, 1; images
-    area-averaged). At each level the velocity lives on a coarser grid than the images: half the
-    level's resolution, or ``velocity_factor`` times coarser than the fixed grid when that is coarser
-    still (the pipeline asks for ~16 mm: a cheap scaling and squaring while the similarity keeps the
-    level's detail); the displacement is integrated there and upsampled (trilinear) to the level grid for
-    warping. Loss per step:
+    Levels are downsampling factors of the fixed grid, coarse to fine (default 4, 2, 1; the pipeline
+    asks for 8, 4, 2, 1; images area-averaged). At each level the velocity lives on a coarser grid
+    than the images: half the level's resolution, or ``velocity_factor`` times coarser than the fixed
+    grid when that is coarser still (the pipeline asks for ~16 mm: a cheap scaling and squaring while
+    the similarity keeps the level's detail); the displacement is integrated there and upsampled
+    (trilinear) to the level grid for warping. Loss per step:
 
         similarity (LNCC, box filter; or MIND-SSC, robust to contrast changes)
         + lambda(smoothness) * mean |grad v|^2          (diffusion regulariser on the velocity)
@@ -26,8 +25,8 @@ Method
         + rigid_weight * mean over rigid_mask of |J^T J - I|^2, J = I + grad u (local rotation only)
 
     ``smoothness`` in [0, 1] (the prompt's λ) maps log-linearly onto lambda in
-    [``SMOOTHNESS_RANGE``] (per similarity). Each level stops early when the loss, averaged over windows of
-    ``check_every`` steps, improves by less than ``min_improvement`` (relative). Scaling and
+    [``SMOOTHNESS_RANGE``] (per similarity). Each level stops early when the loss, averaged over
+    windows of ``check_every`` steps, improves by less than ``min_improvement`` (relative). Scaling and
     squaring of a smooth velocity keeps det J > 0.
 """
 from __future__ import annotations
@@ -211,9 +210,9 @@ def refine_velocity(fixed: torch.Tensor, moving: torch.Tensor, velocity: torch.T
         start = time.perf_counter()
         vel_shape = level_shape(fixed.shape[2:], max(2 * int(factor), int(velocity_factor)))
         f_l, m_l = _resample(fixed, shape), _resample(moving, shape)
-        # A fixed mask, not one warped with the moving scan: warped, the optimiser could lower the
-        # loss by pushing badly matching voxels out of it.
-        # Eroded by the LNCC window: a window that reaches past the moving scan's edge sees its padding.
+        # A fixed mask, not one warped with the moving scan (warped, the optimiser could lower the loss
+        # by pushing badly matching voxels out of it), eroded by the LNCC window (a window reaching past
+        # the moving scan's edge sees its padding).
         mask = None if moving_coverage is None else \
             (box_filter(_resample(moving_coverage, shape), lncc_kernel) > 0.999).float()
         if similarity == "mind":
