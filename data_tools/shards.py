@@ -159,6 +159,39 @@ def make_phantom_shards(out_dir: "str | Path", n_subjects: int = 6, shape=(48, 4
     return write_shards(pairs, out_dir, max_shard_bytes, encoding)
 
 
+def training_mix(phantom_subjects: int = 8, head_subjects: int = 0, synth_pairs: int = 0, shape=(64, 64, 64),
+                 spacing=(4.0, 4.0, 4.0), seed: int = 0, intra_per_subject: int = 1, inter_pairs: int | None = None,
+                 ct_augment: float = 0.0):
+    """(key, pair) items mixing torso phantoms, head-and-neck phantoms and SynthMorph-style synthetic
+    pairs, each scan CT-augmented (dose noise, slice thickness, contrast phase, table, streaks,
+    truncated field of view) with probability ``ct_augment``: data that reaches beyond one phantom.
+
+    ``inter_pairs`` applies to each phantom family (default: one per subject)."""
+    if min(phantom_subjects, head_subjects, synth_pairs, intra_per_subject) < 0 or (inter_pairs or 0) < 0:
+        raise PreparationError("training shards need non-negative subject and pair counts")
+    if not 0 <= ct_augment <= 1:
+        raise PreparationError(f"--ct-augment is a probability in [0, 1], got {ct_augment}")
+    from data_tools.ct_augment import augment_pair
+    from data_tools.head_phantom import head_phantom_pairs
+    from data_tools.synth import synth_pairs as synthetic
+    sources = []
+    if phantom_subjects:
+        sources.append(phantom_pairs(phantom_subjects, shape, spacing, seed, intra_per_subject, inter_pairs))
+    if head_subjects:
+        sources.append(head_phantom_pairs(head_subjects, shape, spacing, seed, intra_per_subject, inter_pairs))
+    if synth_pairs:
+        sources.append(synthetic(synth_pairs, seed, shape, spacing))
+    if not sources:
+        raise PreparationError("nothing to write: give phantom, head or synthetic pairs")
+    rng = np.random.default_rng([seed, 31])
+    for source in sources:
+        for key, pair in source:
+            if ct_augment and rng.random() < ct_augment:
+                pair = augment_pair(pair, rng)
+                pair["meta"] = {**pair["meta"], "ct_augmented": True}
+            yield key, pair
+
+
 def shards_from_pairs(pairs_json: "str | Path", out_dir: "str | Path", split: str | None = None,
                       max_shard_bytes: float = 256e6, encoding: str = "npy") -> dict:
     """``pairs.json`` (from ``prepare dataset`` or ``prepare phantom``) -> shards of one split (or all)."""

@@ -30,7 +30,7 @@ from unireg.training.trainer import free_port
 CONFIGS = Path(__file__).resolve().parents[1] / "train_configs"
 #: Run in this order: tiny_phantom_finetune reads what tiny_phantom's commands make.
 ORDER = ["tiny_cpu", "tiny_phantom", "tiny_phantom_finetune", "tiny_phantom_steer", "finetune_from_pretrained", "base_gpu",
-         "large_multinode"]
+         "large_multinode", "unireg_tiny_3mm"]
 SHRINK = [(r"--subjects \d+", "--subjects 6"), (r"--phantom-subjects \d+", "--phantom-subjects 2"),
           (r"--inter-pairs \d+", "--inter-pairs 2"), (r"--shape \d+ \d+ \d+", "--shape 32 32 32"),
           (r"--spacing [\d.]+ [\d.]+ [\d.]+", "--spacing 12 12 12")]
@@ -59,7 +59,7 @@ def test_every_shipped_config_is_covered_and_has_commands():
     for name in ORDER:
         commands = header_commands(CONFIGS / f"{name}.yaml")
         assert any(f"train_configs/{name}.yaml" in c for c in commands), name
-        assert all(c.split()[0] in ("unireg", "deepspeed", "unireg-train") or "=" in c.split()[0] for c in commands)
+        assert all(c.split()[0] in ("unireg", "deepspeed", "unireg-train", "bash") or "=" in c.split()[0] for c in commands)
 
 
 def shrink(command: str, ts_root: Path) -> str:
@@ -73,6 +73,8 @@ def shrink(command: str, ts_root: Path) -> str:
         command += " --spacing 12 12 12"
     if command.startswith("unireg prepare shards") and "--max-shard-mb" not in command:
         command += " --max-shard-mb 1"          # several shards, as full-size data gives: one per rank at least
+    if command.startswith("bash train_configs/"):
+        command = "SHAPE=32 SPACING=12 " + command   # a recipe script: its phantoms at the tiny size
     return command.replace("/data/TotalSegmentator", str(ts_root))
 
 
@@ -88,6 +90,8 @@ def _small_run(config: dict) -> dict:
         run["eval_every"] = 2
     if config.get("data", {}).get("patch_size"):
         config["data"]["patch_size"] = [32, 32, 32]
+    if "working_spacing_mm" in config.get("model", {}).get("overrides", {}):
+        config["model"]["overrides"]["working_spacing_mm"] = 12.0    # the phantoms' shrunk spacing
     return config
 
 
@@ -146,3 +150,8 @@ def test_header_commands_run_as_written(workspace, name):
         assert (config.export_dir / "model.safetensors").is_file(), name      # trained to the end and exported
         if config.run.eval_every:
             assert (config.output_dir / "eval_log.csv").is_file(), name        # the validation shards were read
+    if any(c.startswith("bash ") for c in header_commands(root / "train_configs" / f"{name}.yaml")):
+        from unireg.training.config import TrainConfig
+        run = TrainConfig.from_yaml(root / "train_configs" / f"{name}.yaml").output_dir
+        assert (run / "export" / "model.safetensors").is_file(), name           # a recipe script trains, exports
+        assert "Prompt specificity" in (run / "eval" / "steering.md").read_text(), name   # and evaluates

@@ -18,7 +18,7 @@ from unireg.metrics import jacobian_determinant
 from unireg.modeling.transform import SpatialTransformer, VelocityIntegrator, resize_field
 from unireg.organs import ORGAN_TO_ID
 from unireg.pipeline.refine import AUTO_BUDGET, _plan_steps, level_shape, refine_velocity, rigidity_penalty
-from unireg.pipeline.similarity import lncc_loss
+from unireg.similarity import lncc_loss
 from unireg.preprocessing import normalize_ct
 
 pytestmark = [pytest.mark.filterwarnings("ignore:monai.networks.blocks.Warp"), pytest.mark.usefixtures("one_torch_thread")]

@@ -39,7 +39,11 @@ def add_parser(subparsers) -> None:
     s.add_argument("--out", required=True)
     s.add_argument("--from-pairs", help="pairs.json written by `unireg prepare dataset` or `prepare phantom`")
     s.add_argument("--split", choices=["train", "val", "test"], help="only pairs of this split")
-    s.add_argument("--phantom-subjects", type=int, default=8)
+    s.add_argument("--phantom-subjects", type=int, default=8, help="torso phantom subjects")
+    s.add_argument("--head-subjects", type=int, default=0, help="head-and-neck phantom subjects")
+    s.add_argument("--synth-pairs", type=int, default=0, help="SynthMorph-style synthetic pairs (random label maps)")
+    s.add_argument("--ct-augment", type=float, default=0.0,
+                   help="probability that a pair's scans get CT appearance augmentation (noise, thickness, contrast, ...)")
     s.add_argument("--shape", type=int, nargs=3, default=[96, 96, 96])
     s.add_argument("--spacing", type=float, nargs=3, default=[4.0, 4.0, 4.0],
                    help=f"phantom mm along D H W; {SPACING_HINT}")
@@ -69,17 +73,16 @@ def run_dataset(args) -> int:
 
 
 def run_shards(args) -> int:
-    from data_tools.shards import make_phantom_shards, shards_from_pairs
+    from data_tools.shards import shards_from_pairs, training_mix, write_shards
     if args.split and not args.from_pairs:
         raise UserError("--split selects pairs of a pairs.json: use it with --from-pairs")
     if args.from_pairs:
         index = shards_from_pairs(args.from_pairs, args.out, split=args.split, max_shard_bytes=args.max_shard_mb * 1e6,
                                   encoding=args.encoding)
     else:
-        index = make_phantom_shards(args.out, n_subjects=args.phantom_subjects, shape=tuple(args.shape),
-                                    spacing=tuple(args.spacing), seed=args.seed, intra_per_subject=args.intra_per_subject,
-                                    inter_pairs=args.inter_pairs, max_shard_bytes=args.max_shard_mb * 1e6,
-                                    encoding=args.encoding)
+        pairs = training_mix(args.phantom_subjects, args.head_subjects, args.synth_pairs, tuple(args.shape),
+                             tuple(args.spacing), args.seed, args.intra_per_subject, args.inter_pairs, args.ct_augment)
+        index = write_shards(pairs, args.out, args.max_shard_mb * 1e6, args.encoding)
     print(json.dumps(index["counts"]), f"-> {len(index['shards'])} shards in {args.out}")
     return 0
 

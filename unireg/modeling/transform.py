@@ -16,13 +16,44 @@ from monai.networks.blocks import DVF2DDF, Warp
 warnings.filterwarnings("ignore", message="monai.networks.blocks.Warp: Using PyTorch native grid_sample")
 
 
+class GridCachedWarp(Warp):
+    """MONAI's ``Warp`` with its identity grid made on the field's device and kept for a few shapes.
+
+    MONAI keeps one grid and builds it on the CPU, so a network that warps at several grid sizes
+    (every decoder level, then the full grid) rebuilt a grid and copied it to the GPU at every
+    call: 20 ms of pageable host-to-device copies in a 0.2 s training step on an H100 (128^3, batch 2).
+    """
+
+    MAX_SHAPES = 4
+    MAX_CACHED_VOXELS = 2 ** 24      # bigger grids (full-size scans) are made when needed, never kept
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._grids: dict[tuple, torch.Tensor] = {}
+
+    def get_reference_grid(self, ddf: torch.Tensor, jitter: bool = False, seed: int = 0) -> torch.Tensor:
+        if jitter:
+            return super().get_reference_grid(ddf, jitter, seed)
+        shape = tuple(ddf.shape[2:])
+        key = (shape, ddf.device, ddf.dtype)
+        grid = self._grids.get(key)
+        if grid is None:
+            axes = [torch.arange(n, device=ddf.device, dtype=ddf.dtype) for n in shape]
+            grid = torch.stack(torch.meshgrid(*axes, indexing="ij"))[None]   # [1, 3, ...]: broadcasts over the batch
+            if grid[0, 0].numel() <= self.MAX_CACHED_VOXELS:
+                if len(self._grids) >= self.MAX_SHAPES:
+                    self._grids.pop(next(iter(self._grids)))
+                self._grids[key] = grid
+        return grid
+
+
 class SpatialTransformer(nn.Module):
     """Warps images (trilinear) or label maps (nearest) with a displacement in voxels."""
 
     def __init__(self):
         super().__init__()
-        self.linear = Warp(mode="bilinear", padding_mode="border")
-        self.nearest = Warp(mode="nearest", padding_mode="zeros")
+        self.linear = GridCachedWarp(mode="bilinear", padding_mode="border")
+        self.nearest = GridCachedWarp(mode="nearest", padding_mode="zeros")
 
     def forward(self, image: torch.Tensor, displacement: torch.Tensor, nearest: bool = False) -> torch.Tensor:
         if nearest:
@@ -36,6 +67,7 @@ class VelocityIntegrator(nn.Module):
     def __init__(self, steps: int = 7):
         super().__init__()
         self.integrate = DVF2DDF(num_steps=steps, mode="bilinear", padding_mode="border")
+        self.integrate.warp_layer = GridCachedWarp(mode="bilinear", padding_mode="border")
 
     def forward(self, velocity: torch.Tensor) -> torch.Tensor:
         return self.integrate(velocity)

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from ..io import InputError
-from .similarity import box_filter, lncc_loss, mutual_information_loss
+from ..similarity import box_filter, lncc_loss, mutual_information_loss
 
 ALIGN_MODES = ("auto", "none", "moments", "rigid", "affine")
 SIMILARITIES = ("lncc", "mi")

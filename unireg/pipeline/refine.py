@@ -41,9 +41,9 @@ import torch
 import torch.nn.functional as F
 
 from ..io import InputError
-from ..losses import gradient_l2
+from ..losses import LNCC_EPS, gradient_l2
 from ..modeling.transform import SpatialTransformer, VelocityIntegrator, resize_field
-from .similarity import box_filter, lncc_loss, mind_loss, mind_ssc
+from ..similarity import box_filter, lncc_loss, mind_loss, mind_ssc
 
 SIMILARITIES = ("lncc", "mind")
 #: Regulariser weight at smoothness 0 and at smoothness 1 (log-linear in between), per similarity:
@@ -52,10 +52,6 @@ SIMILARITIES = ("lncc", "mind")
 #: a phantom breathing pair and a real chest CT with a known field, (0.1, 100) scored best on the two
 #: phantoms (Dice 0.833 / 0.906) and within 0.06 mm of the best on the chest (0.85 mm median TRE).
 SMOOTHNESS_RANGE = {"lncc": (0.1, 100.0), "mind": (0.05, 20.0)}
-#: LNCC's stabiliser. Scans are scaled to [0, 1] over a 2000 HU window, so soft tissue varies by
-#: ~0.02 and its local variances multiply to ~1e-7: MONAI's 1e-5 would silence every organ and leave
-#: only bone and air edges to drive the field (on a real chest CT: 0.97 -> 0.80 mm median TRE).
-LNCC_EPS = 1e-8
 #: Voxel-steps (level voxels x Adam steps) that ``steps="auto"`` spends over the levels. One CPU core
 #: does about 1.5 million per second (warp, LNCC, scaling and squaring, backward), so a 128^3 pair
 #: costs about 4 CPU-seconds; levels whose share buys fewer than AUTO_STEPS_RANGE[0] steps are left

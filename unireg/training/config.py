@@ -38,6 +38,7 @@ class ModelSection:
     overrides: dict = field(default_factory=dict)
     sam_checkpoint: str | None = None
     activation_checkpointing: bool = False
+    prompt_cache: str | None = None      # phrase embeddings made ahead: a prompt_cache.safetensors or a model (name, folder) holding one
 
 
 @dataclass
@@ -63,12 +64,14 @@ class LossSection:
     smoothness_scale: float = 1.0
     global_weight: float = 0.25          # similarity weight outside the named organs (1 + this inside)
     focus_dilation: int = 2              # voxels the named organs' mask grows by for the similarity focus
+    lncc_eps: float = 1e-8               # LNCC stabiliser (unireg.losses.LNCC_EPS explains the value)
 
 
 @dataclass
 class RunSection:
     output_dir: str = "runs/unireg"
     steps: int = 1000
+    max_minutes: float | None = None     # time box: stop, checkpoint and export after this many training minutes
     seed: int = 0
     log_every: int = 10
     eval_every: int = 0
@@ -172,6 +175,10 @@ class TrainConfig:
         for key in ("steps", "log_every", "checkpoint_every", "keep_last", "eval_pairs"):
             if getattr(r, key) < 1:
                 raise ConfigError(f"run.{key} must be >= 1, got {getattr(r, key)}")
+        if r.max_minutes is not None and r.max_minutes <= 0:
+            raise ConfigError(f"run.max_minutes must be > 0 (or null: no time box), got {r.max_minutes}")
+        if not loss.lncc_eps > 0:
+            raise ConfigError(f"loss.lncc_eps must be > 0, got {loss.lncc_eps}")
         if r.eval_every < 0:
             raise ConfigError(f"run.eval_every must be >= 0 (0: no periodic evaluation), got {r.eval_every}")
         if not r.output_dir:
@@ -215,6 +222,21 @@ class TrainConfig:
         specs = spec if isinstance(spec, list) else [spec]
         return [url for s in specs for url in _expand(str(s), self.resolve, f"data.{key}")]
 
+    def prompt_cache_file(self) -> Path:
+        """``model.prompt_cache`` as a file: given directly, or a model's (shipped name or folder) cache."""
+        from ..hub import PROMPT_CACHE_NAME, ModelLoadError, resolve_model_dir
+        value = self.model.prompt_cache
+        path = self.resolve(value)
+        if path.is_file():
+            return path
+        try:
+            path = (path if path.is_dir() else resolve_model_dir(value)) / PROMPT_CACHE_NAME
+        except ModelLoadError as exc:
+            raise ConfigError(f"model.prompt_cache: {value!r} is neither a file nor a model ({exc})") from None
+        if not path.is_file():
+            raise ConfigError(f"model.prompt_cache: {path} not found")
+        return path
+
     def check_data(self) -> None:
         """Raise ConfigError unless every local shard and checkpoint the run reads is there and readable."""
         self.shard_urls("train")
@@ -224,6 +246,8 @@ class TrainConfig:
             path = self.resolve(self.model.sam_checkpoint)
             if not path.is_file():
                 raise ConfigError(f"model.sam_checkpoint: {path} not found")
+        if self.model.prompt_cache:
+            self.prompt_cache_file()
         source = self.model.from_pretrained
         if source and _looks_like_path(source) and not self.resolve(source).is_dir():
             raise ConfigError(f"model.from_pretrained: model folder {self.resolve(source)} not found")
@@ -241,7 +265,8 @@ def command_line_overrides(output_dir: str | None = None, train_data: str | None
 
 
 def _expand(spec: str, resolve, key: str) -> list[str]:
-    """A folder (its ``*.tar``), a file, a brace pattern of files, or URLs (brace-expanded, read by the loader)."""
+    """A folder (its ``*.tar``, subfolders included: shards written in parallel), a file, a brace
+    pattern of files, or URLs (brace-expanded, read by the loader)."""
     import braceexpand
     if _is_url(spec):
         return list(braceexpand.braceexpand(spec))
@@ -250,7 +275,7 @@ def _expand(spec: str, resolve, key: str) -> list[str]:
     else:
         path = resolve(spec)
         if path.is_dir():
-            paths = sorted(path.glob("*.tar"))
+            paths = sorted(path.rglob("*.tar"))
             if not paths:
                 raise ConfigError(f"{key}: no .tar shards in {path} (write them with `unireg prepare shards --out {path}`)")
         else:

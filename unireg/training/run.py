@@ -13,7 +13,7 @@ from pathlib import Path
 class TrainingOutcome:
     step: int                     # the global step reached
     metrics: dict                 # last logged loss terms
-    export_dir: Path | None       # the save_pretrained folder (rank 0, when the run reached run.steps)
+    export_dir: Path | None       # the save_pretrained folder (rank 0, when the run reached run.steps or its time box)
     rank: int
 
 
@@ -21,7 +21,8 @@ def train_from_config(config: "str | Path", resume: str = "auto", max_steps: int
                       output_dir: str | None = None, train_data: str | None = None,
                       export: bool = True) -> TrainingOutcome:
     """Train (or resume) the run a YAML describes; ``output_dir``/``train_data`` override the YAML's
-    (paths relative to the working directory). Exports when the run reaches ``run.steps``.
+    (paths relative to the working directory). Exports when the run reaches ``run.steps`` or spends
+    ``run.max_minutes``.
 
     Raises ConfigError (a UserError) for an invalid config, missing data or a checkpoint that
     cannot be resumed, before any step is trained."""
@@ -32,5 +33,5 @@ def train_from_config(config: "str | Path", resume: str = "auto", max_steps: int
     trainer = Trainer(train_config, max_steps=max_steps)
     trainer.resume(resume)
     last = trainer.train()
-    exported = trainer.export() if export and trainer.step >= train_config.run.steps else None
+    exported = trainer.export() if export and trainer.finished else None
     return TrainingOutcome(step=trainer.step, metrics=last, export_dir=exported, rank=trainer.rank)

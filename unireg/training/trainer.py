@@ -66,6 +66,9 @@ def build_model(config: TrainConfig) -> UniReg:
         report = model.load_sam_checkpoint(config.resolve(section.sam_checkpoint))
         logger.info("%s", report)
     model.backbone.gradient_checkpointing = section.activation_checkpointing
+    if section.prompt_cache:  # embeddings made ahead: a GPU node without the text model trains on them
+        from ..hub import read_safetensors
+        model.embedder.cache.update(read_safetensors(config.prompt_cache_file()))
     # Cache the vocabulary once so training never waits on the text model mid-run.
     model.embedder.embed([organ_phrase(o) for o in ORGANS] + [WHOLE_BODY])
     return model.train()
@@ -101,6 +104,8 @@ class Trainer:
         self.checkpoints = CheckpointManager(self.output_dir / "checkpoints", self.run.keep_last)
         self.task = parse_prompt(self.run.task) if self.run.task else None
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
+        self.train_seconds = 0.0         # training time so far, over resumes (the time box counts it)
+        self.finished = False            # reached run.steps or spent run.max_minutes
         if self.rank == 0:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             self.engine.module.config.save(self.output_dir / "model_config.json")
@@ -161,6 +166,7 @@ class Trainer:
                                   f"Resume with {written_by} rank(s), or train in another --output-dir")
         state = self.checkpoints.load(self.engine, tag)
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        self.train_seconds = float(state.get("train_seconds", 0.0))
         torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
         if self.rank == 0:
             logger.warning("resumed from %s at step %d (epoch %d, batch %d)", tag, self.step, self.epoch,
@@ -174,7 +180,9 @@ class Trainer:
         window_start, window_pairs = time.perf_counter(), 0
         last = {}
         batches = self._batches()
-        while self.step < self.stop_at:
+        clock = time.perf_counter() - self.train_seconds
+        time_up = self._out_of_time()  # a resumed run whose time box is spent only exports
+        while self.step < self.stop_at and not time_up:
             for _ in range(self.grad_accum):
                 batch = self._apply_task(next(batches))
                 batch = {k: (v.to(device, dtype=self.dtype) if k in ("fixed", "moving") else
@@ -186,6 +194,9 @@ class Trainer:
                 if self.run.record_data_order:
                     self._record_batch(batch)
             self.step += 1
+            self.train_seconds = time.perf_counter() - clock
+            self._follow_time_box()
+            time_up = self._out_of_time()
             progress.update(1)
             last = {k: float(v) for k, v in terms.items() if k != "displacement"}
             if self.step % self.run.log_every == 0 or self.step == self.stop_at:
@@ -197,14 +208,39 @@ class Trainer:
                 window_start, window_pairs = time.perf_counter(), 0
             if self.run.eval_every and self.step % self.run.eval_every == 0 and self.val_urls:
                 self.evaluate()
-            if self.step % self.run.checkpoint_every == 0 or self.step == self.stop_at:
+            if self.step % self.run.checkpoint_every == 0 or self.step == self.stop_at or time_up:
                 self.save_checkpoint()
         progress.close()
+        self.finished = self.step >= self.total_steps or time_up
+        if time_up and self.rank == 0:
+            logger.warning("time box of %.1f min spent at step %d", self.run.max_minutes, self.step)
         return last
+
+    # ------------------------------------------------------------------------------- time box
+    def _out_of_time(self) -> bool:
+        """True once run.max_minutes of training are spent; every rank agrees (rank 0's clock decides)."""
+        if self.run.max_minutes is None:
+            return False
+        spent = torch.tensor([float(self.train_seconds >= 60.0 * self.run.max_minutes)])
+        if self.world > 1:
+            spent = spent.to(self.engine.device)
+            dist.broadcast(spent, src=0)
+        return bool(spent.item())
+
+    def _follow_time_box(self) -> None:
+        """Under a time box the learning-rate schedule runs on the larger of step and time progress,
+        so warm-up and cosine decay end when the time does, however fast the hardware is."""
+        scheduler = self.engine.lr_scheduler
+        if self.run.max_minutes is None or scheduler is None or not hasattr(scheduler, "last_batch_iteration"):
+            return
+        by_time = int(self.total_steps * self.train_seconds / (60.0 * self.run.max_minutes))
+        if by_time > scheduler.last_batch_iteration:
+            scheduler.step(min(by_time, self.total_steps))
 
     def save_checkpoint(self) -> Path:
         state = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                 "world_size": self.world, "torch_rng": torch.get_rng_state().tolist()}
+                 "world_size": self.world, "torch_rng": torch.get_rng_state().tolist(),
+                 "train_seconds": self.train_seconds}
         return self.checkpoints.save(self.engine, self.step, state)
 
     def evaluate(self) -> dict | None:

@@ -1,4 +1,4 @@
-"""Image similarities for the optimisation stages: box-filtered LNCC, MIND-SSC, global MI.
+"""Image similarities for training and the optimisation stages: box-filtered LNCC, MIND-SSC, global MI.
 
 The stages call these hundreds of times per pair on a CPU, so the local statistics come from a
 separable box filter (running sums along each axis: constant work per voxel whatever the window)
@@ -38,9 +38,12 @@ def _masked_mean(value: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor
     return (value * mask).sum() / mask.sum().clamp(min=1.0)
 
 
-def lncc_loss(fixed: torch.Tensor, warped: torch.Tensor, kernel: int = 7, mask: torch.Tensor | None = None,
-              eps: float = 1e-5) -> torch.Tensor:
-    """Minus the mean squared local normalised cross-correlation (in [-1, 0]; MONAI's definition)."""
+def lncc_map(fixed: torch.Tensor, warped: torch.Tensor, kernel: int = 7, eps: float = 1e-5) -> torch.Tensor:
+    """Squared local normalised cross-correlation per voxel, in [0, 1] (MONAI's definition).
+
+    Variances and the ratio are clamped: with a stabiliser as small as soft tissue needs
+    (``unireg.losses.LNCC_EPS``), float32 cancellation in flat regions otherwise gives values far
+    above 1 (MONAI's loss reached -9 in training at eps 1e-8)."""
     f, w = fixed.float(), warped.float()
     n = f.shape[1]
     stats = box_filter(torch.cat([f, w, f * f, w * w, f * w], dim=1), kernel)
@@ -48,8 +51,13 @@ def lncc_loss(fixed: torch.Tensor, warped: torch.Tensor, kernel: int = 7, mask: 
     cov = fw - mf * mw
     var_f = (ff - mf * mf).clamp(min=0)
     var_w = (ww - mw * mw).clamp(min=0)
-    cc = cov * cov / (var_f * var_w + eps)
-    return -_masked_mean(cc, mask)
+    return (cov * cov / (var_f * var_w + eps)).clamp(max=1.0)
+
+
+def lncc_loss(fixed: torch.Tensor, warped: torch.Tensor, kernel: int = 7, mask: torch.Tensor | None = None,
+              eps: float = 1e-5) -> torch.Tensor:
+    """Minus the mean squared local normalised cross-correlation (in [-1, 0])."""
+    return -_masked_mean(lncc_map(fixed, warped, kernel, eps), mask)
 
 
 # Six-neighbourhood of MIND-SSC, and the 12 pairs of neighbours sqrt(2) apart whose patch distances
