@@ -156,3 +156,36 @@ def test_phantom_folder_feeds_shards_with_the_same_pairs(tmp_path):
     assert np.array_equal(forward["fixed"], subject.image) and np.array_equal(forward["moving"], moving.image)
     assert np.array_equal(forward["moving_seg"], moving.labels) and np.allclose(forward["displacement"], disp)
     assert "displacement" not in got[f"{val}_phase0--{val}"]      # the true field is known one way only
+
+
+def test_training_mix_writes_every_source_and_augments_what_it_is_told(tmp_path):
+    """`prepare shards` mixes torso phantoms, head phantoms and synthetic pairs; --ct-augment 1 sends
+    every pair through the augmentation (each effect has its own odds) and marks it; grids stay."""
+    import subprocess
+    import sys
+    common = ["--phantom-subjects", "2", "--head-subjects", "2", "--synth-pairs", "2", "--intra-per-subject", "1",
+              "--inter-pairs", "1", "--shape", "24", "24", "24", "--spacing", "16", "16", "16", "--seed", "3"]
+    for name, p in (("plain", "0"), ("augmented", "1")):
+        proc = subprocess.run([sys.executable, "-m", "unireg.cli", "prepare", "shards", *common, "--ct-augment", p,
+                               "--out", str(tmp_path / name)], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    plain = {s["key"]: s for s in iterate_pairs(sorted(str(p) for p in (tmp_path / "plain").glob("*.tar")))}
+    augmented = {s["key"]: s for s in iterate_pairs(sorted(str(p) for p in (tmp_path / "augmented").glob("*.tar")))}
+    assert plain.keys() == augmented.keys()
+    assert {s["meta"]["source"] for s in plain.values()} == {"phantom", "head_phantom", "synth"}
+    assert len(plain) == 2 + 1 + 2 + 1 + 2                       # torso: 2 intra + 1 inter; head: same; synth: 2
+    changed = 0
+    for key, sample in augmented.items():
+        assert sample["meta"].get("ct_augmented") is True and "ct_augmented" not in plain[key]["meta"]
+        assert sample["fixed_seg"].shape == plain[key]["fixed_seg"].shape
+        changed += any(not np.array_equal(sample[k], plain[key][k]) for k in ("fixed", "moving"))
+    assert changed >= len(plain) // 2, changed
+
+
+def test_training_mix_refuses_nothing_to_write(tmp_path):
+    from data_tools.prepare import PreparationError
+    from data_tools.shards import training_mix
+    with pytest.raises(PreparationError, match="nothing to write"):
+        list(training_mix(phantom_subjects=0))
+    with pytest.raises(PreparationError, match="--ct-augment is a probability"):
+        list(training_mix(phantom_subjects=1, ct_augment=1.5))

@@ -62,6 +62,24 @@ def test_named_organs_weigh_more_in_the_similarity():
     assert named > whole + 0.05, (named, whole)                          # LNCC loss: higher is worse
 
 
+def test_a_one_organ_pair_keeps_its_say_beside_a_whole_body_pair():
+    """Dice is averaged over each pair's organs first: pooled over the batch, a pair prompted with one
+    organ next to a pair scored on 40 organs would count for 1/41 of the Dice term."""
+    torch.manual_seed(0)
+    shape, k = (1, 1, 16, 16, 16), 40
+    fixed = torch.zeros(2, k, *shape[2:])
+    for j in range(k):
+        fixed[:, j, j % 16, :, :] = 1.0
+    warped = fixed.clone()
+    warped[1, 0] = torch.roll(fixed[1, 0], 3, dims=0)                 # pair 1: its one organ misaligned
+    valid = torch.zeros(2, k)
+    valid[0], valid[1, 0] = 1.0, 1.0                                  # pair 0: 40 organs, all aligned
+    image, velocity = torch.rand(2, 1, *shape[2:]), torch.zeros(2, 3, 8, 8, 8)
+    terms = RegistrationLoss(lncc_kernel=5)(image, image, velocity, torch.zeros(2), fixed, warped, valid,
+                                            focused=torch.tensor([False, True]))
+    assert terms["dice"] == pytest.approx(0.5, abs=0.01), terms["dice"]    # (0 + 1) / 2, not 1 / 41
+
+
 def test_smoothness_weight_spans_two_orders_of_magnitude_monotonically():
     lam = torch.linspace(0, 1, 11)
     w = smoothness_weight(lam)

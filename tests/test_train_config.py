@@ -62,6 +62,8 @@ def _write(tmp_path, data):
     ({"loss": {"lncc_kernel": 9.5}}, r"loss.lncc_kernel: expected an integer, got 9.5 \(float\)"),
     ({"loss": {"dice_weight": "1e-3"}}, "loss.dice_weight: expected a number.*write it with a decimal point"),
     ({"run": {"steps": 0}}, "run.steps must be >= 1"),
+    ({"run": {"max_minutes": 0}}, "run.max_minutes must be > 0"),
+    ({"loss": {"lncc_eps": 0.0}}, "loss.lncc_eps must be > 0"),
     ({"run": {"steps": "four"}}, r"run.steps: expected an integer, got 'four' \(str\)"),
     ({"run": {"eval_hd95": 1}}, "run.eval_hd95: expected true or false"),
     ({"run": {"task": "intra | lvr"}}, "run.task: unknown organ 'lvr'"),
@@ -132,3 +134,13 @@ def test_data_paths_are_checked_when_the_run_starts(tmp_path):
     config.model.from_pretrained = "../runs/nothing/export"
     with pytest.raises(ConfigError, match="model.from_pretrained: model folder .*nothing/export not found"):
         config.check_data()
+
+
+def test_prompt_cache_is_a_file_or_a_model_that_holds_one(tmp_path):
+    """A GPU node without the text model trains on embeddings made ahead: a shipped model's cache."""
+    from unireg.hub import PROMPT_CACHE_NAME, resolve_model_dir
+    config = TrainConfig.from_yaml(_write(tmp_path, {"model": {"prompt_cache": "unireg-tiny-phantom"}}))
+    assert config.prompt_cache_file() == resolve_model_dir("unireg-tiny-phantom") / PROMPT_CACHE_NAME
+    missing = TrainConfig.from_yaml(_write(tmp_path, {"model": {"prompt_cache": "no_such_cache.safetensors"}}))
+    with pytest.raises(ConfigError, match="model.prompt_cache: 'no_such_cache.safetensors' is neither a file nor a model"):
+        missing.prompt_cache_file()

@@ -54,6 +54,26 @@ def test_resume_matches_a_straight_run(shards, tmp_path):
     assert data_order(tmp_path / "straight" / "run") == data_order(tmp_path / "split" / "run")
 
 
+def test_time_box_ends_the_run_with_a_checkpoint_and_an_export(shards, tmp_path):
+    """run.max_minutes stops long before run.steps, checkpoints, exports, and the schedule followed
+    the clock (the learning rate decayed as if the steps had been run)."""
+    config = write_config(tmp_path, shards, steps=100000, checkpoint_every=100000, max_minutes=0.15)
+    proc = train(config, "--resume", "none")
+    run = tmp_path / "run"
+    assert "time box of 0.1 min spent" in proc.stderr or "time box of 0.2 min spent" in proc.stderr, proc.stderr[-2000:]
+    rows = (run / "train_log.csv").read_text().strip().split("\n")
+    step, lr = int(rows[-1].split(",")[0]), float(rows[-1].split(",")[1])
+    assert 1 <= step < 1000
+    assert lr < 0.5e-3                                              # base lr 1e-3: decayed by the clock
+    assert (run / "export" / "model.safetensors").is_file()
+    tag = (run / "checkpoints" / "latest").read_text().strip()
+    assert tag == f"step_{step:08d}"
+    state = yaml.safe_load((run / "checkpoints" / tag / STATE_FILE).read_text())
+    assert state["train_seconds"] >= 9.0
+    again = train(config, "--resume", "auto")                       # resumed: the box is spent, nothing more to do
+    assert f"resumed from {tag}" in again.stderr
+
+
 def test_run_killed_mid_checkpoint_resumes_from_the_last_good_one(shards, tmp_path):
     straight = write_config(tmp_path / "straight", shards, steps=4, checkpoint_every=2)
     train(straight, "--resume", "none")

@@ -4,7 +4,7 @@ import torch
 from scipy import ndimage
 
 from unireg.metrics import jacobian_determinant, jacobian_stats
-from unireg.modeling.transform import SpatialTransformer, VelocityIntegrator, resize_field
+from unireg.modeling.transform import GridCachedWarp, SpatialTransformer, VelocityIntegrator, resize_field
 
 
 def smooth_random_field(shape, amplitude, seed=0, sigma=4.0):
@@ -78,3 +78,14 @@ def test_jacobian_of_known_scaling():
     d[0, 0] = 0.1 * grid.view(10, 1, 1)  # stretch along axis 0 by 1.1
     det = jacobian_determinant(d)
     assert torch.allclose(det[:, 1:-1, 1:-1, 1:-1], torch.full_like(det[:, 1:-1, 1:-1, 1:-1], 1.1), atol=1e-5)
+
+
+def test_cached_grids_warp_exactly_as_monai_at_every_shape():
+    """The warp keeps grids for a few shapes (levels, full grid) and gives MONAI's result bit for bit."""
+    from monai.networks.blocks import Warp
+    ours, monai = GridCachedWarp("bilinear", "border"), Warp("bilinear", "border")
+    torch.manual_seed(0)
+    for shape in ((12, 14, 16), (6, 7, 8), (12, 14, 16), (3, 4, 5), (5, 5, 5), (2, 2, 2), (6, 7, 8)):
+        image, field = torch.rand(2, 3, *shape), torch.randn(2, 3, *shape) * 2
+        assert torch.equal(ours(image, field), monai(image, field)), shape
+    assert len(ours._grids) == GridCachedWarp.MAX_SHAPES
