@@ -161,13 +161,16 @@ def make_phantom_shards(out_dir: "str | Path", n_subjects: int = 6, shape=(48, 4
 
 def training_mix(phantom_subjects: int = 8, head_subjects: int = 0, synth_pairs: int = 0, shape=(64, 64, 64),
                  spacing=(4.0, 4.0, 4.0), seed: int = 0, intra_per_subject: int = 1, inter_pairs: int | None = None,
-                 ct_augment: float = 0.0):
-    """(key, pair) items mixing torso phantoms, head-and-neck phantoms and SynthMorph-style synthetic
-    pairs, each scan CT-augmented (dose noise, slice thickness, contrast phase, table, streaks,
-    truncated field of view) with probability ``ct_augment``: data that reaches beyond one phantom.
+                 ct_augment: float = 0.0, organ_motion_subjects: int = 0):
+    """(key, pair) items mixing torso phantoms, head-and-neck phantoms, SynthMorph-style synthetic
+    pairs and organ-motion pairs (organs sliding apart: what makes a prompt matter, see
+    ``data_tools.organ_motion``), each scan CT-augmented (dose noise, slice thickness, contrast
+    phase, table, streaks, truncated field of view) with probability ``ct_augment``.
 
-    ``inter_pairs`` applies to each phantom family (default: one per subject)."""
-    if min(phantom_subjects, head_subjects, synth_pairs, intra_per_subject) < 0 or (inter_pairs or 0) < 0:
+    ``inter_pairs`` applies to each phantom family (default: one per subject); organ-motion
+    subjects give ``intra_per_subject`` pairs each."""
+    if min(phantom_subjects, head_subjects, synth_pairs, intra_per_subject, organ_motion_subjects) < 0 \
+            or (inter_pairs or 0) < 0:
         raise PreparationError("training shards need non-negative subject and pair counts")
     if not 0 <= ct_augment <= 1:
         raise PreparationError(f"--ct-augment is a probability in [0, 1], got {ct_augment}")
@@ -181,8 +184,11 @@ def training_mix(phantom_subjects: int = 8, head_subjects: int = 0, synth_pairs:
         sources.append(head_phantom_pairs(head_subjects, shape, spacing, seed, intra_per_subject, inter_pairs))
     if synth_pairs:
         sources.append(synthetic(synth_pairs, seed, shape, spacing))
+    if organ_motion_subjects:
+        from data_tools.organ_motion import organ_motion_pairs
+        sources.append(organ_motion_pairs(organ_motion_subjects, shape, spacing, seed, max(1, intra_per_subject)))
     if not sources:
-        raise PreparationError("nothing to write: give phantom, head or synthetic pairs")
+        raise PreparationError("nothing to write: give phantom, head, synthetic or organ-motion pairs")
     rng = np.random.default_rng([seed, 31])
     for source in sources:
         for key, pair in source:

@@ -42,6 +42,9 @@ class UniRegConfig:
     prompt_dim: int = 64
     type_dim: int = 16
     controller_hidden: int = 128
+    # Gain of the condition-dependent part of the generated kernels; None: 1 / controller_hidden
+    # (the first models). See unireg.modeling.controller for why it matters to steering.
+    controller_gain: float | None = None
     # Transform.
     integration_steps: int = 7
     # Preprocessing (see ``preprocessing``): the fixed image's field of view resampled to isotropic

@@ -42,6 +42,8 @@ def add_parser(subparsers) -> None:
     s.add_argument("--phantom-subjects", type=int, default=8, help="torso phantom subjects")
     s.add_argument("--head-subjects", type=int, default=0, help="head-and-neck phantom subjects")
     s.add_argument("--synth-pairs", type=int, default=0, help="SynthMorph-style synthetic pairs (random label maps)")
+    s.add_argument("--organ-motion-subjects", type=int, default=0,
+                   help="phantom subjects whose organs slide apart (--intra-per-subject pairs each): prompts matter there")
     s.add_argument("--ct-augment", type=float, default=0.0,
                    help="probability that a pair's scans get CT appearance augmentation (noise, thickness, contrast, ...)")
     s.add_argument("--shape", type=int, nargs=3, default=[96, 96, 96])
@@ -81,7 +83,8 @@ def run_shards(args) -> int:
                                   encoding=args.encoding)
     else:
         pairs = training_mix(args.phantom_subjects, args.head_subjects, args.synth_pairs, tuple(args.shape),
-                             tuple(args.spacing), args.seed, args.intra_per_subject, args.inter_pairs, args.ct_augment)
+                             tuple(args.spacing), args.seed, args.intra_per_subject, args.inter_pairs, args.ct_augment,
+                             args.organ_motion_subjects)
         index = write_shards(pairs, args.out, args.max_shard_mb * 1e6, args.encoding)
     print(json.dumps(index["counts"]), f"-> {len(index['shards'])} shards in {args.out}")
     return 0

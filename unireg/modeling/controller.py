@@ -20,14 +20,15 @@ from .dynamic_head import DynamicHead
 
 
 class Controller(nn.Module):
-    def __init__(self, condition_dim: int, feature_channels: int, hidden: int, head: DynamicHead):
+    def __init__(self, condition_dim: int, feature_channels: int, hidden: int, head: DynamicHead,
+                 gain: float | None = None):
         super().__init__()
         groups = next(g for g in (8, 4, 2, 1) if feature_channels % g == 0)
         self.instance = nn.Sequential(nn.GroupNorm(groups, feature_channels), nn.ReLU(),
                                       nn.AdaptiveAvgPool3d(1), nn.Flatten())
         self.mlp = nn.Sequential(nn.Linear(condition_dim + feature_channels, hidden), nn.LeakyReLU(0.2))
         self.out = nn.Linear(hidden, head.num_params)
-        self.scale = 1.0 / hidden
+        self.scale = 1.0 / hidden if gain is None else float(gain)
         nn.init.zeros_(self.out.weight)
         with torch.no_grad():
             self.out.bias.copy_(head.base_params())

@@ -55,7 +55,8 @@ class UniRegModel(nn.Module):
             in_ch = 2 * self.stem.channels[stride] + CORRELATION_CHANNELS
             in_ch += 2 * config.vit_out_chans if previous is None else previous
             levels.append(FusionLevel(in_ch, channels))
-            controllers.append(Controller(self.condition.out_dim, channels, config.controller_hidden, head))
+            controllers.append(Controller(self.condition.out_dim, channels, config.controller_hidden, head,
+                                          gain=config.controller_gain))
             previous = channels
         self.levels = nn.ModuleList(levels)
         self.controllers = nn.ModuleList(controllers)
