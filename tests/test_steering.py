@@ -80,6 +80,21 @@ def test_a_one_organ_pair_keeps_its_say_beside_a_whole_body_pair():
     assert terms["dice"] == pytest.approx(0.5, abs=0.01), terms["dice"]    # (0 + 1) / 2, not 1 / 41
 
 
+def test_controller_gain_rescales_the_shipped_model_without_changing_its_field():
+    """A fine-tune may let conditions learn faster (``model.controller_gain``): same field before it trains."""
+    model = UniReg.from_pretrained("unireg-tiny-phantom").eval()
+    torch.manual_seed(0)
+    fixed, moving = torch.rand(1, 1, 32, 32, 32), torch.rand(1, 1, 32, 32, 32)
+    prompt = [Prompt(type="inter", organs=("liver",), smoothness=0.3)]
+    with torch.no_grad():
+        before = model(fixed, moving, prompt).displacement
+        for controller in model.controllers:
+            controller.set_gain(0.09)
+        after = model(fixed, moving, prompt).displacement
+    assert model.controllers[0].scale == 0.09
+    assert torch.allclose(before, after, atol=1e-5) and before.abs().max() > 0.05
+
+
 def test_smoothness_weight_spans_two_orders_of_magnitude_monotonically():
     lam = torch.linspace(0, 1, 11)
     w = smoothness_weight(lam)

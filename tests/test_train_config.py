@@ -63,6 +63,7 @@ def _write(tmp_path, data):
     ({"loss": {"dice_weight": "1e-3"}}, "loss.dice_weight: expected a number.*write it with a decimal point"),
     ({"run": {"steps": 0}}, "run.steps must be >= 1"),
     ({"run": {"max_minutes": 0}}, "run.max_minutes must be > 0"),
+    ({"model": {"controller_gain": -1.0}}, "model.controller_gain must be > 0"),
     ({"loss": {"lncc_eps": 0.0}}, "loss.lncc_eps must be > 0"),
     ({"run": {"steps": "four"}}, r"run.steps: expected an integer, got 'four' \(str\)"),
     ({"run": {"eval_hd95": 1}}, "run.eval_hd95: expected true or false"),

@@ -33,6 +33,13 @@ class Controller(nn.Module):
         with torch.no_grad():
             self.out.bias.copy_(head.base_params())
 
+    @torch.no_grad()
+    def set_gain(self, gain: float) -> None:
+        """Change how fast conditions bend the kernels during training, keeping today's kernels:
+        the weights are rescaled so that ``weight * scale`` is unchanged."""
+        self.out.weight.mul_(self.scale / float(gain))
+        self.scale = float(gain)
+
     def forward(self, condition: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         hidden = self.mlp(torch.cat([condition, self.instance(features)], dim=1))
         return F.linear(hidden, self.out.weight * self.scale, self.out.bias)

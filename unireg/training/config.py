@@ -38,6 +38,7 @@ class ModelSection:
     overrides: dict = field(default_factory=dict)
     sam_checkpoint: str | None = None
     activation_checkpointing: bool = False
+    controller_gain: float | None = None  # from_pretrained: re-scale the controllers (same outputs, faster condition learning)
     prompt_cache: str | None = None      # phrase embeddings made ahead: a prompt_cache.safetensors or a model (name, folder) holding one
 
 
@@ -177,6 +178,8 @@ class TrainConfig:
                 raise ConfigError(f"run.{key} must be >= 1, got {getattr(r, key)}")
         if r.max_minutes is not None and r.max_minutes <= 0:
             raise ConfigError(f"run.max_minutes must be > 0 (or null: no time box), got {r.max_minutes}")
+        if self.model.controller_gain is not None and not self.model.controller_gain > 0:
+            raise ConfigError(f"model.controller_gain must be > 0, got {self.model.controller_gain}")
         if not loss.lncc_eps > 0:
             raise ConfigError(f"loss.lncc_eps must be > 0, got {loss.lncc_eps}")
         if r.eval_every < 0:

@@ -62,6 +62,10 @@ def build_model(config: TrainConfig) -> UniReg:
             logger.warning("model.overrides are ignored when fine-tuning from %s", section.from_pretrained)
     else:
         model = UniReg(config.model_config())
+    if section.controller_gain is not None:
+        for controller in model.controllers:
+            controller.set_gain(section.controller_gain)
+        model.config.controller_gain = section.controller_gain
     if section.sam_checkpoint:
         report = model.load_sam_checkpoint(config.resolve(section.sam_checkpoint))
         logger.info("%s", report)
@@ -198,7 +202,7 @@ class Trainer:
             self._follow_time_box()
             time_up = self._out_of_time()
             progress.update(1)
-            last = {k: float(v) for k, v in terms.items() if k != "displacement"}
+            last = {k: float(v.detach()) for k, v in terms.items() if k != "displacement"}
             if self.step % self.run.log_every == 0 or self.step == self.stop_at:
                 elapsed = time.perf_counter() - window_start
                 row = {"step": self.step, "lr": self.engine.get_lr()[0], "pairs_per_s": window_pairs / elapsed,
