@@ -58,3 +58,24 @@ def test_skipped_samples_are_counted_in_the_report(shards, tmp_path):
     assert clean["skipped"] == {} and clean["mean"]["pairs"] == 1
     with pytest.raises(UserError, match=r"no pair could be read from 1 shard\(s\).*malformed sample"):
         evaluate_shards(model, [str(broken)])
+
+
+def test_model_card_numbers_are_the_ones_eval_wrote(shards, tmp_path):
+    """The card is assembled from `unireg eval` output (held-out table, prompt steering), never typed."""
+    from unireg import UniReg, UniRegConfig
+    from unireg.steering import evaluate_steering, write_steering_report
+    from unireg.training.model_card import write_model_card
+    model = UniReg(UniRegConfig.from_preset("tiny", vit_img_size=64, vit_depth=1, working_spacing_mm=24.0)).eval()
+    urls = sorted(str(p) for p in shards.glob("*.tar"))
+    eval_dir = tmp_path / "eval"
+    write_report(evaluate_shards(model, urls, with_hd95=False), eval_dir)
+    write_steering_report(evaluate_steering(model, urls, zero_shot=("gallbladder",)), eval_dir)
+    model_dir = model.save_pretrained(tmp_path / "model")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "train_log.csv").write_text("step,lr,pairs_per_s,loss\n10,0.001,2.5,0.3\n20,0.001,3.5,0.2\n")
+    card = write_model_card(run, model_dir, eval_dir, "unireg-train --config x.yaml", "phantoms", 3.0).read_text()
+    assert (eval_dir / "eval.md").read_text() in card
+    assert (eval_dir / "steering.md").read_text() in card
+    assert "steps: 20, mean throughput 3.00 pairs/s" in card
+    assert (model_dir / "training_curve.png").is_file()

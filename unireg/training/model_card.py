@@ -3,9 +3,10 @@
     unireg card --run runs/tiny_phantom --model unireg/checkpoints/unireg-tiny-phantom \
         --eval eval_out/tiny_phantom --command "DS_ACCELERATOR=cpu unireg-train --config ..." --train-minutes 45
 
-Reads ``train_log.csv`` / ``eval_log.csv`` of the run and ``eval.md`` / ``eval.json`` written by
-``unireg eval``, draws ``training_curve.png`` and writes ``README.md`` into the model folder, so
-the numbers in the card are the numbers the pipeline measured, never typed by hand.
+Reads ``train_log.csv`` / ``eval_log.csv`` of the run and ``eval.md`` / ``eval.json`` (and
+``steering.md`` when ``--steering`` was asked for) written by ``unireg eval``, draws
+``training_curve.png`` and writes ``README.md`` into the model folder, so the numbers in the card
+are the numbers the pipeline measured, never typed by hand.
 """
 from __future__ import annotations
 
@@ -98,6 +99,7 @@ def write_model_card(run: Path, model_dir: Path, eval_dir: Path, command: str, d
         "Summary: " + "; ".join(f"{t}: Dice {s['dice_identity']:.3f} → {s['dice']:.3f}, "
                                 f"{s['nonpositive_jacobian_pct']:.3f} % det J ≤ 0" for t, s in by_type.items()),
         "",
+        *_steering_section(eval_dir),
         "## Limits",
         "",
         "- Phantom anatomy is procedural; real CT has texture, pathology and scanners the model never saw.",
@@ -107,6 +109,14 @@ def write_model_card(run: Path, model_dir: Path, eval_dir: Path, command: str, d
     path = model_dir / "README.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def _steering_section(eval_dir: Path) -> list[str]:
+    """``steering.md`` of ``unireg eval --steering`` (prompt specificity, SDlogJ per smooth=λ), when written."""
+    path = eval_dir / "steering.md"
+    if not path.is_file():
+        return []
+    return ["## Prompt steering on the same held-out pairs (network alone)", "", path.read_text(), ""]
 
 
 def _count_params(model_dir: Path) -> int:
