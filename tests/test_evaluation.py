@@ -60,13 +60,15 @@ def test_skipped_samples_are_counted_in_the_report(shards, tmp_path):
         evaluate_shards(model, [str(broken)])
 
 
-def test_model_card_numbers_are_the_ones_eval_wrote(shards, tmp_path):
+def test_model_card_numbers_are_the_ones_eval_wrote(tmp_path):
     """The card is assembled from `unireg eval` output (held-out table, prompt steering), never typed."""
     from unireg import UniReg, UniRegConfig
     from unireg.steering import evaluate_steering, write_steering_report
     from unireg.training.model_card import write_model_card
-    model = UniReg(UniRegConfig.from_preset("tiny", vit_img_size=64, vit_depth=1, working_spacing_mm=24.0)).eval()
-    urls = sorted(str(p) for p in shards.glob("*.tar"))
+    model = UniReg(UniRegConfig.from_preset("tiny", vit_img_size=64, vit_depth=1, working_spacing_mm=12.0)).eval()
+    make_phantom_shards(tmp_path / "pair", n_subjects=1, shape=(32, 32, 32), spacing=(12.0,) * 3, seed=4,
+                        intra_per_subject=1, inter_pairs=0)      # organs large enough to be prompted
+    urls = sorted(str(p) for p in (tmp_path / "pair").glob("*.tar"))
     eval_dir = tmp_path / "eval"
     write_report(evaluate_shards(model, urls, with_hd95=False), eval_dir)
     write_steering_report(evaluate_steering(model, urls, zero_shot=("gallbladder",)), eval_dir)
@@ -79,3 +81,6 @@ def test_model_card_numbers_are_the_ones_eval_wrote(shards, tmp_path):
     assert (eval_dir / "steering.md").read_text() in card
     assert "steps: 20, mean throughput 3.00 pairs/s" in card
     assert (model_dir / "training_curve.png").is_file()
+    import csv
+    rows = list(csv.DictReader(open(eval_dir / "steering.csv")))
+    assert rows and all(float(r["field_change_mm"]) >= 0 for r in rows)    # how far naming the organ moves it

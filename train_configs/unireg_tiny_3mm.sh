@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A 3 mm tiny UniReg, end to end (train_configs/unireg_tiny_3mm.yaml): training data written in parallel (torso and
-# head-and-neck phantoms, SynthMorph-style synthetic pairs, half CT-augmented; held-out test
+# head-and-neck phantoms, SynthMorph-style synthetic pairs, organ-motion pairs, half CT-augmented; held-out test
 # subjects apart), then each config trained (concurrently when several are given: one GPU holds
 # them all), then `unireg eval --steering` on the held-out pairs.
 #   bash train_configs/unireg_tiny_3mm.sh [CONFIG ...]      (default: train_configs/unireg_tiny_3mm.yaml)
@@ -30,6 +30,8 @@ if [ ! -f "$DATA/test/index.json" ]; then
     prep --phantom-subjects 0 --head-subjects 4 --intra-per-subject 2 --seed $((20 + i)) --ct-augment 0.5 \
          --out $DATA/train/head$i & pids+=($!)
     prep --phantom-subjects 0 --synth-pairs 24 --seed $((30 + i)) --ct-augment 0.5 --out $DATA/train/synth$i & pids+=($!)
+    prep --phantom-subjects 0 --organ-motion-subjects 6 --intra-per-subject 2 --seed $((40 + i)) --ct-augment 0.5 \
+         --out $DATA/train/motion$i & pids+=($!)
   done
   prep --phantom-subjects 4 --intra-per-subject 0 --inter-pairs 4 --seed 100 --out $DATA/val & pids+=($!)
   prep --phantom-subjects 8 --intra-per-subject 1 --inter-pairs 8 --seed 200 --out $DATA/test & pids+=($!)

@@ -37,8 +37,10 @@ def pair_prompt(meta: dict, fixed_labels: np.ndarray, moving_labels: np.ndarray,
 
 
 @torch.no_grad()
-def evaluate_pair(model, fixed_hu, moving_hu, fixed_lab, moving_lab, prompt: Prompt, spacing, with_hd95=True) -> dict:
+def evaluate_pair(model, fixed_hu, moving_hu, fixed_lab, moving_lab, prompt: Prompt, spacing, with_hd95=True,
+                  keep_field: bool = False) -> dict:
     """Arrays in tensor order [D,H,W] on one grid of ``spacing`` mm -> metrics after vs identity.
+    ``keep_field`` adds the displacement (mm, [3,D,H,W] on the working grid) and the fixed labels there.
 
     The pair is put on the model's working grid first, as the training loader and ``register`` put
     a scan (``model.config.preprocessing``), and every metric is measured on that grid."""
@@ -66,6 +68,9 @@ def evaluate_pair(model, fixed_hu, moving_hu, fixed_lab, moving_lab, prompt: Pro
     if with_hd95:
         row["hd95_identity"] = organ_hd95(fixed_lab, moving_lab, names, spacing)
         row["hd95"] = organ_hd95(fixed_lab, warped, names, spacing)
+    if keep_field:
+        row["field_mm"] = disp[0].cpu().numpy() * grid_mm
+        row["fixed_labels"] = fixed_lab
     return row
 
 

@@ -1,7 +1,9 @@
 """How much the prompt steers: prompt specificity per organ and the response to ``smooth=λ``.
 
 Prompt specificity of organ X on a pair is ``Dice(X | prompt "type | X") − Dice(X | whole body)``:
-positive when naming X makes the network align X better than the global field does. Organs listed
+positive when naming X makes the network align X better than the global field does. Beside it, the
+field change: how far (mm, mean over X's voxels) naming X moves the field there, which shows whether
+the prompt acts at all when Dice does not move. Organs listed
 as zero-shot (never named in training) are reported apart: their prompts reach the controller only
 through the text embedding of their name. SDlogJ per λ shows whether ``smooth=`` acts, and acts
 monotonically.
@@ -15,6 +17,7 @@ import numpy as np
 
 from .evaluation import evaluate_pair, shard_list
 from .organ_presence import organs_in_both
+from .organs import ORGAN_TO_ID
 from .prompt import Prompt
 
 LAMBDAS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -27,12 +30,16 @@ def pair_steering(model, sample: dict, max_organs: int = 12, lambdas=LAMBDAS) ->
     reg_type = meta.get("type", "inter")
     organs = organs_in_both(sample["fixed_seg"], sample["moving_seg"], min_voxels=125,
                             among=meta.get("organs", []))[:max_organs]
-    whole = evaluate_pair(model, *args, Prompt(type=reg_type), spacing, with_hd95=False)
+    whole = evaluate_pair(model, *args, Prompt(type=reg_type), spacing, with_hd95=False, keep_field=True)
     rows = {}
     for organ in organs:
-        named = evaluate_pair(model, *args, Prompt(type=reg_type, organs=(organ,)), spacing, with_hd95=False)
+        named = evaluate_pair(model, *args, Prompt(type=reg_type, organs=(organ,)), spacing, with_hd95=False,
+                              keep_field=True)
+        inside = whole["fixed_labels"] == ORGAN_TO_ID[organ]
+        change = np.linalg.norm(named["field_mm"] - whole["field_mm"], axis=0)[inside]
         rows[organ] = {"named": named["dice"][organ], "whole_body": whole["dice"][organ],
-                       "identity": whole["dice_identity"][organ]}
+                       "identity": whole["dice_identity"][organ],
+                       "field_change_mm": float(change.mean()) if change.size else 0.0}
     sdlogj = {lam: evaluate_pair(model, *args, Prompt(type=reg_type, smoothness=lam), spacing,
                                  with_hd95=False)["sd_log_jacobian"] for lam in lambdas}
     return {"key": sample.get("key", ""), "type": reg_type, "organs": rows, "sd_log_jacobian": sdlogj}
@@ -52,9 +59,10 @@ def evaluate_steering(model, urls, max_pairs: int | None = None, zero_shot=()) -
             per_organ.setdefault(organ, []).append(r)
     organs = {}
     for organ, rs in sorted(per_organ.items()):
-        named, whole, ident = (float(np.mean([r[k] for r in rs])) for k in ("named", "whole_body", "identity"))
+        named, whole, ident, change = (float(np.mean([r[k] for r in rs]))
+                                       for k in ("named", "whole_body", "identity", "field_change_mm"))
         organs[organ] = {"n": len(rs), "identity": ident, "whole_body": whole, "named": named,
-                         "specificity": named - whole, "zero_shot": organ in zero_shot}
+                         "specificity": named - whole, "field_change_mm": change, "zero_shot": organ in zero_shot}
     lambdas = sorted({lam for p in pairs for lam in p["sd_log_jacobian"]})
     sdlogj = {lam: float(np.mean([p["sd_log_jacobian"][lam] for p in pairs])) for lam in lambdas}
 
@@ -76,11 +84,12 @@ def write_steering_report(summary: dict, out_dir: "str | Path") -> dict[str, Pat
     lines = [f"Prompt specificity = Dice(X | prompt X) − Dice(X | whole body), {summary['pairs']} held-out pairs; "
              f"mean over seen organs {fmt(summary['mean_specificity_seen'])}, "
              f"over zero-shot organs {fmt(summary['mean_specificity_zero_shot'])}", "",
-             "| organ | zero-shot | n | Dice identity | Dice whole body | Dice named | specificity |",
-             "|---|---|---|---|---|---|---|"]
+             "| organ | zero-shot | n | Dice identity | Dice whole body | Dice named | specificity | field change (mm) |",
+             "|---|---|---|---|---|---|---|---|"]
     for organ, o in summary["organs"].items():
         lines.append(f"| {organ} | {'yes' if o['zero_shot'] else ''} | {o['n']} | {o['identity']:.3f} | "
-                     f"{o['whole_body']:.3f} | {o['named']:.3f} | {o['specificity']:+.3f} |")
+                     f"{o['whole_body']:.3f} | {o['named']:.3f} | {o['specificity']:+.3f} | "
+                     f"{o['field_change_mm']:.2f} |")
     lines += ["", "| smooth=λ | " + " | ".join(f"{lam:g}" for lam in summary["sd_log_jacobian"]) + " |",
               "|---|" + "---|" * len(summary["sd_log_jacobian"]),
               "| SDlogJ | " + " | ".join(f"{v:.4f}" for v in summary["sd_log_jacobian"].values()) + " |", "",
@@ -88,8 +97,8 @@ def write_steering_report(summary: dict, out_dir: "str | Path") -> dict[str, Pat
     paths["markdown"].write_text("\n".join(lines) + "\n")
     with open(paths["csv"], "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["organ", "zero_shot", "n", "identity", "whole_body", "named", "specificity"])
+        keys = ("identity", "whole_body", "named", "specificity", "field_change_mm")
+        writer.writerow(["organ", "zero_shot", "n", *keys])
         for organ, o in summary["organs"].items():
-            writer.writerow([organ, o["zero_shot"], o["n"], *(round(o[k], 4) for k in
-                                                                ("identity", "whole_body", "named", "specificity"))])
+            writer.writerow([organ, o["zero_shot"], o["n"], *(round(o[k], 4) for k in keys)])
     return paths
