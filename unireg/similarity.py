@@ -11,6 +11,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+#: LNCC's stabiliser. Scans are scaled to [0, 1] over a 2000 HU window, so soft tissue varies by
+#: ~0.02 and its local variances multiply to ~1e-7: MONAI's default 1e-5 would silence every organ
+#: and leave only bone and air edges to drive the field (instance optimisation on a real chest CT:
+#: 0.97 -> 0.80 mm median TRE). Training and refinement use this value.
+LNCC_EPS = 1e-8
+
 
 def box_filter(x: torch.Tensor, kernel: int) -> torch.Tensor:
     """Mean over a cube of side ``kernel`` (odd) around each voxel; the borders average what exists.
@@ -42,7 +48,7 @@ def lncc_map(fixed: torch.Tensor, warped: torch.Tensor, kernel: int = 7, eps: fl
     """Squared local normalised cross-correlation per voxel, in [0, 1] (MONAI's definition).
 
     Variances and the ratio are clamped: with a stabiliser as small as soft tissue needs
-    (``unireg.losses.LNCC_EPS``), float32 cancellation in flat regions otherwise gives values far
+    (``LNCC_EPS``), float32 cancellation in flat regions otherwise gives values far
     above 1 (MONAI's loss reached -9 in training at eps 1e-8)."""
     f, w = fixed.float(), warped.float()
     n = f.shape[1]

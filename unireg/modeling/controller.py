@@ -8,7 +8,9 @@ and learns how conditions should bend it.
 The condition-dependent part is scaled by 1/hidden: each generated kernel entry sums ``hidden``
 weights, and with Adam every weight moves by about the learning rate per step, so unscaled the
 generated kernels would move ``hidden`` times faster than an ordinary layer and training turns
-chaotic (the network then settles on a near-zero field).
+chaotic (the network then settles on a near-zero field). ``gain`` (``UniRegConfig.controller_gain``)
+replaces 1/hidden: at 1/128 the conditions learned ~100x slower than the base head and naming an
+organ moved the trained field by < 0.6 mm; at 0.09 a fine-tune made it move by up to 3.4 mm.
 """
 from __future__ import annotations
 

@@ -41,9 +41,9 @@ import torch
 import torch.nn.functional as F
 
 from ..io import InputError
-from ..losses import LNCC_EPS, gradient_l2
+from ..losses import gradient_l2
 from ..modeling.transform import SpatialTransformer, VelocityIntegrator, resize_field
-from ..similarity import box_filter, lncc_loss, mind_loss, mind_ssc
+from ..similarity import LNCC_EPS, box_filter, lncc_loss, mind_loss, mind_ssc
 
 SIMILARITIES = ("lncc", "mind")
 #: Regulariser weight at smoothness 0 and at smoothness 1 (log-linear in between), per similarity:

@@ -65,7 +65,7 @@ class LossSection:
     smoothness_scale: float = 1.0
     global_weight: float = 0.25          # similarity weight outside the named organs (1 + this inside)
     focus_dilation: int = 2              # voxels the named organs' mask grows by for the similarity focus
-    lncc_eps: float = 1e-8               # LNCC stabiliser (unireg.losses.LNCC_EPS explains the value)
+    lncc_eps: float = 1e-8               # LNCC stabiliser (unireg.similarity.LNCC_EPS explains the value)
 
 
 @dataclass
