@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from unireg.organs import ORGAN_TO_ID
+from unireg.preprocessing import to_stored_hu
 
 from .phantom import Subject, make_subject, subject_seed
 
@@ -57,7 +58,7 @@ def organ_motion_pair(subject: Subject, seed: int, n_organs=(2, 4), shift_mm=(6.
         moving_img[dst][masks[o][src]] = image[src][masks[o][src]]
         moving_lab[pasted] = ORGAN_TO_ID[o]
         displacement[:, masks[o]] = shift[:, None]
-    moving_img = np.clip(np.round(moving_img), -1024, 3071).astype(image.dtype)
+    moving_img = to_stored_hu(moving_img)
     return {"image": moving_img, "labels": moving_lab}, displacement
 
 
