@@ -23,7 +23,8 @@ TRAIN = ["deepspeed>=0.14"]
 APP = ["gradio>=6.0"]  # api_visibility= on events; gradio_client comes with it
 DEV = ["pytest>=8", "pytest-timeout", "playwright>=1.40"]  # playwright drives the system chromium
 # bench/vs_optimisers.py: the classical optimisers UniReg is measured against; never core, not in
-# "all" (antspyx pins numpy<2.4 and scipy<1.16, so installing this extra may downgrade them)
+# "all" (antspyx 0.6 pins numpy<2.4 and scipy<1.16: installing this extra downgrades them; the
+# suite passes with either)
 BENCH = ["antspyx>=0.6", "picsl-greedy>=1.4", "convexadam>=0.2"]
 
 setup(

@@ -151,3 +151,24 @@ def test_mutual_information_aligns_a_contrast_inverted_scan():
     inverted = (1.0 - moving) * (moving > 0.05)       # tissue dark, air stays air
     result = align_pair(fixed, fa, inverted, ma, mode="rigid", similarity="mi")
     assert _max_point_error(result.matrix, truth, fixed, fa) < 2.0
+
+
+def test_same_subject_auto_keeps_a_moved_patient_and_leaves_breathing_to_the_deformable_stages():
+    """Breathing moves organs, not the skeleton: a whole-body rigid fit to it is refused by the bone;
+    a patient who moved moves the bone too, and that rigid motion is kept (and not made affine)."""
+    from data_tools.phantom import make_intra_pair, make_subject
+    subject = make_subject(11, shape=(64, 64, 64), spacing_mm=(6.0, 6.0, 6.0))
+    breathing, _ = make_intra_pair(subject, seed=5, amplitude_mm=18.0)
+    affine = subject.affine[:, [2, 1, 0, 3]]                    # (i, j, k) -> tensor order (d, h, w)
+    fixed, moving = (torch.from_numpy(normalize_ct(s.image))[None, None] for s in (subject, breathing))
+    whole_body = align_pair(fixed, affine, moving, affine, mode="rigid")
+    assert _max_point_error(whole_body.matrix, np.eye(4), fixed, affine) > 2.0   # the organs pull it along
+    result = align_pair(fixed, affine, moving, affine, mode="auto", same_subject=True)
+    assert (result.mode, result.bone_check) == ("none", "disagrees")
+    np.testing.assert_array_equal(result.matrix, np.eye(4))
+
+    truth = _rigid(4.0, (0.0, 1.0, 0.0), (0.0, 12.0, 0.0))
+    fixed, fa, moving, ma = _pair(truth)
+    moved = align_pair(fixed, fa, moving, ma, mode="auto", same_subject=True)
+    assert (moved.mode, moved.bone_check) == ("rigid", "agrees")
+    assert _max_point_error(moved.matrix, truth, fixed, fa) < 2.0

@@ -79,7 +79,7 @@ class RegistrationPipeline:
         with _stage(stages, "load"):
             grid = working_grid(pair.fixed, cfg)
             fixed_t = scan_tensor(pair.fixed, grid, cfg, device)
-        matrix, align_info = self._align(pair, grid, fixed_t, align, stages)
+        matrix, align_info = self._align(pair, grid, fixed_t, align, prompt, stages)
 
         with _stage(stages, "network") as info:
             moving_t = scan_tensor(pair.moving, grid, cfg, device, matrix=matrix)
@@ -112,7 +112,7 @@ class RegistrationPipeline:
         return result
 
     # ------------------------------------------------------------------------------- stages
-    def _align(self, pair: ScanPair, grid, fixed_t, mode: str, stages) -> tuple[np.ndarray, dict]:
+    def _align(self, pair: ScanPair, grid, fixed_t, mode: str, prompt: Prompt, stages) -> tuple[np.ndarray, dict]:
         if mode == "none":
             return np.eye(4), {"mode": "none"}
         from .align import align_pair
@@ -120,8 +120,10 @@ class RegistrationPipeline:
             cfg = self.model.config
             moving_grid = working_grid(pair.moving, cfg)
             moving_own = scan_tensor(pair.moving, moving_grid, cfg, self.device)
-            res = align_pair(fixed_t, tensor_affine(grid), moving_own, tensor_affine(moving_grid), mode=mode)
-            info.update(mode=res.mode, loss_before=res.loss_before, loss_after=res.loss_after)
+            res = align_pair(fixed_t, tensor_affine(grid), moving_own, tensor_affine(moving_grid), mode=mode,
+                             same_subject=prompt.type == "intra")
+            info.update(mode=res.mode, bone_check=res.bone_check, loss_before=res.loss_before,
+                        loss_after=res.loss_after)
         return res.matrix, {"mode": res.mode, "matrix": np.round(res.matrix, 6).tolist()}
 
     def _refine(self, pair: ScanPair, grid, velocity, matrix, prompt: Prompt, steps, progress, stages):
