@@ -51,10 +51,10 @@ def unireg_network(model):
     return run
 
 
-def unireg_pipeline(model):
-    """``register`` with its defaults (pre-alignment + network + instance optimisation)."""
+def unireg_pipeline(model, **options):
+    """``register`` with its defaults (pre-alignment + network + instance optimisation), or ``options``."""
     def run(fixed, moving, prompt=None):
-        result = model.register(fixed, moving, prompt=prompt)
+        result = model.register(fixed, moving, prompt=prompt, **options)
         return result.displacement.astype(np.float32), result.seconds
     return run
 

@@ -6,6 +6,7 @@ from scipy import ndimage
 
 from data_tools.phantom import make_subject
 from unireg import UniReg
+from unireg.errors import UserError
 from unireg.io import ijk_to_tensor_order
 from unireg.metrics import jacobian_determinant
 from unireg.organs import ORGAN_TO_ID
@@ -96,17 +97,26 @@ def _tre(result, truth, lab):
     return float(np.linalg.norm(result.displacement[body] - truth[body], axis=1).mean())
 
 
-def test_instance_optimisation_beats_the_network_without_folding(model, deformed):
+@pytest.mark.parametrize("similarity", [None, "lncc"])
+def test_instance_optimisation_beats_the_network_without_folding(model, deformed, similarity):
     hu, lab, moving, moving_lab, truth, affine = deformed
     kw = dict(moving_labels=(moving_lab, affine), align="none")
     network = model.register((hu, affine), (moving, affine), "intra", **kw, refine=False)
-    full = model.register((hu, affine), (moving, affine), "intra", **kw)
+    chosen = {} if similarity is None else {"similarity": similarity}
+    full = model.register((hu, affine), (moving, affine), "intra", **kw, **chosen)
     identity = float(np.linalg.norm(truth[lab > 0], axis=1).mean())
     tre_net, tre_full = _tre(network, truth, lab), _tre(full, truth, lab)
     assert tre_full < 0.8 * min(tre_net, identity), (identity, tre_net, tre_full)
     refine = next(s for s in full.metrics["stages"] if s["stage"] == "refine")
+    assert refine["similarity"] == (similarity or "mind")
     assert all(level["loss_end"] < level["loss_start"] for level in refine["levels"]), refine["levels"]
     assert full.jacobian["nonpositive_jacobian_pct"] == 0.0
+
+
+def test_an_unknown_similarity_is_named_before_any_work(model, deformed):
+    hu, _, moving, _, _, affine = deformed
+    with pytest.raises(UserError, match="similarity must be one of mind, lncc"):
+        model.register((hu, affine), (moving, affine), "intra", similarity="ncc")
 
 
 def test_rigid_prompt_keeps_the_structure_rigid(model, deformed):

@@ -15,17 +15,20 @@ from .result import RegistrationResult
 
 class UniReg(UniRegModel):
     def register(self, fixed, moving, prompt: "str | Prompt | None" = None, moving_labels=None, fixed_labels=None,
-                 *, refine="auto", align="auto", adapter=None, fixed_affine=None, moving_affine=None,
-                 progress=None) -> RegistrationResult:
+                 *, refine="auto", align="auto", similarity="mind", adapter=None, fixed_affine=None,
+                 moving_affine=None, progress=None) -> RegistrationResult:
         """Register ``moving`` onto ``fixed`` (paths, nibabel images, (array, affine) or arrays).
 
         ``refine``: "auto" (instance optimisation from the network's field, the default), False (the
         network alone) or a number of steps. ``align``: "auto" | "none" | "rigid" | "affine".
+        ``similarity`` of instance optimisation: "mind" (MIND-SSC, the default) or "lncc" (about half
+        the time; see ``unireg.pipeline.register.REFINE_SIMILARITIES``).
         ``adapter``: a few-shot adapter (path or :class:`unireg.adapt.Adapter`).
         """
         return RegistrationPipeline(self).register(
             fixed, moving, prompt, moving_labels=moving_labels, fixed_labels=fixed_labels, refine=refine,
-            align=align, adapter=adapter, fixed_affine=fixed_affine, moving_affine=moving_affine, progress=progress)
+            align=align, adapter=adapter, fixed_affine=fixed_affine, moving_affine=moving_affine,
+            similarity=similarity, progress=progress)
 
 
 __all__ = ["UniReg", "UniRegConfig", "Prompt", "parse_prompt"]

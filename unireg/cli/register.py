@@ -21,6 +21,8 @@ def add_parser(subparsers) -> None:
                    help="instance optimisation: auto (default), off (network alone) or a number of steps")
     p.add_argument("--align", default="auto", choices=["auto", "none", "rigid", "affine"],
                    help="pre-alignment before the network (default auto: only when the scans are not aligned)")
+    p.add_argument("--similarity", default="mind", choices=["mind", "lncc"],
+                   help="similarity of instance optimisation (default mind: MIND-SSC; lncc takes about half the time)")
     p.add_argument("--adapter", help="few-shot adapter (.safetensors) made by `unireg adapt`")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -37,7 +39,8 @@ def run(args) -> int:
     with _progress_bar(disabled=args.no_progress or refine == 0) as progress:
         result = model.register(args.fixed, args.moving, prompt=args.prompt, moving_labels=args.moving_labels,
                                 fixed_labels=args.fixed_labels, refine=refine if refine >= 0 else "auto",
-                                align=args.align, adapter=args.adapter, progress=progress)
+                                align=args.align, similarity=args.similarity, adapter=args.adapter,
+                                progress=progress)
     paths = result.save(out, overwrite=args.overwrite)
     from ..result import json_safe
     print(json.dumps(json_safe({"outputs": {k: str(v) for k, v in paths.items()}, **result.summary()}), indent=2))
