@@ -74,8 +74,12 @@ _SSC_PAIRS = tuple((i, j) for i in range(6) for j in range(i + 1, 6)
                    if sum((a - b) ** 2 for a, b in zip(_SIX[i], _SIX[j])) == 2)
 
 
+@torch.no_grad()
 def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2) -> torch.Tensor:
-    """MIND-SSC descriptor [B,12,D,H,W] of a one-channel image [B,1,D,H,W]."""
+    """MIND-SSC descriptor [B,12,D,H,W] of a one-channel image [B,1,D,H,W] (a constant: no gradient).
+
+    Built channel by channel and in place: instance optimisation computes it on the refinement grid
+    (up to 160^3 on a CPU), where stacking the 12 channels' temporaries took 1.4 GB for a pair."""
     x = image.float()
     d = dilation
     padded = F.pad(x, [d] * 6, mode="replicate")
@@ -85,13 +89,14 @@ def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2) -> torch.T
         a, b, c = (d + o * d for o in offset)
         return padded[:, :, a:a + D, b:b + H, c:c + W]
 
-    diffs = torch.cat([(shifted(_SIX[i]) - shifted(_SIX[j])) ** 2 for i, j in _SSC_PAIRS], dim=1)
-    ssd = box_filter(diffs, 2 * radius + 1)
-    ssd = ssd - ssd.min(dim=1, keepdim=True).values
+    ssd = x.new_empty(x.shape[0], len(_SSC_PAIRS), D, H, W)
+    for k, (i, j) in enumerate(_SSC_PAIRS):
+        ssd[:, k:k + 1] = box_filter((shifted(_SIX[i]) - shifted(_SIX[j])) ** 2, 2 * radius + 1)
+    ssd -= ssd.min(dim=1, keepdim=True).values
     variance = ssd.mean(dim=1, keepdim=True)
     level = variance.mean()
     variance = variance.clamp(min=level * 1e-3 + 1e-12, max=level * 1e3 + 1e-12)
-    return torch.exp(-ssd / variance)
+    return ssd.div_(variance).neg_().exp_()
 
 
 def mind_loss(fixed_mind: torch.Tensor, warped_mind: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
