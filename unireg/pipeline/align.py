@@ -35,13 +35,14 @@ Rule of ``mode="auto"``
     Scans of one patient (``same_subject=True``, the pipeline's intra-subject prompts) stop at rigid:
     anything beyond it is deformation, for the later stages. And the rigid motion is kept only if the
     skeleton agrees: the similarity of the bone alone (both images with everything below
-    ``BONE_HU`` set to zero) must improve by ``min_bone_gain`` (relative). Breathing moves the lungs
-    and abdomen centimetres while spine and ribs stay; a rigid motion fitted to the whole body
-    follows the organs and shifts the skeleton, which the deformable stages could not undo next to
-    sliding organs (phantom breathing pair: vertebra Dice 0.95 -> 0.50, rib Dice 0.85 -> 0.07,
-    mean Dice below no registration). A patient who moved moves the skeleton too (real chest CT,
-    3 deg + 4 mm: bone similarity +34 %; 10 deg + 15 mm: +380 %; three breathing phantoms: -24 %,
-    -15 %, +3 %). Scans with too little bone (under ``MIN_BONE_FRACTION`` of the body) skip the check.
+    ``BONE_THRESHOLD``, +250 HU, set to zero) must improve by ``min_bone_gain`` (relative).
+    Breathing moves the lungs and abdomen centimetres while spine and ribs stay; a rigid motion
+    fitted to the whole body follows the organs and shifts the skeleton, which the deformable
+    stages could not undo next to sliding organs (phantom breathing pair: vertebra Dice 0.95 ->
+    0.50, rib Dice 0.85 -> 0.07, mean Dice below no registration). A patient who moved moves the
+    skeleton too (real chest CT, 3 deg + 4 mm: bone similarity +34 %; 10 deg + 15 mm: +380 %; three
+    breathing phantoms: -24 %, -15 %, +3 %). Scans with too little bone (under
+    ``MIN_BONE_FRACTION`` of the body) skip the check.
 """
 from __future__ import annotations
 
@@ -60,7 +61,7 @@ ALIGN_MODES = ("auto", "none", "moments", "rigid", "affine")
 SIMILARITIES = ("lncc", "mi")
 #: Normalised intensity above which a voxel is body, not air (-500 HU in the default window).
 BODY_THRESHOLD = 0.25
-#: Bone for the skeleton check of same-subject pairs (BONE_HU): +250 HU in the default window
+#: Bone for the skeleton check of same-subject pairs: +250 HU in the default window
 #: (cortical and most trabecular bone; above soft tissue, fat and venous-phase contrast blood).
 BONE_THRESHOLD = 0.625
 #: Least share of the fixed body voxels that must be bone for the skeleton check to be made.
