@@ -27,6 +27,13 @@ Method
         + dice_weight * soft Dice(fixed masks, linearly warped moving masks)    if both are given
         + rigid_weight * mean over rigid_mask of |J^T J - I|^2, J = I + grad u (local rotation only)
 
+    With MIND-SSC (a descriptor per voxel, so the loss is a plain mean over voxels) a level larger
+    than ``sample_voxels`` is optimised on a fixed random sample of that many of its voxels: the
+    displacement and the moving features are read at those points only, so a step costs the sample,
+    not the grid, and the full-resolution level fits the CPU budget (real abdomen CT at 3 mm: the
+    full grid cut median TRE 0.67 -> 0.44 mm but took 24 s dense). The Dice and rigidity terms need
+    the dense field, so they keep every voxel.
+
     ``smoothness`` in [0, 1] (the prompt's λ) maps log-linearly onto lambda in
     [``SMOOTHNESS_RANGE``] (per similarity). Each level stops early when the loss, averaged over
     windows of ``check_every`` steps, improves by less than ``min_improvement`` (relative). Scaling and
@@ -108,6 +115,36 @@ def soft_dice_loss(fixed_masks: torch.Tensor, warped_masks: torch.Tensor) -> tor
     return 1.0 - (2.0 * inter[present] / total[present]).mean()
 
 
+def _level_points(shape, n: int, mask: torch.Tensor | None, device) -> torch.Tensor:
+    """A fixed random sample (seeded: runs repeat) of ``n`` voxel indices [N,3] (d,h,w) of a level grid,
+    among the voxels of ``mask`` when one is given, in memory order (reading a volume at sorted points
+    is twice as fast as at shuffled ones: the cache sees neighbours)."""
+    candidates = (torch.arange(math.prod(shape), device=device) if mask is None
+                  else mask.flatten().nonzero()[:, 0])
+    order = torch.randperm(len(candidates), generator=torch.Generator().manual_seed(0))[:n]
+    chosen = candidates[order.to(device)].sort().values
+    return torch.stack(torch.unravel_index(chosen, tuple(shape)), dim=1)
+
+
+def _field_at(field: torch.Tensor, points: torch.Tensor, shape) -> torch.Tensor:
+    """``resize_field(field, shape)`` read at level voxels ``points`` [N,3] -> [1,3,N,1,1], without the grid.
+
+    Voxel centres (align_corners=False) and border clamping, as ``F.interpolate`` does."""
+    size = torch.tensor(shape, device=field.device, dtype=field.dtype)
+    where = ((points.to(field.dtype) + 0.5) / size * 2 - 1).flip(-1).view(1, -1, 1, 1, 3)
+    values = F.grid_sample(field, where, mode="bilinear", padding_mode="border", align_corners=False)
+    scale = size / torch.tensor(field.shape[2:], device=field.device, dtype=field.dtype)
+    return values * scale.view(1, 3, 1, 1, 1)
+
+
+def _warp_at(image: torch.Tensor, points: torch.Tensor, displacement: torch.Tensor) -> torch.Tensor:
+    """``SpatialTransformer()(image, u)`` read at ``points`` [N,3] given ``u`` there [1,3,N,1,1] -> [1,C,N,1,1]."""
+    size = torch.tensor(image.shape[2:], device=image.device, dtype=displacement.dtype)
+    coords = points.T.to(displacement.dtype).view(1, 3, -1, 1, 1) + displacement
+    where = (coords / (size - 1).clamp(min=1).view(1, 3, 1, 1, 1) * 2 - 1).permute(0, 2, 3, 4, 1).flip(-1)
+    return F.grid_sample(image, where, mode="bilinear", padding_mode="border", align_corners=True)
+
+
 def _auto_steps(shapes, device: torch.device) -> list[int]:
     """Spread the voxel-step budget over the levels, coarse to fine; the finest levels it cannot afford
     AUTO_STEPS_RANGE[0] steps of (after the coarser ones took theirs, at most the range's top) are left out."""
@@ -175,6 +212,7 @@ def refine_velocity(fixed: torch.Tensor, moving: torch.Tensor, velocity: torch.T
                     rigid_weight: float = 10.0, dice_weight: float = 1.0,
                     lr: float = 0.1, lncc_kernel: int = 7, integration_steps: int = 7,
                     min_improvement: float = 2e-3, check_every: int = 10, velocity_factor: int = 2,
+                    sample_voxels: int | None = 2 ** 17,
                     progress: Callable[[int, int, float], None] | None = None) -> RefineResult:
     """Optimise a velocity for this pair, coarse to fine; see the module docstring for the loss.
 
@@ -184,7 +222,8 @@ def refine_velocity(fixed: torch.Tensor, moving: torch.Tensor, velocity: torch.T
     ``moving_coverage`` [1,1,D,H,W] (1 where the moving scan has data, on this grid): the similarity
     is measured only there (a partial field of view; beyond it the moving scan is padding air).
     ``lr``: Adam step in voxels of each level's velocity grid. ``progress(level_index, step, loss)``
-    is called after every step.
+    is called after every step. ``sample_voxels``: MIND levels above this many voxels use a fixed
+    random sample of them (None or 0: every voxel).
     """
     _check(fixed, moving, velocity, fixed_masks, moving_masks, rigid_mask, moving_coverage, similarity, levels,
            smoothness)
@@ -194,9 +233,11 @@ def refine_velocity(fixed: torch.Tensor, moving: torch.Tensor, velocity: torch.T
     warp = SpatialTransformer().to(device)
     lam = smoothness_weight(smoothness, similarity)
     shapes = [level_shape(fixed.shape[2:], int(f)) for f in levels]
-    plan = _plan_steps(steps, shapes, device)
     use_dice = fixed_masks is not None and dice_weight > 0
     use_rigid = rigid_mask is not None and rigid_weight > 0
+    sampled = [bool(sample_voxels) and similarity == "mind" and not (use_dice or use_rigid)
+               and math.prod(shape) > sample_voxels for shape in shapes]
+    plan = _plan_steps(steps, [(sample_voxels,) if s else shape for shape, s in zip(shapes, sampled)], device)
     v = None if velocity is None else velocity.detach().float().to(device)
     fixed_masks, moving_masks, rigid_mask, moving_coverage = (
         None if m is None else m.detach().float().to(device)
@@ -219,6 +260,14 @@ def refine_velocity(fixed: torch.Tensor, moving: torch.Tensor, velocity: torch.T
             if features is None:
                 features = (mind_ssc(fixed), mind_ssc(moving))
             f_feat, m_feat = (_resample(x, shape) for x in features)
+        points = None
+        if sampled[index]:
+            points = _level_points(shape, int(sample_voxels), None if mask is None else mask > 0, device)
+            f_feat = f_feat.flatten(2)[:, :, points[:, 0] * shape[1] * shape[2] + points[:, 1] * shape[2]
+                                       + points[:, 2]].view(1, -1, len(points), 1, 1)
+            # Channels last: the 12 values read at a corner share a cache line (3x faster on a CPU).
+            m_feat = m_feat.contiguous(memory_format=torch.channels_last_3d)
+            mask = None            # the points lie inside it
         fm_l, mm_l = (_resample(fixed_masks, shape), _resample(moving_masks, shape)) if use_dice else (None, None)
         # Every coarse voxel that touches the structure is held rigid: its boundary must not be
         # averaged into a half-weight seam that the upsampled field then bends.
@@ -231,6 +280,9 @@ def refine_velocity(fixed: torch.Tensor, moving: torch.Tensor, velocity: torch.T
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=n_steps, eta_min=0.1 * lr)
 
         def losses():
+            if points is not None:
+                sim = mind_loss(f_feat, _warp_at(m_feat, points, _field_at(integrate(param), points, shape)))
+                return sim + lam * gradient_l2(param).sum(), sim
             disp = resize_field(integrate(param), shape)
             if similarity == "mind":
                 sim = mind_loss(f_feat, warp(m_feat, disp), mask=mask)
@@ -267,7 +319,8 @@ def refine_velocity(fixed: torch.Tensor, moving: torch.Tensor, velocity: torch.T
             total, sim = losses()
         v = param.detach()
         history.append({"level": int(factor), "spacing_mm": float(spacing_mm) * int(factor), "shape": list(shape),
-                        "velocity_shape": list(vel_shape), "steps": run, "loss_start": first[0],
+                        "velocity_shape": list(vel_shape), "sampled_voxels": None if points is None else len(points),
+                        "steps": run, "loss_start": first[0],
                         "loss_end": float(total), "similarity_start": first[1], "similarity_end": float(sim),
                         "seconds": time.perf_counter() - start})
 
