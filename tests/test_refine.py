@@ -141,16 +141,14 @@ def test_a_sampled_level_has_the_dense_loss_and_registers_as_well():
     """Reading the field and the moving features at points is the dense warp read there (all voxels
     sampled: the same loss), and a MIND level on 16384 of its 110,592 voxels recovers the field
     about as well as every voxel does."""
-    from unireg.pipeline.refine import _field_at, _level_points, _warp_at
+    from unireg.pipeline.refine import _field_at, _level_points, _values_at, _warp_at
     from unireg.similarity import mind_loss, mind_ssc
     fixed, moving, truth, body, _ = _pair()
     f_feat, m_feat = mind_ssc(fixed), mind_ssc(moving)
     u = resize_field(_smooth_velocity(1, 3.0), (12, 12, 12))
     points = _level_points(SHAPE, 48 ** 3, None, "cpu")
     assert len(torch.unique(points, dim=0)) == 48 ** 3
-    index = (points * torch.tensor([48 * 48, 48, 1])).sum(1)
-    sampled = mind_loss(f_feat.flatten(2)[:, :, index].view(1, 12, -1, 1, 1),
-                        _warp_at(m_feat, points, _field_at(u, points, SHAPE)))
+    sampled = mind_loss(_values_at(f_feat, points), _warp_at(m_feat, points, _field_at(u, points, SHAPE)))
     dense = mind_loss(f_feat, SpatialTransformer()(m_feat, resize_field(u, SHAPE)))
     assert float(sampled) == pytest.approx(float(dense), rel=1e-5)
 

@@ -126,6 +126,13 @@ def _level_points(shape, n: int, mask: torch.Tensor | None, device) -> torch.Ten
     return torch.stack(torch.unravel_index(chosen, tuple(shape)), dim=1)
 
 
+def _values_at(volume: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """``volume`` [1,C,D,H,W] at integer voxels ``points`` [N,3] -> [1,C,N,1,1]."""
+    _, h, w = volume.shape[2:]
+    index = points[:, 0] * (h * w) + points[:, 1] * w + points[:, 2]
+    return volume.flatten(2)[:, :, index].view(1, volume.shape[1], -1, 1, 1)
+
+
 def _field_at(field: torch.Tensor, points: torch.Tensor, shape) -> torch.Tensor:
     """``resize_field(field, shape)`` read at level voxels ``points`` [N,3] -> [1,3,N,1,1], without the grid.
 
@@ -261,10 +268,9 @@ def refine_velocity(fixed: torch.Tensor, moving: torch.Tensor, velocity: torch.T
                 features = (mind_ssc(fixed), mind_ssc(moving))
             f_feat, m_feat = (_resample(x, shape) for x in features)
         points = None
-        if sampled[index]:
+        if sampled[index] and (mask is None or bool(mask.any())):
             points = _level_points(shape, int(sample_voxels), None if mask is None else mask > 0, device)
-            f_feat = f_feat.flatten(2)[:, :, points[:, 0] * shape[1] * shape[2] + points[:, 1] * shape[2]
-                                       + points[:, 2]].view(1, -1, len(points), 1, 1)
+            f_feat = _values_at(f_feat, points)
             # Channels last: the 12 values read at a corner share a cache line (3x faster on a CPU).
             m_feat = m_feat.contiguous(memory_format=torch.channels_last_3d)
             mask = None            # the points lie inside it
