@@ -1,9 +1,11 @@
 """The paper's efficiency claim, measured once: one unified model against task-specific models.
 
-    DS_ACCELERATOR=cpu python bench/multitask_cost.py [--steps 300] [--eval-every 50] [--out DIR]
+    DS_ACCELERATOR=cpu python bench/multitask_cost.py [--steps 300] [--eval-every 50] [--spacing 12]
+                                                      [--size 32] [--out DIR]
 
 Two tasks, intra-subject (breathing phantoms) and inter-subject (two phantom subjects), each with
-its own training and validation shards (12 mm, 32^3: the scale a CPU trains in minutes). A
+its own training and validation shards (default 12 mm, 32^3: the scale a CPU trains in minutes;
+the model works at ``--spacing``). A
 task-specific model per task (``run.task``: one fixed prompt, only that task's pairs) trains
 ``--steps`` steps; the unified model trains on both tasks' pairs with sampled prompts for twice
 that, the two task-specific budgets together. Every ``--eval-every`` steps each model is scored on
@@ -30,25 +32,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 TASKS = {"intra": {"intra_per_subject": 2, "inter_pairs": 0}, "inter": {"intra_per_subject": 0, "inter_pairs": 16}}
-MODEL = {"preset": "tiny", "overrides": {"vit_img_size": 64, "vit_depth": 1, "working_spacing_mm": 12.0}}
 
 
-def make_data(root: Path) -> None:
+def make_data(root: Path, size: int, spacing: float) -> None:
     """``train/<task>`` and ``val/<task>`` shards: 8 training and 3 held-out subjects per task."""
     from data_tools.shards import make_phantom_shards
-    grid = dict(shape=(32, 32, 32), spacing=(12.0, 12.0, 12.0))
+    grid = dict(shape=(size,) * 3, spacing=(spacing,) * 3)
     for task, pairs in TASKS.items():
         make_phantom_shards(root / "train" / task, n_subjects=8, seed=1, max_shard_bytes=300_000, **grid, **pairs)
         held_out = dict(pairs, inter_pairs=4 if pairs["inter_pairs"] else 0)
         make_phantom_shards(root / "val" / task, n_subjects=3, seed=9, max_shard_bytes=10 ** 9, **grid, **held_out)
 
 
-def write_config(root: Path, name: str, train: str, steps: int, task: str | None) -> Path:
+def write_config(root: Path, name: str, train: str, steps: int, task: str | None, size: int,
+                 spacing: float) -> Path:
     run = {"output_dir": f"runs/{name}", "steps": steps, "log_every": 10, "eval_every": 0,
            "checkpoint_every": steps, "keep_last": 1}
     if task:
         run["task"] = task
-    config = {"model": MODEL, "data": {"train": train, "patch_size": [32, 32, 32], "augment": True},
+    model = {"preset": "tiny", "overrides": {"vit_img_size": 64, "vit_depth": 1, "working_spacing_mm": spacing}}
+    config = {"model": model, "data": {"train": train, "patch_size": [size] * 3, "augment": True},
               "run": run, "deepspeed": {"zero_optimization": {"stage": 0},
                                         "scheduler": {"params": {"warmup_num_steps": 10}}}}
     path = root / f"{name}.yaml"
@@ -84,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300, help="steps per task-specific model")
     parser.add_argument("--eval-every", type=int, default=50)
+    parser.add_argument("--spacing", type=float, default=12.0, help="mm per voxel of the data and the model")
+    parser.add_argument("--size", type=int, default=32, help="voxels per side of the phantoms")
     parser.add_argument("--out", type=Path, help="work folder (default: a temporary one)")
     args = parser.parse_args(argv)
     import torch
@@ -94,14 +99,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"command: python bench/multitask_cost.py {' '.join(sys.argv[1:] if argv is None else argv)}")
         print(f"machine: {os.cpu_count()} cores, torch {torch.get_num_threads()} threads, "
               f"load average {os.getloadavg()[0]:.1f}")
-        make_data(root)
+        make_data(root, args.size, args.spacing)
         curves = {}
         for task in TASKS:
             print(f"task-specific model '{task}' ({args.steps} steps):")
-            config = write_config(root, f"only_{task}", f"train/{task}", args.steps, task)
+            config = write_config(root, f"only_{task}", f"train/{task}", args.steps, task, args.size, args.spacing)
             curves[task] = curve(config, [task], root, args.eval_every)
         print(f"unified model, both tasks, sampled prompts ({len(TASKS) * args.steps} steps):")
-        config = write_config(root, "unified", "train", len(TASKS) * args.steps, None)
+        config = write_config(root, "unified", "train", len(TASKS) * args.steps, None, args.size, args.spacing)
         unified = curve(config, list(TASKS), root, args.eval_every)
     report(curves, unified, args.steps)
     return 0
