@@ -89,8 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--spacing", type=float, default=12.0, help="mm per voxel of the data and the model")
     parser.add_argument("--size", type=int, default=32, help="voxels per side of the phantoms")
-    parser.add_argument("--out", type=Path, help="work folder (default: a temporary one)")
+    parser.add_argument("--out", type=Path, help="new or empty work folder to keep (default: a temporary one)")
     args = parser.parse_args(argv)
+    if args.out and args.out.exists() and any(args.out.iterdir()):
+        parser.error(f"--out {args.out} is not empty: give a new folder (runs must not mix with an earlier one's)")
     import torch
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
