@@ -1,5 +1,4 @@
 """bench/multitask_cost.py end to end at toy size: three trainers in one process, curves and the ratio line."""
-import os
 import re
 import subprocess
 import sys
@@ -7,14 +6,14 @@ from pathlib import Path
 
 import pytest
 
+from training_utils import training_env
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
 def test_multitask_cost_trains_three_models_and_prints_the_claim(tmp_path):
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
+    env = training_env()
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "multitask_cost.py"), "--steps", "10",
                            "--eval-every", "5", "--out", str(tmp_path)],
                           capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)

@@ -27,6 +27,8 @@ from unireg.io import ijk_to_tensor_order
 from unireg.organs import ORGAN_TO_ID
 from unireg.training.trainer import free_port
 
+from training_utils import training_env
+
 CONFIGS = Path(__file__).resolve().parents[1] / "train_configs"
 #: Run in this order: tiny_phantom_finetune reads what tiny_phantom's commands make.
 ORDER = ["tiny_cpu", "tiny_phantom", "tiny_phantom_finetune", "tiny_phantom_steer", "finetune_from_pretrained", "base_gpu",
@@ -124,10 +126,7 @@ def workspace(tmp_path_factory):
 @pytest.mark.parametrize("name", ORDER)
 def test_header_commands_run_as_written(workspace, name):
     root, ts = workspace
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
+    env = training_env(PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     ran = 0
     for command in header_commands(root / "train_configs" / f"{name}.yaml"):
         command = shrink(command, ts)

@@ -37,12 +37,19 @@ def write_config(folder: Path, shards: Path, steps: int, checkpoint_every: int, 
     return path
 
 
+def training_env(**extra: str) -> dict:
+    """Environment for a training subprocess: CPU DeepSpeed, one OpenMP thread, and no rank variables
+    inherited from a launcher (the child starts its own single-rank or launched run)."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", **extra}
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
+
+
 def train(config: Path, *args: str, launcher: list[str] | None = None, timeout: int = 600,
           check: bool = True) -> subprocess.CompletedProcess:
     """Run ``unireg train`` (or ``launcher``) on a config; AssertionError with its output if it fails and ``check``."""
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
+    env = training_env()
     command = (launcher or [sys.executable, "-m", "unireg.cli", "train"]) + ["--config", str(config), *args]
     proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
     if check and proc.returncode != 0:
