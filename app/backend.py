@@ -22,7 +22,7 @@ import nibabel as nib
 from unireg.adapter import Adapter
 from unireg.io import InputError, load_image, load_labels
 
-PIPELINES = ("network only", "full")
+PIPELINES = ("network only", "fast", "full")
 DEFAULT_MODEL = "unireg-tiny-phantom"
 FULL_PIPELINE_STEPS = 50  # test-time optimisation steps for "full" on a UniReg without the refine stage
 
@@ -138,7 +138,9 @@ def pipeline_options(register, pipeline: str) -> dict:
         if "align" in params:
             options["align"] = "none"
         return options
-    return {} if "refine" in params else {"optimize_steps": FULL_PIPELINE_STEPS}
+    if "refine" not in params:
+        return {"optimize_steps": FULL_PIPELINE_STEPS}
+    return {"refine": "fast"} if pipeline == "fast" else {}
 
 
 def register_pair(model, fixed, moving, fixed_labels=None, moving_labels=None, prompt: str = "",

@@ -184,7 +184,8 @@ def build_app(model: str = DEFAULT_MODEL, max_upload_mb: float = 512.0, device: 
                                         placeholder='e.g. "intra-subject | liver, spleen | smooth=0.3"',
                                         elem_id="prompt-box")
                     pipeline = gr.Radio(list(PIPELINES), value="network only", label="Pipeline",
-                                        info="network only: one forward pass; full: the whole registration pipeline")
+                                        info="network only: one forward pass; full: the whole registration pipeline; "
+                                             "fast: the pipeline in about half the time")
                     run = gr.Button("Register", variant="primary", elem_id="register-button")
             metrics_md = gr.Markdown(elem_id="metrics")
             with gr.Row():

@@ -87,6 +87,7 @@ def test_pipeline_options_follow_the_register_signature():
 
     assert pipeline_options(new, "network only") == {"refine": False, "align": "none"}
     assert pipeline_options(new, "full") == {}
+    assert pipeline_options(new, "fast") == {"refine": "fast"}
     assert pipeline_options(old, "network only") == {"optimize_steps": 0}
     assert pipeline_options(old, "full")["optimize_steps"] > 0
     with pytest.raises(InputError, match="pipeline"):

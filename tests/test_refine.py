@@ -153,7 +153,7 @@ def test_a_sampled_level_has_the_dense_loss_and_registers_as_well():
     assert float(sampled) == pytest.approx(float(dense), rel=1e-5)
 
     kw = dict(smoothness=0.3, spacing_mm=SPACING, levels=(2, 1), steps=60, similarity="mind")
-    every = refine_velocity(fixed, moving, None, sample_voxels=None, **kw)
+    every = refine_velocity(fixed, moving, None, sample_voxels=0, **kw)
     few = refine_velocity(fixed, moving, None, sample_voxels=16384, **kw)
     assert [level["sampled_voxels"] for level in few.history] == [None, 16384]   # 24^3 level stays dense
     assert [level["sampled_voxels"] for level in every.history] == [None, None]
