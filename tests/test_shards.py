@@ -5,6 +5,7 @@ import tarfile
 
 import numpy as np
 import pytest
+import torch
 
 from data_tools.shards import make_phantom_shards, phantom_pairs, write_shards
 from unireg.config import UniRegConfig
@@ -189,3 +190,11 @@ def test_training_mix_refuses_nothing_to_write(tmp_path):
         list(training_mix(phantom_subjects=0))
     with pytest.raises(PreparationError, match="--ct-augment is a probability"):
         list(training_mix(phantom_subjects=1, ct_augment=1.5))
+
+
+def test_a_batch_of_pairs_of_different_sizes_names_the_fix():
+    from unireg.data import collate
+    pairs = [{"fixed": torch.zeros(1, *shape), "key": key} for shape, key in (((8, 8, 8), "a"), ((8, 8, 16), "b"))]
+    with pytest.raises(ValueError, match="data.patch_size"):
+        collate(pairs)
+    assert collate(pairs[:1])["fixed"].shape == (1, 1, 8, 8, 8)

@@ -227,6 +227,11 @@ def prepare_pair(sample: dict, patch_size, seed: int, epoch: int, prompt_samplin
 
 def collate(samples: list[dict]) -> dict:
     """Tensors stacked along a batch axis; prompts, organ lists and keys as lists."""
+    shapes = {tuple(s["fixed"].shape) for s in samples}
+    if len(shapes) > 1:
+        raise ValueError(f"pairs of different sizes in one batch ({', '.join(str(list(t[1:])) for t in sorted(shapes))}"
+                         f" on the working grid; keys {[s['key'] for s in samples]}): set data.patch_size to crop "
+                         f"them to one size, or train with a micro-batch of 1")
     return {k: torch.stack([s[k] for s in samples]) if torch.is_tensor(samples[0][k]) else [s[k] for s in samples]
             for k in samples[0]}
 

@@ -44,6 +44,10 @@ def add_parser(subparsers) -> None:
     s.add_argument("--synth-pairs", type=int, default=0, help="SynthMorph-style synthetic pairs (random label maps)")
     s.add_argument("--organ-motion-subjects", type=int, default=0,
                    help="phantom subjects whose organs slide apart (--intra-per-subject pairs each): prompts matter there")
+    s.add_argument("--known-motion", metavar="CSV",
+                   help="real scans (csv layout: image, label, subject; label may be empty) each seen through "
+                        "random known motions (rigid + smooth field): pairs with a true field from your own CT")
+    s.add_argument("--known-motion-pairs", type=int, default=8, help="pairs per scan of --known-motion")
     s.add_argument("--ct-augment", type=float, default=0.0,
                    help="probability that a pair's scans get CT appearance augmentation (noise, thickness, contrast, ...)")
     s.add_argument("--shape", type=int, nargs=3, default=[96, 96, 96])
@@ -75,19 +79,33 @@ def run_dataset(args) -> int:
 
 
 def run_shards(args) -> int:
-    from data_tools.shards import shards_from_pairs, training_mix, write_shards
+    from data_tools.shards import shards_from_pairs, write_shards
     if args.split and not args.from_pairs:
         raise UserError("--split selects pairs of a pairs.json: use it with --from-pairs")
     if args.from_pairs:
         index = shards_from_pairs(args.from_pairs, args.out, split=args.split, max_shard_bytes=args.max_shard_mb * 1e6,
                                   encoding=args.encoding)
     else:
-        pairs = training_mix(args.phantom_subjects, args.head_subjects, args.synth_pairs, tuple(args.shape),
-                             tuple(args.spacing), args.seed, args.intra_per_subject, args.inter_pairs, args.ct_augment,
-                             args.organ_motion_subjects)
-        index = write_shards(pairs, args.out, args.max_shard_mb * 1e6, args.encoding)
+        index = write_shards(_generated_pairs(args), args.out, args.max_shard_mb * 1e6, args.encoding)
     print(json.dumps(index["counts"]), f"-> {len(index['shards'])} shards in {args.out}")
     return 0
+
+
+def _generated_pairs(args):
+    """Phantom / head / synthetic / organ-motion pairs, then known-motion pairs of real scans."""
+    import itertools
+
+    from data_tools.known_motion import known_motion_pairs
+    from data_tools.shards import training_mix
+    sources = []
+    if not args.known_motion or any((args.phantom_subjects, args.head_subjects, args.synth_pairs,
+                                     args.organ_motion_subjects)):
+        sources.append(training_mix(args.phantom_subjects, args.head_subjects, args.synth_pairs, tuple(args.shape),
+                                    tuple(args.spacing), args.seed, args.intra_per_subject, args.inter_pairs,
+                                    args.ct_augment, args.organ_motion_subjects))
+    if args.known_motion:
+        sources.append(known_motion_pairs(args.known_motion, args.known_motion_pairs, tuple(args.spacing), args.seed))
+    return itertools.chain(*sources)
 
 
 def _split_counts(pairs: list[dict]) -> dict:
