@@ -20,7 +20,8 @@ class UniReg(UniRegModel):
         """Register ``moving`` onto ``fixed`` (paths, nibabel images, (array, affine) or arrays).
 
         ``refine``: "auto" (instance optimisation from the network's field, the default), "fast" (about
-        half the time, a little less accurate), False (the network alone) or a number of steps. ``align``: "auto" | "none" | "rigid" | "affine".
+        half the time, a little less accurate), False (the network alone) or a number of steps.
+        ``align``: "auto" | "none" | "rigid" | "affine".
         ``similarity`` of instance optimisation: "mind" (MIND-SSC, the default) or "lncc" (about half
         the time; see ``unireg.pipeline.register.REFINE_SIMILARITIES``).
         ``adapter``: a few-shot adapter (path or :class:`unireg.adapt.Adapter`).
