@@ -81,9 +81,9 @@ class StepPreset:
 
 #: ``"auto"``, the default, puts accuracy first; ``"fast"`` halves the steps and samples a quarter of
 #: the voxels. Measured with the pipeline (bench/vs_optimisers.py, one seed, 2-core CPU), median TRE
-#: auto -> fast: real chest CT at 2 mm 0.35 -> 0.40 mm in 11.0 -> 5.2 s, thick slices 0.52 -> 0.55,
-#: abdomen at 3 mm 0.45 -> 0.54 mm in 9.2 -> 3.5 s; on 96^3 phantoms fast costs Dice (breathing pair
-#: 0.858 -> 0.794): sampled points rarely fall on small organs' edges.
+#: and seconds auto -> fast: real chest CT at 2 mm 0.32 -> 0.37 mm, 13.2 -> 6.2 s (ANTs SyN 0.69 mm,
+#: 14.2 s); thick slices 0.47 -> 0.52; abdomen at 3 mm 0.44 -> 0.54 mm, 10.6 -> 4.3 s (Greedy 0.78 mm);
+#: on 96^3 phantoms fast costs Dice (breathing pair 0.910 -> 0.896): sampled points fall on few edges.
 STEP_PRESETS = {"auto": StepPreset(max_steps=40, sample_voxels=2 ** 17),
                 "fast": StepPreset(max_steps=20, sample_voxels=2 ** 15)}
 
