@@ -27,7 +27,6 @@ from typing import Iterator
 import nibabel as nib
 import numpy as np
 import torch
-import torch.nn.functional as F
 from scipy.spatial.transform import Rotation
 
 from unireg.io import ijk_to_tensor_order
@@ -35,7 +34,7 @@ from unireg.organ_presence import organs_in_both
 from unireg.preprocessing import to_stored_hu
 
 from .prepare import PreparationError, prepare_scan, scan_csv
-from .synth import SynthConfig, _diffeomorphism, _identity
+from .synth import SynthConfig, _diffeomorphism, _identity, _sample
 
 HU_AIR = -1000.0
 
@@ -87,14 +86,15 @@ def known_motion_pair(hu: np.ndarray, labels: np.ndarray | None, spacing, seed: 
     displacement = (moved - x_mm) / scale                                              # voxels
 
     coords = _identity(shape) + displacement
-    fixed = _sample(torch.from_numpy(hu.astype(np.float32)) - HU_AIR, coords, "bilinear") + HU_AIR
+    fixed = _sample(torch.from_numpy(hu.astype(np.float32))[None] - HU_AIR, coords, "zeros")[0] + HU_AIR
     pair = {"fixed": to_stored_hu(fixed.numpy()), "moving": to_stored_hu(hu),
             "displacement": displacement.numpy().astype(np.float32)}
     organs: list[str] = []
     if labels is not None:
         labels = np.asarray(labels, np.uint8)
         pair["moving_seg"] = labels
-        pair["fixed_seg"] = _sample(torch.from_numpy(labels.astype(np.float32)), coords, "nearest").numpy().astype(np.uint8)
+        pair["fixed_seg"] = _sample(torch.from_numpy(labels.astype(np.float32))[None], coords, "zeros",
+                                    mode="nearest")[0].numpy().astype(np.uint8)
         organs = organs_in_both(pair["fixed_seg"], pair["moving_seg"])
     else:
         pair["fixed_seg"] = pair["moving_seg"] = np.zeros(shape, np.uint8)
@@ -119,10 +119,3 @@ def known_motion_pairs(csv_path: "str | Path", pairs_per_scan: int, spacing, see
             yield (f"motion-{index:04d}-{k:04d}",
                    known_motion_pair(hu, lab, spacing_dhw, pair_seed, config, source=str(scan.subject)))
 
-
-def _sample(values: torch.Tensor, coords: torch.Tensor, mode: str) -> torch.Tensor:
-    """values [D,H,W] at voxel coords [3,D,H,W]; zero outside."""
-    shape = values.shape
-    norm = torch.stack([2 * coords[i] / max(n - 1, 1) - 1 for i, n in enumerate(shape)])
-    grid = norm.flip(0).permute(1, 2, 3, 0)[None]
-    return F.grid_sample(values[None, None], grid, mode=mode, padding_mode="zeros", align_corners=True)[0, 0]

@@ -210,13 +210,13 @@ def _warp(values: torch.Tensor, displacement: torch.Tensor) -> torch.Tensor:
     return _sample(values, _identity(values.shape[1:]) + displacement, padding="border")
 
 
-def _sample(values: torch.Tensor, coords: torch.Tensor, padding: str = "border") -> torch.Tensor:
+def _sample(values: torch.Tensor, coords: torch.Tensor, padding: str = "border", mode: str = "bilinear") -> torch.Tensor:
     """values [C, d, h, w] at voxel coords [3, D, H, W] of the output grid; ``values`` may be a coarser
     grid over the same extent (corner nodes on corner voxels: align_corners=True)."""
     shape = coords.shape[1:]
     norm = torch.stack([2 * coords[i] / max(n - 1, 1) - 1 for i, n in enumerate(shape)])
     grid = norm.flip(0).permute(1, 2, 3, 0)[None]                      # (x, y, z) last, as grid_sample wants
-    return F.grid_sample(values[None], grid, mode="bilinear", padding_mode=padding, align_corners=True)[0]
+    return F.grid_sample(values[None], grid, mode=mode, padding_mode=padding, align_corners=True)[0]
 
 
 def _label_noise(rng, shape, spacing, cfg: SynthConfig) -> torch.Tensor:
