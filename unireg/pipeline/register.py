@@ -4,7 +4,8 @@
       → total mapping on the fixed grid → metrics → RegistrationResult
 
 The default call runs it all (``align="auto"``, ``refine="auto"``); ``refine="fast"`` trades some
-accuracy for about half the optimisation time; ``refine=False`` gives the network's field alone. Each stage's time (and loss, where it optimises) goes to
+accuracy for about half the optimisation time; ``refine=False`` gives the network's field alone.
+Each stage's time (and loss, where it optimises) goes to
 ``result.metrics["stages"]`` and so to ``metrics.json``.
 """
 from __future__ import annotations
