@@ -186,17 +186,26 @@ def _auto_steps(shapes, device: torch.device, max_steps: int) -> list[int]:
     return plan
 
 
+def _preset(steps) -> StepPreset:
+    """The preset a ``steps=`` value names ("auto"'s for a number of steps)."""
+    if not isinstance(steps, str):
+        return STEP_PRESETS["auto"]
+    if steps not in STEP_PRESETS:
+        raise InputError(f"refine steps must be one of {', '.join(STEP_PRESETS)} or a number, got {steps!r}")
+    return STEP_PRESETS[steps]
+
+
 def _plan_steps(steps, shapes, device: torch.device) -> list[int]:
     if isinstance(steps, str):
-        return _auto_steps(shapes, device, STEP_PRESETS[steps].max_steps)
+        return _auto_steps(shapes, device, _preset(steps).max_steps)
     if isinstance(steps, (list, tuple)):
         if len(steps) != len(shapes) or any(isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0
                                             for n in steps):
             raise InputError(f"refine steps per level must be {len(shapes)} whole numbers >= 0, got {steps!r}")
         return [int(n) for n in steps]
     if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
-        raise InputError(f'refine steps must be {" or ".join(repr(p) for p in STEP_PRESETS)} '
-                         f'or a whole number >= 0, got {steps!r}')
+        raise InputError(f"refine steps must be one of {', '.join(STEP_PRESETS)} or a whole number >= 0, "
+                         f"got {steps!r}")
     # A total budget split evenly over the levels (early stopping may leave some unspent).
     steps = int(steps)
     share = [steps // len(shapes)] * len(shapes)
@@ -252,10 +261,8 @@ def refine_velocity(fixed: torch.Tensor, moving: torch.Tensor, velocity: torch.T
     """
     _check(fixed, moving, velocity, fixed_masks, moving_masks, rigid_mask, moving_coverage, similarity, levels,
            smoothness)
-    if isinstance(steps, str) and steps not in STEP_PRESETS:
-        raise InputError(f"refine steps must be one of {', '.join(STEP_PRESETS)} or a number, got {steps!r}")
     if sample_voxels is None:
-        sample_voxels = STEP_PRESETS[steps if isinstance(steps, str) else "auto"].sample_voxels
+        sample_voxels = _preset(steps).sample_voxels
     device = fixed.device
     fixed, moving = fixed.float(), moving.float()
     integrate = VelocityIntegrator(integration_steps).to(device)
