@@ -31,12 +31,10 @@ from scipy.spatial.transform import Rotation
 
 from unireg.io import ijk_to_tensor_order
 from unireg.organ_presence import organs_in_both
-from unireg.preprocessing import to_stored_hu
+from unireg.preprocessing import HU_OUTSIDE, to_stored_hu
 
 from .prepare import PreparationError, prepare_scan, scan_csv
 from .synth import SynthConfig, _diffeomorphism, _identity, _sample
-
-HU_AIR = -1000.0
 
 
 @dataclass(frozen=True)
@@ -78,15 +76,16 @@ def known_motion_pair(hu: np.ndarray, labels: np.ndarray | None, spacing, seed: 
     extent = (np.array(shape) - 1) * spacing
     centre = extent / 2 + rng.uniform(-cfg.centre_jitter, cfg.centre_jitter, 3) * extent
 
-    scale = torch.tensor(spacing, dtype=torch.float32).view(3, 1, 1, 1)
-    x_mm = _identity(shape) * scale
-    bent = x_mm + smooth * scale - torch.tensor(centre, dtype=torch.float32).view(3, 1, 1, 1)
-    matrix = torch.tensor(rotation.as_matrix(), dtype=torch.float32)
-    moved = torch.einsum("ij,jdhw->idhw", matrix, bent) + torch.tensor(centre + translation, dtype=torch.float32).view(3, 1, 1, 1)
-    displacement = (moved - x_mm) / scale                                              # voxels
+    def mm(vector):
+        return torch.tensor(vector, dtype=torch.float32).view(3, 1, 1, 1)
 
-    coords = _identity(shape) + displacement
-    fixed = _sample(torch.from_numpy(hu.astype(np.float32))[None] - HU_AIR, coords, "zeros")[0] + HU_AIR
+    identity = _identity(shape)
+    bent = (identity + smooth) * mm(spacing) - mm(centre)
+    matrix = torch.tensor(rotation.as_matrix(), dtype=torch.float32)
+    coords = (torch.einsum("ij,jdhw->idhw", matrix, bent) + mm(centre + translation)) / mm(spacing)  # phi, voxels
+    displacement = coords - identity
+
+    fixed = _sample(torch.from_numpy(hu.astype(np.float32))[None] - HU_OUTSIDE, coords, "zeros")[0] + HU_OUTSIDE
     pair = {"fixed": to_stored_hu(fixed.numpy()), "moving": to_stored_hu(hu),
             "displacement": displacement.numpy().astype(np.float32)}
     organs: list[str] = []
