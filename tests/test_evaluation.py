@@ -60,6 +60,20 @@ def test_skipped_samples_are_counted_in_the_report(shards, tmp_path):
         evaluate_shards(model, [str(broken)])
 
 
+def test_cli_eval_can_skip_hd95(shards, tmp_path):
+    from unireg import UniReg, UniRegConfig
+    from unireg.cli import main
+    model = UniReg(UniRegConfig.from_preset("tiny", vit_img_size=64, vit_depth=1, working_spacing_mm=24.0))
+    model.save_pretrained(tmp_path / "model")
+    for flags, name in (([], "with"), (["--no-hd95"], "without")):
+        assert main(["eval", "--model", str(tmp_path / "model"), "--data", str(shards), "--max-pairs", "1",
+                     "--device", "cpu", "--out", str(tmp_path / name), *flags]) == 0
+    with_hd95 = json.loads((tmp_path / "with" / "eval.json").read_text())["mean"]
+    without = json.loads((tmp_path / "without" / "eval.json").read_text())["mean"]
+    assert np.isfinite(with_hd95["hd95"]) and "hd95" not in without
+    assert without["dice"] == pytest.approx(with_hd95["dice"])      # the same registration, one metric fewer
+
+
 def test_model_card_numbers_are_the_ones_eval_wrote(tmp_path):
     """The card is assembled from `unireg eval` output (held-out table, prompt steering), never typed."""
     from unireg import UniReg, UniRegConfig

@@ -11,6 +11,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--out", default="eval_out", help="report folder (eval.md, eval.json, eval_per_organ.csv)")
     p.add_argument("--max-pairs", type=int)
     p.add_argument("--prompt", help="one prompt for every pair (default: each pair's type and organs)")
+    p.add_argument("--no-hd95", action="store_true",
+                   help="skip HD95 (distance transforms per organ: most of the time on large grids)")
     p.add_argument("--steering", action="store_true",
                    help="also prompt specificity per organ and SDlogJ per smooth=λ (steering.md / steering.csv)")
     p.add_argument("--zero-shot", nargs="*", default=[], metavar="ORGAN",
@@ -21,7 +23,8 @@ def run(args) -> int:
     from ..api import UniReg
     from ..evaluation import evaluate_shards, write_report
     model = UniReg.from_pretrained(args.model, device=resolve_device(args.device))
-    summary = evaluate_shards(model, args.data, max_pairs=args.max_pairs, prompt=args.prompt)
+    summary = evaluate_shards(model, args.data, max_pairs=args.max_pairs, prompt=args.prompt,
+                              with_hd95=not args.no_hd95)
     paths = write_report(summary, args.out)
     print(paths["markdown"].read_text())
     if args.steering:

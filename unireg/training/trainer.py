@@ -181,14 +181,16 @@ class Trainer:
         device = self.engine.device
         log_path = self.output_dir / "train_log.csv"
         progress = tqdm(total=self.stop_at, initial=self.step, disable=self.rank != 0, desc="train", unit="step")
-        window_start, window_pairs = time.perf_counter(), 0
+        window_start, window_pairs, window_data_s = time.perf_counter(), 0, 0.0
         last = {}
         batches = self._batches()
         clock = time.perf_counter() - self.train_seconds
         time_up = self._out_of_time()  # a resumed run whose time box is spent only exports
         while self.step < self.stop_at and not time_up:
             for _ in range(self.grad_accum):
+                waited = time.perf_counter()
                 batch = self._apply_task(next(batches))
+                window_data_s += time.perf_counter() - waited  # the loader is the bottleneck when this nears 1
                 batch = {k: (v.to(device, dtype=self.dtype) if k in ("fixed", "moving") else
                              v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
                 terms = registration_step(self.engine.module, batch, self.loss_fn, forward=self.engine)
@@ -206,10 +208,10 @@ class Trainer:
             if self.step % self.run.log_every == 0 or self.step == self.stop_at:
                 elapsed = time.perf_counter() - window_start
                 row = {"step": self.step, "lr": self.engine.get_lr()[0], "pairs_per_s": window_pairs / elapsed,
-                       **{k: round(v, 5) for k, v in last.items()}}
+                       "data_wait_frac": round(window_data_s / elapsed, 3), **{k: round(v, 5) for k, v in last.items()}}
                 self._log(log_path, row)
                 progress.set_postfix(loss=f"{last['loss']:.4f}", pairs_s=f"{row['pairs_per_s']:.2f}")
-                window_start, window_pairs = time.perf_counter(), 0
+                window_start, window_pairs, window_data_s = time.perf_counter(), 0, 0.0
             if self.run.eval_every and self.step % self.run.eval_every == 0 and self.val_urls:
                 self.evaluate()
             if self.step % self.run.checkpoint_every == 0 or self.step == self.stop_at or time_up:
