@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # A 3 mm tiny UniReg, end to end (train_configs/unireg_tiny_3mm.yaml): training data written in parallel (torso and
 # head-and-neck phantoms, SynthMorph-style synthetic pairs, organ-motion pairs, half CT-augmented; held-out test
-# subjects apart), then each config trained (concurrently when several are given: one GPU holds
-# them all), then `unireg eval --steering` on the held-out pairs.
+# subjects apart), then each config trained in turn, then `unireg eval --steering` on the held-out pairs.
 #   bash train_configs/unireg_tiny_3mm.sh [CONFIG ...]      (default: train_configs/unireg_tiny_3mm.yaml)
 # SHAPE / SPACING set the phantoms' grid (default 128^3 at 3 mm), TRAIN_THREADS each trainer's CPU threads,
 # PYTHON the interpreter.
@@ -40,13 +39,12 @@ if [ ! -f "$DATA/test/index.json" ]; then
 fi
 
 run_dir() { $PY -c "import sys; from unireg.training.config import TrainConfig as T; print(T.from_yaml(sys.argv[1]).output_dir)" "$1"; }
-pids=()
+# One trainer at a time: on one H100 two concurrent trainers made 1.4 s/step each, one alone 0.21 s/step
+# (docs/experiments/gpu_20261126). Its loader workers need the cores its torch threads leave free.
 for config in "${CONFIGS[@]}"; do
   run=$(run_dir "$config"); mkdir -p "$run"
-  # Few CPU threads per trainer: several trainers and their loader workers share the cores.
-  OMP_NUM_THREADS=${TRAIN_THREADS:-4} $PY -m unireg.cli train --config "$config" > "$run/train.log" 2>&1 & pids+=($!)
+  OMP_NUM_THREADS=${TRAIN_THREADS:-8} $PY -m unireg.cli train --config "$config" > "$run/train.log" 2>&1
 done
-wait_all "${pids[@]}"
 
 for config in "${CONFIGS[@]}"; do
   run=$(run_dir "$config")
