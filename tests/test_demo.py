@@ -31,6 +31,7 @@ def test_demo_train_runs_train_export_register(tmp_path):
         log = list(csv.DictReader(f))
     assert [int(row["step"]) for row in log] == [6]                       # log_every 10: the last step is logged
     assert all(math.isfinite(float(row[k])) for row in log for k in ("loss", "similarity", "dice", "lr"))
+    assert all(0.0 <= float(row["data_wait_frac"]) <= 1.0 and float(row["field_mean_abs"]) > 0 for row in log)
     with open(tmp_path / "run" / "eval_log.csv") as f:
         evaluation = list(csv.DictReader(f))
     assert [int(row["step"]) for row in evaluation] == [6] and math.isfinite(float(evaluation[0]["dice"]))

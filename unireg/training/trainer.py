@@ -207,8 +207,11 @@ class Trainer:
             last = {k: float(v.detach()) for k, v in terms.items() if k != "displacement"}
             if self.step % self.run.log_every == 0 or self.step == self.stop_at:
                 elapsed = time.perf_counter() - window_start
+                # mean |displacement| (working-grid voxels) of the last batch: a field shrinking towards
+                # identity while the loss stalls is the collapse a curve of losses alone hides
                 row = {"step": self.step, "lr": self.engine.get_lr()[0], "pairs_per_s": window_pairs / elapsed,
-                       "data_wait_frac": round(window_data_s / elapsed, 3), **{k: round(v, 5) for k, v in last.items()}}
+                       "data_wait_frac": round(window_data_s / elapsed, 3), **{k: round(v, 5) for k, v in last.items()},
+                       "field_mean_abs": round(float(terms["displacement"].detach().abs().mean()), 5)}
                 self._log(log_path, row)
                 progress.set_postfix(loss=f"{last['loss']:.4f}", pairs_s=f"{row['pairs_per_s']:.2f}")
                 window_start, window_pairs, window_data_s = time.perf_counter(), 0, 0.0
