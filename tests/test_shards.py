@@ -71,6 +71,9 @@ def test_same_seed_and_epoch_give_the_same_stream(shards):
                          make_loader(urls, 2, (16, 16, 16), seed=1, epoch=epoch, spec=SPEC)]
     assert run(0) == run(0)
     assert run(0) != run(1)
+    batch = next(iter(make_loader(urls, 2, (16, 16, 16), seed=1, epoch=0, spec=SPEC)))
+    assert batch["fixed_seg"].dtype == batch["moving_seg"].dtype == torch.uint8      # as stored: 1/8 of int64
+    assert batch["fixed"].dtype == torch.float32 and batch["fixed_seg"].shape == batch["fixed"].shape
 
 
 def test_corrupt_shard_and_malformed_sample_are_skipped_and_counted(shards, tmp_path):
