@@ -3,8 +3,8 @@
 # head-and-neck phantoms, SynthMorph-style synthetic pairs, organ-motion pairs, half CT-augmented; held-out test
 # subjects apart), then each config trained in turn, then `unireg eval --steering` on the held-out pairs.
 #   bash train_configs/unireg_tiny_3mm.sh [CONFIG ...]      (default: train_configs/unireg_tiny_3mm.yaml)
-# SHAPE / SPACING set the phantoms' grid (default 128^3 at 3 mm), TRAIN_THREADS each trainer's CPU threads,
-# PYTHON the interpreter.
+# SHAPE / SPACING set the phantoms' grid (default 128^3 at 3 mm), TRAIN_THREADS the trainer's CPU threads
+# (default: the cores, at most 8), PYTHON the interpreter.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -43,7 +43,8 @@ run_dir() { $PY -c "import sys; from unireg.training.config import TrainConfig a
 # (docs/experiments/gpu_20261126). Its loader workers need the cores its torch threads leave free.
 for config in "${CONFIGS[@]}"; do
   run=$(run_dir "$config"); mkdir -p "$run"
-  OMP_NUM_THREADS=${TRAIN_THREADS:-8} $PY -m unireg.cli train --config "$config" > "$run/train.log" 2>&1
+  OMP_NUM_THREADS=${TRAIN_THREADS:-$(( $(nproc) < 8 ? $(nproc) : 8 ))} $PY -m unireg.cli train --config "$config" \
+    > "$run/train.log" 2>&1
 done
 
 for config in "${CONFIGS[@]}"; do
