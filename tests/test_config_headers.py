@@ -32,7 +32,7 @@ from training_utils import training_env
 CONFIGS = Path(__file__).resolve().parents[1] / "train_configs"
 #: Run in this order: tiny_phantom_finetune reads what tiny_phantom's commands make.
 ORDER = ["tiny_cpu", "tiny_phantom", "tiny_phantom_finetune", "tiny_phantom_steer", "finetune_from_pretrained", "base_gpu",
-         "large_multinode", "unireg_tiny_3mm"]
+         "large_multinode", "unireg_tiny_3mm", "unireg_tiny_3mm_steer"]
 SHRINK = [(r"--subjects \d+", "--subjects 6"), (r"--phantom-subjects \d+", "--phantom-subjects 2"),
           (r"--inter-pairs \d+", "--inter-pairs 2"), (r"--shape \d+ \d+ \d+", "--shape 32 32 32"),
           (r"--spacing [\d.]+ [\d.]+ [\d.]+", "--spacing 12 12 12")]
