@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One GPU call: isolated step profile, data, tiny 3 mm training (alone), base_gpu reading, steering eval.
-# SHAPE/MINUTES_SCALE let the same script be smoke-tested on a CPU.
+# SHAPE, TINY_CONFIG / BASE_CONFIG and the *_S time caps let the same script be smoke-tested on a CPU
+# (DS_ACCELERATOR=cpu SHAPE=48 ...); OUT is where the device tool collects files.
 set -u
 cd "$(dirname "$0")/../../.."
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TQDM_MININTERVAL=15
