@@ -19,6 +19,12 @@ def shards(tmp_path_factory):
     return out
 
 
+def small_model(spacing_mm: float = 24.0):
+    """An untrained tiny UniReg small enough for 16^3 phantoms (what these tests need is a field, not a good one)."""
+    from unireg import UniReg, UniRegConfig
+    return UniReg(UniRegConfig.from_preset("tiny", vit_img_size=64, vit_depth=1, working_spacing_mm=spacing_mm)).eval()
+
+
 def test_shard_names_are_checked_before_any_model_runs(shards, tmp_path):
     tars = sorted(str(p) for p in shards.glob("*.tar"))
     assert shard_list([str(shards)]) == tars                               # a folder
@@ -38,14 +44,13 @@ def test_shard_names_are_checked_before_any_model_runs(shards, tmp_path):
 
 
 def test_skipped_samples_are_counted_in_the_report(shards, tmp_path):
-    from unireg import UniReg, UniRegConfig
     broken = tmp_path / "broken.tar"                      # a readable tar whose one sample lacks its arrays
     with tarfile.open(broken, "w") as tar:
         payload = json.dumps({"type": "inter"}).encode()
         info = tarfile.TarInfo("bad.meta.json")
         info.size = len(payload)
         tar.addfile(info, io.BytesIO(payload))
-    model = UniReg(UniRegConfig.from_preset("tiny", vit_img_size=64, vit_depth=1, working_spacing_mm=24.0)).eval()
+    model = small_model()
     urls = sorted(str(p) for p in shards.glob("*.tar"))
     summary = evaluate_shards(model, urls + [str(broken)], with_hd95=False)
     assert summary["mean"]["pairs"] == 3 and summary["skipped"] == {"malformed sample": 1}
@@ -61,9 +66,8 @@ def test_skipped_samples_are_counted_in_the_report(shards, tmp_path):
 
 
 def test_cli_eval_can_skip_hd95(shards, tmp_path):
-    from unireg import UniReg, UniRegConfig
     from unireg.cli import main
-    model = UniReg(UniRegConfig.from_preset("tiny", vit_img_size=64, vit_depth=1, working_spacing_mm=24.0))
+    model = small_model()
     model.save_pretrained(tmp_path / "model")
     for flags, name in (([], "with"), (["--no-hd95"], "without")):
         assert main(["eval", "--model", str(tmp_path / "model"), "--data", str(shards), "--max-pairs", "1",
@@ -76,10 +80,9 @@ def test_cli_eval_can_skip_hd95(shards, tmp_path):
 
 def test_model_card_numbers_are_the_ones_eval_wrote(tmp_path):
     """The card is assembled from `unireg eval` output (held-out table, prompt steering), never typed."""
-    from unireg import UniReg, UniRegConfig
     from unireg.steering import evaluate_steering, write_steering_report
     from unireg.training.model_card import write_model_card
-    model = UniReg(UniRegConfig.from_preset("tiny", vit_img_size=64, vit_depth=1, working_spacing_mm=12.0)).eval()
+    model = small_model(12.0)
     make_phantom_shards(tmp_path / "pair", n_subjects=1, shape=(32, 32, 32), spacing=(12.0,) * 3, seed=4,
                         intra_per_subject=1, inter_pairs=0)      # organs large enough to be prompted
     urls = sorted(str(p) for p in (tmp_path / "pair").glob("*.tar"))
