@@ -126,6 +126,11 @@ def test_data_paths_are_checked_when_the_run_starts(tmp_path):
     (tmp_path / "shards" / "val" / "pairs-000000.tar").write_text("not a tar file")
     with pytest.raises(ConfigError, match="data.val: .*pairs-000000.tar is not a readable .tar shard"):
         config.check_data()
+    staging = tmp_path / "shards" / "val" / "job0" / ".writing-x1"         # a `prepare shards` job still running
+    staging.mkdir(parents=True)
+    (staging / "pairs-000000.tar").write_bytes(b"half a tar")
+    with pytest.raises(ConfigError, match="data.val: .*val/pairs-000000.tar is not a readable"):
+        config.check_data()                                                 # the staged shard is not read at all
     config.data.val = "shards/train/pairs-{000000..000001}.tar"
     with pytest.raises(ConfigError, match="pairs-000001.tar not found"):
         config.check_data()

@@ -269,7 +269,9 @@ def command_line_overrides(output_dir: str | None = None, train_data: str | None
 
 def _expand(spec: str, resolve, key: str) -> list[str]:
     """A folder (its ``*.tar``, subfolders included: shards written in parallel), a file, a brace
-    pattern of files, or URLs (brace-expanded, read by the loader)."""
+    pattern of files, or URLs (brace-expanded, read by the loader). Hidden subfolders are not data:
+    ``unireg prepare shards`` stages its shards in ``.writing-*`` and renames them when done, so a
+    killed or running job leaves there only half-written shards."""
     import braceexpand
     if _is_url(spec):
         return list(braceexpand.braceexpand(spec))
@@ -278,7 +280,8 @@ def _expand(spec: str, resolve, key: str) -> list[str]:
     else:
         path = resolve(spec)
         if path.is_dir():
-            paths = sorted(path.rglob("*.tar"))
+            paths = sorted(p for p in path.rglob("*.tar")
+                           if not any(part.startswith(".") for part in p.relative_to(path).parts))
             if not paths:
                 raise ConfigError(f"{key}: no .tar shards in {path} (write them with `unireg prepare shards --out {path}`)")
         else:
