@@ -93,10 +93,11 @@ def test_model_card_numbers_are_the_ones_eval_wrote(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     (run / "train_log.csv").write_text("step,lr,pairs_per_s,loss\n10,0.001,2.5,0.3\n20,0.001,3.5,0.2\n")
-    card = write_model_card(run, model_dir, eval_dir, "unireg-train --config x.yaml", "phantoms", 3.0).read_text()
+    card = write_model_card(run, model_dir, eval_dir, "unireg-train --config x.yaml", "phantoms", 3.0,
+                            hardware="one H100").read_text()
     assert (eval_dir / "eval.md").read_text() in card
     assert (eval_dir / "steering.md").read_text() in card
-    assert "steps: 20, mean throughput 3.00 pairs/s" in card
+    assert "steps: 20, mean throughput 3.00 pairs/s, wall time 3 min on one H100" in card
     assert (model_dir / "training_curve.png").is_file()
     import csv
     rows = list(csv.DictReader(open(eval_dir / "steering.csv")))

@@ -14,9 +14,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("--command", required=True, help="the exact training command")
     p.add_argument("--data", required=True, help="what the model was trained on")
     p.add_argument("--train-minutes", type=float)
+    p.add_argument("--hardware", default="this machine's CPU", help="what it was trained on, for the card")
 
 
 def run(args) -> int:
     from ..training.model_card import write_model_card
-    print(write_model_card(args.run, args.model, args.eval, args.command, args.data, args.train_minutes))
+    print(write_model_card(args.run, args.model, args.eval, args.command, args.data, args.train_minutes,
+                            args.hardware))
     return 0

@@ -61,7 +61,7 @@ def _smooth(values: list[float], window: int = 10) -> list[float]:
 
 
 def write_model_card(run: Path, model_dir: Path, eval_dir: Path, command: str, data: str,
-                     train_minutes: float | None) -> Path:
+                     train_minutes: float | None, hardware: str = "this machine's CPU") -> Path:
     config = UniRegConfig.load(model_dir / "config.json")
     train = _read_csv(run / "train_log.csv")
     steps = int(train[-1]["step"]) if train else 0
@@ -74,14 +74,15 @@ def write_model_card(run: Path, model_dir: Path, eval_dir: Path, command: str, d
         f"# {model_dir.name}",
         "",
         f"A `{config.size}` UniReg ({_count_params(model_dir) / 1e6:.2f} M parameters) trained with this",
-        "repository's DeepSpeed pipeline on the embedded phantom data only. It demonstrates the whole",
-        "product path (shards -> training -> export -> `from_pretrained` -> `register`) offline; it has never",
-        "seen real CT and is not for clinical or research use on patient data.",
+        "repository's DeepSpeed pipeline on data the project generates (phantoms and synthetic pairs) only.",
+        "It demonstrates the whole product path (shards -> training -> export -> `from_pretrained` ->",
+        "`register`) offline; it has never seen real CT in training and is not for clinical or research use",
+        "on patient data.",
         "",
         "## Training",
         "",
         f"- data: {data}",
-        f"- steps: {steps}, mean throughput {rate:.2f} pairs/s, wall time {minutes} on this machine's CPU",
+        f"- steps: {steps}, mean throughput {rate:.2f} pairs/s, wall time {minutes} on {hardware}",
         f"- working grid: {config.working_spacing_mm:g} mm isotropic, up to {config.max_working_size}³ voxels",
         "- loss: LNCC (window 9) + Dice on the prompted organs + λ·smoothness, λ sampled in [0, 1]",
         "",
