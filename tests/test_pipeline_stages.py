@@ -74,6 +74,22 @@ def test_pre_alignment_recovers_a_rigid_transform(model, fixed):
     assert np.median(miss) < 1.5 and miss.max() < 4.0, miss
 
 
+def test_pre_alignment_does_not_depend_on_the_models_grid(model, fixed):
+    """Both shipped models (6 mm and 3 mm working grids) see the pair at the same alignment spacing, so
+    "auto" makes the same decision and finds the same transform (a real abdomen was rigidly aligned at
+    3 mm and left alone at 6 mm, and the final TRE followed)."""
+    hu, _ = fixed
+    truth = _rigid(6.0, [5.0, -4.0, 3.0])
+    affine = _affine()
+    moving = _sample(hu, affine, _world(SHAPE, affine) @ np.linalg.inv(truth)[:3, :3].T + np.linalg.inv(truth)[:3, 3])
+    fine = UniReg.from_pretrained("unireg-tiny-3mm")
+    assert fine.config.working_spacing_mm < model.config.working_spacing_mm
+    results = [m.register((hu, affine), (moving, affine), "inter", refine=False) for m in (model, fine)]
+    modes = [r.metrics["alignment"]["mode"] for r in results]
+    assert modes[0] == modes[1] != "none", modes
+    np.testing.assert_allclose(results[0].affine_matrix, results[1].affine_matrix, atol=1e-4)
+
+
 @pytest.fixture(scope="module")
 def deformed(fixed):
     """moving(y) = fixed(y + w(y)) with a smooth w; the true fixed -> moving mapping solves x + d = y."""
