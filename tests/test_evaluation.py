@@ -99,6 +99,11 @@ def test_model_card_numbers_are_the_ones_eval_wrote(tmp_path):
     assert (eval_dir / "steering.md").read_text() in card
     assert "steps: 20, mean throughput 3.00 pairs/s, wall time 3 min on one H100" in card
     assert (model_dir / "training_curve.png").is_file()
+    from unireg.cli import main                                # the same card through `unireg card`
+    (model_dir / "README.md").unlink()
+    assert main(["card", "--run", str(run), "--model", str(model_dir), "--eval", str(eval_dir), "--command", "x",
+                 "--data", "phantoms", "--train-minutes", "3", "--hardware", "two CPU cores"]) == 0
+    assert "wall time 3 min on two CPU cores" in (model_dir / "README.md").read_text()
     import csv
     rows = list(csv.DictReader(open(eval_dir / "steering.csv")))
     assert rows and all(float(r["field_change_mm"]) >= 0 for r in rows)    # how far naming the organ moves it

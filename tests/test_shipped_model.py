@@ -1,4 +1,5 @@
-"""The shipped `unireg-tiny-phantom` model: offline loading, beats identity, identity on itself."""
+"""The shipped models (`unireg-tiny-phantom` at 6 mm, `unireg-tiny-3mm`): offline loading, beat identity,
+identity on itself, `smooth=` orders regularity."""
 import os
 import subprocess
 import sys
@@ -16,8 +17,16 @@ SHAPE, SPACING = (64, 64, 64), (6.0, 6.0, 6.0)
 ORGANS = ("liver", "spleen", "kidney_left", "kidney_right", "stomach", "pancreas", "lung_lower_lobe_right")
 
 
+SHIPPED = ("unireg-tiny-phantom", "unireg-tiny-3mm")
+
+
+@pytest.fixture(scope="module", params=SHIPPED)
+def model(request):
+    return UniReg.from_pretrained(request.param)
+
+
 @pytest.fixture(scope="module")
-def model():
+def default_model():
     return UniReg.from_pretrained("unireg-tiny-phantom")
 
 
@@ -70,9 +79,10 @@ def test_prompts_steer_the_shipped_model(model, held_out):
     assert by_organs_and_smoothness > 0.01         # organs + smoothness: measurable, weaker (model card)
 
 
-def test_shipped_model_loads_offline_without_the_text_model(tmp_path):
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_model_loads_offline_without_the_text_model(name):
     code = ("import unireg.modeling.text_encoder as t; t.TextEmbedder._load = None\n"
-            "from unireg import UniReg; m = UniReg.from_pretrained('unireg-tiny-phantom')\n"
+            f"from unireg import UniReg; m = UniReg.from_pretrained({name!r})\n"
             "print(m.condition.text_embeddings([__import__('unireg').parse_prompt('intra | left kidney')]).shape)")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
@@ -81,13 +91,27 @@ def test_shipped_model_loads_offline_without_the_text_model(tmp_path):
 
 
 @pytest.mark.slow
-def test_sdlogj_falls_as_smooth_rises_on_a_held_out_pair(model, held_out):
+def test_sdlogj_falls_as_smooth_rises_on_a_held_out_pair(default_model, held_out):
     """The prompt's ``smooth=`` orders regularity: the default pipeline (network + instance
     optimisation, whose regulariser weight follows smooth log-linearly over three decades) gives a
     smoother field at every step up, and smooth=1 at most half the SDlogJ of smooth=0."""
     fixed, moving = held_out["inter"][1]
     fixed_img, moving_img = ((s.image.transpose(2, 1, 0), s.affine) for s in (fixed, moving))
-    sdlogj = [model.register(fixed_img, moving_img, f"inter | smooth={lam}", align="none")
+    sdlogj = [default_model.register(fixed_img, moving_img, f"inter | smooth={lam}", align="none")
+              .jacobian["sd_log_jacobian"] for lam in (0.0, 0.25, 0.5, 0.75, 1.0)]
+    assert all(a > b for a, b in zip(sdlogj, sdlogj[1:])), sdlogj
+    assert sdlogj[-1] <= 0.5 * sdlogj[0], sdlogj
+
+
+@pytest.mark.slow
+def test_the_3mm_network_alone_halves_sdlogj_from_smooth_0_to_1(held_out):
+    """The 3 mm model learned the knob itself (steering stage, λ sampled in training): the network
+    alone, no instance optimisation, gives a smoother field at every step up, and smooth=1 at most
+    half the SDlogJ of smooth=0 (docs/experiments/gpu_20261126b)."""
+    model = UniReg.from_pretrained("unireg-tiny-3mm")
+    fixed, moving = held_out["inter"][1]
+    fixed_img, moving_img = ((s.image.transpose(2, 1, 0), s.affine) for s in (fixed, moving))
+    sdlogj = [model.register(fixed_img, moving_img, f"inter | smooth={lam}", refine=False, align="none")
               .jacobian["sd_log_jacobian"] for lam in (0.0, 0.25, 0.5, 0.75, 1.0)]
     assert all(a > b for a, b in zip(sdlogj, sdlogj[1:])), sdlogj
     assert sdlogj[-1] <= 0.5 * sdlogj[0], sdlogj
