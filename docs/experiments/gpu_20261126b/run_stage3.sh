@@ -2,6 +2,8 @@
 # Second GPU call: breathing-heavy data (phantom subjects with 2 intra + 1 inter pair each, a few synthetic pairs),
 # then stage3.yaml (the carried stage 2 export, 1.75 min). Stage 2 was better than the 6 mm shipped model on real CT
 # and inter-subject phantoms but behind it on breathing (intra) pairs.
+# As run (PREP_S 75 s) it trained on the 18 synthetic pairs alone: every phantom job needed longer (README).
+# It needs runs/carry_stage2 (the stage 2 export, copied there and carried).
 set -u
 cd "$(dirname "$0")/../../.."
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TQDM_MININTERVAL=15
