@@ -125,6 +125,9 @@ def test_instance_optimisation_beats_the_network_without_folding(model, deformed
     refine = next(s for s in full.metrics["stages"] if s["stage"] == "refine")
     assert refine["similarity"] == options.get("similarity", "mind")
     assert all(level["loss_end"] < level["loss_start"] for level in refine["levels"]), refine["levels"]
+    assert refine["kept"] == "optimised" and refine["loss_optimised"] < refine["loss_start"]
+    # no level coarser than COARSEST_LEVEL_MM: on this 4 mm grid a 32 mm level sees 6^3 voxels
+    assert [level["spacing_mm"] for level in refine["levels"]] == [16.0, 8.0, 4.0][-len(refine["levels"]):]
     assert full.jacobian["nonpositive_jacobian_pct"] == 0.0
     if options.get("refine") == "fast":   # half the steps; the 48^3 level on a sample of its 110,592 voxels
         assert max(level["steps"] for level in refine["levels"]) <= 20

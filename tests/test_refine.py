@@ -80,6 +80,17 @@ def test_refine_improves_on_a_network_like_start():
     before, after = _tre_mm(start_field, truth, body), _tre_mm(result.displacement, truth, body)
     assert after < 0.8 * before, (before, after)
     assert seen[0] == (0, 0) and len(seen) == sum(h["steps"] for h in result.history)
+    assert result.check["kept"] == "optimised" and result.check["loss_optimised"] < result.check["loss_start"]
+
+
+def test_an_optimisation_that_ends_worse_than_its_start_returns_the_start():
+    """Steps far too large scramble the true field; the final check hands back the start, not the wreck."""
+    fixed, moving, truth, body, _ = _pair()
+    start = _smooth_velocity(0, 2.0)                   # the true velocity: nothing left to gain
+    wrecked = refine_velocity(fixed, moving, start, smoothness=0.3, spacing_mm=SPACING, levels=(1,), steps=5, lr=5.0)
+    assert wrecked.check["kept"] == "start" and wrecked.check["loss_start"] < wrecked.check["loss_optimised"]
+    assert torch.equal(wrecked.velocity, start)
+    assert _tre_mm(wrecked.displacement, truth, body) < 0.2 * _tre_mm(torch.zeros_like(truth), truth, body)
 
 
 def test_zero_steps_returns_the_starting_velocity_and_its_field():
