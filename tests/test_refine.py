@@ -93,6 +93,15 @@ def test_an_optimisation_that_ends_worse_than_its_start_returns_the_start():
     assert _tre_mm(wrecked.displacement, truth, body) < 0.2 * _tre_mm(torch.zeros_like(truth), truth, body)
 
 
+def test_the_final_check_uses_the_finest_level_that_ran():
+    """A plan that leaves the finest level out (as the CPU budget does on large grids) is checked at the next one."""
+    fixed, moving, _, _, _ = _pair()
+    result = refine_velocity(fixed, moving, None, smoothness=0.3, spacing_mm=SPACING, levels=(4, 2, 1),
+                             steps=[20, 20, 0], similarity="mind")
+    assert [h["level"] for h in result.history] == [4, 2]
+    assert result.check["kept"] == "optimised" and result.check["loss_optimised"] < result.check["loss_start"]
+
+
 def test_zero_steps_returns_the_starting_velocity_and_its_field():
     fixed, moving, _, _, _ = _pair()
     start = _smooth_velocity(3, 1.5)[..., :20, :, :]   # any grid: the network's own
