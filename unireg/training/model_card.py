@@ -32,7 +32,9 @@ def _read_csv(path: Path) -> list[dict]:
 
 def plot_training_curve(run: Path, out: Path) -> Path:
     train, val = _read_csv(run / "train_log.csv"), _read_csv(run / "eval_log.csv")
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    # No held-out curve when the run evaluated nothing on the way (run.eval_every: 0): one panel, not an empty one.
+    fig, axes = plt.subplots(1, 2 if val else 1, figsize=(10, 3.6) if val else (5.5, 3.6), squeeze=False)
+    axes = axes[0]
     steps = [r["step"] for r in train]
     for key, label in (("loss", "total loss"), ("similarity", "LNCC term"), ("dice", "Dice loss (prompted organs)")):
         if train and key in train[0]:
@@ -44,8 +46,8 @@ def plot_training_curve(run: Path, out: Path) -> Path:
         axes[1].plot([r["step"] for r in val], [r["dice"] for r in val], "o-", label="UniReg")
         axes[1].plot([r["step"] for r in val], [r["dice_identity"] for r in val], "--", label="identity")
         axes[1].legend(fontsize=8)
-    axes[1].set_xlabel("step")
-    axes[1].set_title("held-out mean organ Dice")
+        axes[1].set_xlabel("step")
+        axes[1].set_title("held-out mean organ Dice")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
