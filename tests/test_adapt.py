@@ -148,12 +148,13 @@ def test_adapt_refuses_pairs_without_the_structure(model, pairs):
 
 @pytest.mark.slow
 def test_few_shot_beats_zero_shot_on_held_out_pairs(model, tmp_path):
-    """One labelled pair, 30 steps: the adapted duodenum Dice on three held-out pairs beats the
-    zero-shot prompt (measured 0.19 -> 0.29; bench/unseen_task.py has the full table)."""
+    """One labelled pair, 60 steps: the adapted duodenum Dice on three held-out pairs beats the
+    zero-shot prompt (measured with the steering-tuned shipped model 0.217 -> 0.292, and 0.242 after
+    30 steps; bench/unseen_task.py has the full table)."""
     folder = tmp_path / "examples"
     train, held_out = example_pairs(1, start=0, folder=folder), example_pairs(3, start=10, folder=folder)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    adapter = adapt(model, train, PROMPT, steps=30, held_out=held_out, progress=False)
+    adapter = adapt(model, train, PROMPT, steps=60, held_out=held_out, progress=False)
     scores = adapter.metadata["held_out"]
     assert scores["adapted"] > scores["zero_shot"] + 0.03, scores
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())   # base untouched
