@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from app.examples import example_pairs, write_pairs_csv
-from unireg.adapt import adapt, add_adapt_arguments, prepare_pair, read_pair_list, run_adapt
+from unireg.adapt import adapt, add_adapt_arguments, mean_dice, prepare_pair, read_pair_list, run_adapt
 from unireg.adapter import Adapter, AdapterError, base_fingerprint
 from unireg.api import UniReg
 from unireg.io import InputError
+from unireg.prompt import parse_prompt
 
 PROMPT = "inter | duodenum"   # never prompted in the shipped model's training (too small at 6 mm)
 
@@ -176,3 +177,18 @@ def test_command_line_writes_an_adapter(pairs, tmp_path, capsys):
     loaded = Adapter.load(out)
     assert printed["adapter"] == str(out) and loaded.metadata["steps"] == 2 and loaded.rank == 2
     assert np.isfinite(loaded.metadata["loss_last"])
+
+
+def test_with_several_pairs_the_adapter_of_the_best_validation_check_is_returned(model, tmp_path):
+    """k = 3: the last pair is kept out, measured before the first step and on the way, and the adapter
+    returned is the one of the best check (restored, not the last step's)."""
+    pairs = example_pairs(3, start=0, folder=tmp_path / "examples")
+    adapter = adapt(model, pairs, PROMPT, steps=12, progress=False)
+    val = adapter.metadata["validation"]
+    assert adapter.metadata["k"] == 3 and val["pairs"] == 1
+    assert sorted(val["dice_by_step"]) == [0, 2, 4, 6, 8, 10, 12]
+    assert val["dice_by_step"][val["chosen_step"]] == max(val["dice_by_step"].values())
+    held = [prepare_pair(model, pairs[-1])]
+    again = mean_dice(model, held, parse_prompt(PROMPT), ["duodenum"], adapter=adapter)
+    assert round(again, 4) == val["dice_by_step"][val["chosen_step"]]
+    assert "validation" not in adapt(model, pairs[:1], PROMPT, steps=2, progress=False).metadata

@@ -165,7 +165,8 @@ WEIGHT_DECAY = 1e-2
 
 def adapt(model, pairs, prompt: "str | Prompt", steps: int = 60, rank: int = 4, lr: float = 1e-2,
           held_out=None, progress: bool = True, seed: int = 0, callback=None, batch_size: int = 1,
-          structure=None, dice_weight: float = 2.0, weight_decay: float = WEIGHT_DECAY) -> Adapter:
+          structure=None, dice_weight: float = 2.0, weight_decay: float = WEIGHT_DECAY,
+          validate: bool = True) -> Adapter:
     """Train an adapter for ``prompt`` on labelled ``pairs`` (CSV / folder / list, see module doc).
 
     ``held_out`` pairs (same forms) are only measured: mean Dice of the prompted structure on the
@@ -178,6 +179,12 @@ def adapt(model, pairs, prompt: "str | Prompt", steps: int = 60, rank: int = 4, 
     vs 0.51) but scored no better on held-out pairs (0.206 vs 0.222) in 6x the time. The learning
     rate decays on a cosine to a tenth of ``lr`` so the last steps settle instead of jumping between
     pairs.
+    ``validate`` (with k >= 2 pairs): the last of every five pairs (at least one) is kept out of
+    training, its Dice is measured before the first step and VALIDATION_CHECKS times on the way, and
+    the adapter of the best check is returned: the fresh one, which changes nothing, when no step
+    beat the zero-shot prompt. Without it, the steering-tuned model's adapters learnt the training
+    pairs' own motion: one pair lifted its own pancreas Dice 0.09 -> 0.77 and took the held-out
+    pairs' from 0.63 to 0.12.
     Returns the :class:`~unireg.adapter.Adapter`; the model's weights are left unchanged.
     """
     from tqdm.auto import tqdm
@@ -186,9 +193,11 @@ def adapt(model, pairs, prompt: "str | Prompt", steps: int = 60, rank: int = 4, 
     parsed = parse_prompt(prompt)
     organs = structure_organs(parsed, structure)
     train = [prepare_pair(model, p, f"pair {i + 1}") for i, p in enumerate(read_pair_list(pairs))]
+    n_val = (len(train) + 4) // 5 if validate and len(train) >= 2 else 0
+    train, val = train[:len(train) - n_val], train[len(train) - n_val:]
     test = [prepare_pair(model, p, f"held-out pair {i + 1}") for i, p in enumerate(read_pair_list(held_out))] \
         if held_out is not None else []
-    _check_structure_present(train, organs)
+    _check_structure_present(train + val, organs)
     batch_size = int(batch_size)
     if batch_size < 1:
         raise InputError(f"batch_size must be at least 1, got {batch_size}")
@@ -213,6 +222,7 @@ def adapt(model, pairs, prompt: "str | Prompt", steps: int = 60, rank: int = 4, 
             p.requires_grad_(False)
         adapter.weights.train()
         with adapter.applied(model, check=False):
+            checks = _Checkpoints(model, adapter, val, parsed, organs, steps)
             bar = tqdm(range(steps), desc=f"adapting to {parsed}", disable=not progress, leave=False)
             for step in bar:
                 chosen = []
@@ -232,8 +242,10 @@ def adapt(model, pairs, prompt: "str | Prompt", steps: int = 60, rank: int = 4, 
                 losses.append(float(terms["loss"].detach()))
                 dice_terms.append(float(terms.get("dice", float("nan"))))
                 bar.set_postfix(loss=f"{losses[-1]:.4f}", dice=f"{1 - dice_terms[-1]:.3f}")
+                checks.after(step + 1)
                 if callback is not None:
                     callback(step + 1, steps, losses[-1])
+            checks.restore_best()
     finally:
         for name, p in model.named_parameters():
             p.requires_grad_(frozen[name])
@@ -245,7 +257,44 @@ def adapt(model, pairs, prompt: "str | Prompt", steps: int = 60, rank: int = 4, 
     adapter.metadata.update(structure=organs, dice_weight=dice_weight, weight_decay=weight_decay)
     adapter.metadata.update(_training_summary(train, steps, lr, seed, batch_size, losses, dice_terms, seconds,
                                               dice_test, len(test)))
+    if val:
+        adapter.metadata["k"] = len(train) + len(val)
+        adapter.metadata["validation"] = checks.summary()
     return adapter
+
+
+#: How many times during ``adapt`` the validation pairs are measured (besides before the first step).
+VALIDATION_CHECKS = 6
+
+
+class _Checkpoints:
+    """Dice of the validation pairs at a few steps; keeps the adapter weights of the best."""
+
+    def __init__(self, model, adapter: Adapter, val: list[PairTensors], prompt: Prompt, organs: list[str],
+                 steps: int):
+        self.model, self.adapter, self.val, self.prompt, self.organs = model, adapter, val, prompt, organs
+        self.every = max(1, steps // VALIDATION_CHECKS)
+        self.steps = steps
+        self.dice: dict[int, float] = {}
+        self.best_step, self.best_state = 0, None
+        self.after(0)
+
+    def after(self, step: int) -> None:
+        if not self.val or (step % self.every and step != self.steps):
+            return
+        with torch.no_grad():   # the adapter is applied: the model's output is the adapted one
+            score = mean_dice(self.model, self.val, self.prompt, self.organs)
+        self.dice[step] = round(score, 4)
+        if self.best_state is None or score > self.dice[self.best_step]:
+            self.best_step = step
+            self.best_state = {k: v.detach().clone() for k, v in self.adapter.weights.state_dict().items()}
+
+    def restore_best(self) -> None:
+        if self.best_state is not None:
+            self.adapter.weights.load_state_dict(self.best_state)
+
+    def summary(self) -> dict:
+        return {"pairs": len(self.val), "dice_by_step": self.dice, "chosen_step": self.best_step}
 
 
 def _check_structure_present(pairs: list[PairTensors], organs: list[str]) -> None:
