@@ -276,7 +276,7 @@ class _Checkpoints:
         self.every = max(1, steps // VALIDATION_CHECKS)
         self.steps = steps
         self.dice: dict[int, float] = {}
-        self.best_step, self.best_state = 0, None
+        self.best_step, self.best_score, self.best_state = 0, float("-inf"), None
         self.after(0)
 
     def after(self, step: int) -> None:
@@ -285,8 +285,8 @@ class _Checkpoints:
         with torch.no_grad():   # the adapter is applied: the model's output is the adapted one
             score = mean_dice(self.model, self.val, self.prompt, self.organs)
         self.dice[step] = round(score, 4)
-        if self.best_state is None or score > self.dice[self.best_step]:
-            self.best_step = step
+        if self.best_state is None or score > self.best_score:
+            self.best_step, self.best_score = step, score
             self.best_state = {k: v.detach().clone() for k, v in self.adapter.weights.state_dict().items()}
 
     def restore_best(self) -> None:

@@ -43,7 +43,7 @@ MAX_DICE_ORGANS = 12
 REFINE_LEVELS = (8, 4, 2, 1)
 #: Levels coarser than this are left out: a 32 mm level of a 4 mm phantom (12^3 voxels) let the
 #: similarity slide a whole breathing field by 28 mm (organ Dice 0.82 -> 0.32 from a steering-tuned
-#: network's start, 0.858 -> 0.876 for the shipped network's when left out); coarse motion is the
+#: network's start, 0.858 -> 0.876 from the stage-2 shipped network's when left out); coarse motion is the
 #: pre-alignment's and the network's job.
 COARSEST_LEVEL_MM = 16.0
 #: Pre-alignment sees both scans at this spacing at the finest (or the model's working spacing, when
