@@ -287,6 +287,7 @@ def refine_velocity(fixed: torch.Tensor, moving: torch.Tensor, velocity: torch.T
         None if m is None else m.detach().float().to(device)
         for m in (fixed_masks, moving_masks, rigid_mask, moving_coverage))
     history, check = [], {}
+    last_level = max((i for i, n in enumerate(plan) if n > 0), default=-1)  # where the final check is taken
     features = None  # MIND-SSC of both images at the grid passed in, made once
 
     for index, (factor, shape, n_steps) in enumerate(zip(levels, shapes, plan)):
@@ -360,9 +361,9 @@ def refine_velocity(fixed: torch.Tensor, moving: torch.Tensor, velocity: torch.T
                 previous, window = mean, []
         with torch.no_grad():
             total, sim = losses(param)
-            # The final check (below) compares the start with the result at the finest level optimised.
-            start_loss = losses(_start_on(initial, vel_shape, param))[0]
-            check = {"loss_optimised": float(total), "loss_start": float(start_loss)}
+            if index == last_level:   # the final check (below): the start against the result, here
+                start_loss = losses(_start_on(initial, vel_shape, param))[0]
+                check = {"loss_optimised": float(total), "loss_start": float(start_loss)}
         v = param.detach()
         history.append({"level": int(factor), "spacing_mm": float(spacing_mm) * int(factor), "shape": list(shape),
                         "velocity_shape": list(vel_shape), "sampled_voxels": None if points is None else len(points),
