@@ -123,7 +123,8 @@ def test_instance_optimisation_beats_the_network_without_folding(model, deformed
     tre_net, tre_full = _tre(network, truth, lab), _tre(full, truth, lab)
     assert tre_full < 0.8 * min(tre_net, identity), (identity, tre_net, tre_full)
     refine = next(s for s in full.metrics["stages"] if s["stage"] == "refine")
-    assert refine["similarity"] == options.get("similarity", "mind")
+    # "auto" resolves to the preset's: MIND-SSC + intensity for "auto", MIND-SSC alone for "fast"
+    assert refine["similarity"] == options.get("similarity", "mind" if options.get("refine") == "fast" else "mind_ncc")
     assert all(level["loss_end"] < level["loss_start"] for level in refine["levels"]), refine["levels"]
     assert refine["kept"] == "optimised" and refine["loss_optimised"] < refine["loss_start"]
     # no level coarser than COARSEST_LEVEL_MM: on this 4 mm grid a 32 mm level sees 6^3 voxels
@@ -136,7 +137,7 @@ def test_instance_optimisation_beats_the_network_without_folding(model, deformed
 
 def test_an_unknown_similarity_is_named_before_any_work(model, deformed):
     hu, _, moving, _, _, affine = deformed
-    with pytest.raises(UserError, match="similarity must be one of mind, lncc"):
+    with pytest.raises(UserError, match="similarity must be one of auto, mind_ncc, mind, lncc"):
         model.register((hu, affine), (moving, affine), "intra", similarity="ncc")
 
 

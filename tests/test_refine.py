@@ -157,6 +157,19 @@ def test_mind_similarity_registers_a_contrast_changed_pair():
     assert _tre_mm(result.displacement, truth, body) < 0.7 * before
 
 
+def test_mind_ncc_registers_and_ignores_a_linear_intensity_change():
+    """The intensity channel is standardised locally: a gain and an offset (another window, another
+    scanner's calibration) leave it unchanged, and the pair still registers."""
+    from unireg.similarity import local_standardise
+    fixed, moving, truth, body, _ = _pair()
+    scaled = 3.0 * moving + 40.0
+    inner = (slice(None), slice(None), slice(3, -3), slice(3, -3), slice(3, -3))
+    assert torch.allclose(local_standardise(scaled)[inner], local_standardise(moving)[inner], atol=2e-2)
+    result = refine_velocity(fixed, scaled, None, smoothness=0.3, spacing_mm=SPACING, levels=(2, 1), steps=60,
+                             similarity="mind_ncc")
+    assert _tre_mm(result.displacement, truth, body) < 0.7 * _tre_mm(torch.zeros_like(truth), truth, body)
+
+
 def test_a_sampled_level_has_the_dense_loss_and_registers_as_well():
     """Reading the field and the moving features at points is the dense warp read there (all voxels
     sampled: the same loss), and a MIND level on 16384 of its 110,592 voxels recovers the field

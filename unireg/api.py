@@ -15,15 +15,17 @@ from .result import RegistrationResult
 
 class UniReg(UniRegModel):
     def register(self, fixed, moving, prompt: "str | Prompt | None" = None, moving_labels=None, fixed_labels=None,
-                 *, refine="auto", align="auto", similarity="mind", adapter=None, fixed_affine=None,
+                 *, refine="auto", align="auto", similarity="auto", adapter=None, fixed_affine=None,
                  moving_affine=None, progress=None) -> RegistrationResult:
         """Register ``moving`` onto ``fixed`` (paths, nibabel images, (array, affine) or arrays).
 
         ``refine``: "auto" (instance optimisation from the network's field, the default), "fast" (about
         half the time, a little less accurate), False (the network alone) or a number of steps.
         ``align``: "auto" | "none" | "rigid" | "affine".
-        ``similarity`` of instance optimisation: "mind" (MIND-SSC, the default) or "lncc" (about half
-        the time; see ``unireg.pipeline.register.REFINE_SIMILARITIES``).
+        ``similarity`` of instance optimisation: "auto" (the default: MIND-SSC plus local intensity,
+        "mind_ncc", with refine="auto"; MIND-SSC alone with "fast"), "mind_ncc", "mind" (contrast-
+        invariant: for scans whose intensities do not correspond) or "lncc" (see
+        ``unireg.pipeline.register.REFINE_SIMILARITIES``).
         ``adapter``: a few-shot adapter (path or :class:`unireg.adapt.Adapter`).
         """
         return RegistrationPipeline(self).register(

@@ -22,8 +22,10 @@ def add_parser(subparsers) -> None:
                         "off (network alone) or a number of steps")
     p.add_argument("--align", default="auto", choices=["auto", "none", "rigid", "affine"],
                    help="pre-alignment before the network (default auto: only when the scans are not aligned)")
-    p.add_argument("--similarity", default="mind", choices=["mind", "lncc"],
-                   help="similarity of instance optimisation (default mind: MIND-SSC; lncc takes about half the time)")
+    p.add_argument("--similarity", default="auto", choices=["auto", "mind_ncc", "mind", "lncc"],
+                   help="similarity of instance optimisation (default auto: MIND-SSC plus local intensity with "
+                        "--refine auto, MIND-SSC alone with fast; mind is contrast-invariant, for scans whose "
+                        "intensities do not correspond)")
     p.add_argument("--adapter", help="few-shot adapter (.safetensors) made by `unireg adapt`")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 

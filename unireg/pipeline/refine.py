@@ -22,7 +22,8 @@ Method
         similarity (LNCC, box filter; or MIND-SSC, robust to contrast changes: computed once on the
                     grid passed in and area-averaged to each level, as ConvexAdam does; computed on
                     each level's own coarse image it scored 0.62 mm median TRE on a real chest CT
-                    at 2 mm, at full resolution 0.47 mm)
+                    at 2 mm, at full resolution 0.47 mm; "auto" appends the locally standardised
+                    intensity as a 13th channel, which matches soft-tissue edges MIND is blind to)
         + lambda(smoothness) * mean |grad v|^2          (diffusion regulariser on the velocity)
         + dice_weight * soft Dice(fixed masks, linearly warped moving masks)    if both are given
         + rigid_weight * mean over rigid_mask of |J^T J - I|^2, J = I + grad u (local rotation only)
@@ -53,15 +54,16 @@ import torch.nn.functional as F
 from ..io import InputError
 from ..losses import gradient_l2
 from ..modeling.transform import SpatialTransformer, VelocityIntegrator, resize_field
-from ..similarity import LNCC_EPS, box_filter, lncc_loss, mind_loss, mind_ssc
+from ..similarity import LNCC_EPS, box_filter, lncc_loss, local_standardise, mind_loss, mind_ssc
 
-SIMILARITIES = ("lncc", "mind")
+SIMILARITIES = ("lncc", "mind", "mind_ncc")
+DESCRIPTORS = ("mind", "mind_ncc")   # per-voxel descriptors: a plain mean over voxels, so sampleable
 #: Regulariser weight at smoothness 0 and at smoothness 1 (log-linear in between), per similarity:
 #: MIND's squared descriptor differences are ~10x smaller than LNCC's [-1, 0] loss. The LNCC range
 #: puts the default smoothness (inter 0.3, intra 0.5) at 0.8 and 3.2; tried on a phantom inter pair,
 #: a phantom breathing pair and a real chest CT with a known field, (0.1, 100) scored best on the two
 #: phantoms (Dice 0.833 / 0.906) and within 0.06 mm of the best on the chest (0.85 mm median TRE).
-SMOOTHNESS_RANGE = {"lncc": (0.1, 100.0), "mind": (0.05, 20.0)}
+SMOOTHNESS_RANGE = {"lncc": (0.1, 100.0), "mind": (0.05, 20.0), "mind_ncc": (0.05, 20.0)}
 #: Voxel-steps (level voxels x Adam steps) that a named ``steps=`` preset spends over the levels. One
 #: CPU core does about 1.5 million per second (warp, LNCC, scaling and squaring, backward), so a 128^3
 #: pair costs about 4 CPU-seconds; levels whose share buys fewer than AUTO_MIN_STEPS steps are left
@@ -73,10 +75,12 @@ AUTO_MIN_STEPS = 10
 
 @dataclass(frozen=True)
 class StepPreset:
-    """A named accuracy/time trade-off for ``steps=``: the most Adam steps a level gets, and how many
-    voxels a large MIND level is optimised on."""
+    """A named accuracy/time trade-off for ``steps=``: the most Adam steps a level gets, how many
+    voxels a large MIND level is optimised on, and the similarity the pipeline uses with it when the
+    caller leaves ``similarity="auto"``."""
     max_steps: int
     sample_voxels: int
+    similarity: str
 
 
 #: ``"auto"``, the default, puts accuracy first; ``"fast"`` halves the steps and samples a quarter of
@@ -84,8 +88,20 @@ class StepPreset:
 #: and seconds auto -> fast: real chest CT at 2 mm 0.32 -> 0.37 mm, 13.2 -> 6.2 s (ANTs SyN 0.69 mm,
 #: 14.2 s); thick slices 0.47 -> 0.52; abdomen at 3 mm 0.44 -> 0.54 mm, 10.6 -> 4.3 s (Greedy 0.78 mm);
 #: on 96^3 phantoms fast costs Dice (breathing pair 0.910 -> 0.896): sampled points fall on few edges.
-STEP_PRESETS = {"auto": StepPreset(max_steps=40, sample_voxels=2 ** 17),
-                "fast": StepPreset(max_steps=20, sample_voxels=2 ** 15)}
+#: "auto" matches intensities too ("mind_ncc"); on "fast"'s quarter sample that cost median TRE
+#: (chest 0.39 -> 0.44 mm), so "fast" keeps MIND-SSC alone.
+STEP_PRESETS = {"auto": StepPreset(max_steps=40, sample_voxels=2 ** 17, similarity="mind_ncc"),
+                "fast": StepPreset(max_steps=20, sample_voxels=2 ** 15, similarity="mind")}
+#: "mind_ncc": MIND-SSC plus the locally standardised intensity (``similarity.local_standardise``,
+#: a 5-voxel window, weight 1) as a 13th channel, an LNCC-like term that can be read point by point.
+#: Two seeds each (bench/vs_optimisers.py, shipped model, "auto" steps), "mind" -> "mind_ncc", median /
+#: p95 TRE mm and Dice: real abdomen at 3 mm 0.45 / 4.19 / 0.917 -> 0.43 / 3.10 / 0.937 (Greedy
+#: 0.935); chest at 2 mm 0.33 / 1.02 -> 0.34 / 0.92; thick slices p95 2.08 -> 1.68; phantom inter Dice
+#: 0.811 -> 0.822, breathing 0.895 -> 0.906 (median TRE 2.30 -> 2.40). Weight 3 cost the abdomen's
+#: median (0.71 mm); a 3- or 11-voxel window did no better. It is not contrast-invariant: for scans
+#: whose intensities do not correspond (contrast phases, another modality) use "mind".
+INTENSITY_WEIGHT = 1.0
+INTENSITY_KERNEL = 5
 
 
 @dataclass
@@ -170,6 +186,14 @@ def _warp_at(image: torch.Tensor, points: torch.Tensor, displacement: torch.Tens
     coords = points.T.to(displacement.dtype).view(1, 3, -1, 1, 1) + displacement
     where = (coords / (size - 1).clamp(min=1).view(1, 3, 1, 1, 1) * 2 - 1).permute(0, 2, 3, 4, 1).flip(-1)
     return F.grid_sample(image, where, mode="bilinear", padding_mode="border", align_corners=True)
+
+
+def _descriptor(image: torch.Tensor, similarity: str) -> torch.Tensor:
+    """MIND-SSC of an image [1,1,D,H,W]; for "mind_ncc" with the weighted standardised intensity appended."""
+    mind = mind_ssc(image)
+    if similarity != "mind_ncc":
+        return mind
+    return torch.cat([mind, local_standardise(image, INTENSITY_KERNEL).mul_(INTENSITY_WEIGHT)], dim=1)
 
 
 def _start_on(start: torch.Tensor | None, vel_shape, like: torch.Tensor) -> torch.Tensor:
@@ -278,7 +302,7 @@ def refine_velocity(fixed: torch.Tensor, moving: torch.Tensor, velocity: torch.T
     shapes = [level_shape(fixed.shape[2:], int(f)) for f in levels]
     use_dice = fixed_masks is not None and dice_weight > 0
     use_rigid = rigid_mask is not None and rigid_weight > 0
-    sampled = [bool(sample_voxels) and similarity == "mind" and not (use_dice or use_rigid)
+    sampled = [bool(sample_voxels) and similarity in DESCRIPTORS and not (use_dice or use_rigid)
                and math.prod(shape) > sample_voxels for shape in shapes]
     plan = _plan_steps(steps, [(sample_voxels,) if s else shape for shape, s in zip(shapes, sampled)], device)
     v = None if velocity is None else velocity.detach().float().to(device)
@@ -301,9 +325,9 @@ def refine_velocity(fixed: torch.Tensor, moving: torch.Tensor, velocity: torch.T
         # the moving scan's edge sees its padding).
         mask = None if moving_coverage is None else \
             (box_filter(_resample(moving_coverage, shape), lncc_kernel) > 0.999).float()
-        if similarity == "mind":
+        if similarity in DESCRIPTORS:
             if features is None:
-                features = (mind_ssc(fixed), mind_ssc(moving))
+                features = tuple(_descriptor(x, similarity) for x in (fixed, moving))
             f_feat, m_feat = (_resample(x, shape) for x in features)
         points = None
         if sampled[index] and (mask is None or bool(mask.any())):
@@ -328,7 +352,7 @@ def refine_velocity(fixed: torch.Tensor, moving: torch.Tensor, velocity: torch.T
                 sim = mind_loss(f_feat, _warp_at(m_feat, points, _field_at(integrate(p), points, shape)))
                 return sim + lam * gradient_l2(p).sum(), sim
             disp = resize_field(integrate(p), shape)
-            if similarity == "mind":
+            if similarity in DESCRIPTORS:
                 sim = mind_loss(f_feat, warp(m_feat, disp), mask=mask)
             else:
                 sim = lncc_loss(f_l, warp(m_l, disp), kernel=lncc_kernel, eps=LNCC_EPS, mask=mask)
