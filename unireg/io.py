@@ -25,10 +25,10 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
-import torch.nn.functional as F
 from scipy import ndimage
 
 from .errors import UserError
+from .modeling.sampling import grid_sample
 from .preprocessing import HU_OUTSIDE
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -433,7 +433,7 @@ class _Sampler:
         return np.take(self.flat, flat.numpy())
 
     def _linear(self, points: torch.Tensor) -> np.ndarray:
-        out = F.grid_sample(self.tensor, points.view(1, 1, 1, -1, 3), mode="bilinear", padding_mode="border",
+        out = grid_sample(self.tensor, points.view(1, 1, 1, -1, 3), mode="bilinear", padding_mode="border",
                             align_corners=True)
         out = out.view(out.shape[1], -1)
         return (out[0] if self.channels is None else out.T.contiguous()).cpu().numpy()

@@ -12,12 +12,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from monai.networks.blocks import DVF2DDF, Warp
 
+from .sampling import grid_sample
+
 # MONAI announces its grid_sample fallback on every construction; it is the path we want.
 warnings.filterwarnings("ignore", message="monai.networks.blocks.Warp: Using PyTorch native grid_sample")
 
 
 class GridCachedWarp(Warp):
-    """MONAI's ``Warp`` with its identity grid made on the field's device and kept for a few shapes.
+    """MONAI's ``Warp`` with its identity grid made on the field's device and kept for a few shapes,
+    and, in 3-D, sampling through :func:`unireg.modeling.sampling.grid_sample` (all CPU threads).
 
     MONAI keeps one grid and builds it on the CPU, so a network that warps at several grid sizes
     (every decoder level, then the full grid) rebuilt a grid and copied it to the GPU at every
@@ -45,6 +48,16 @@ class GridCachedWarp(Warp):
                     self._grids.pop(next(iter(self._grids)))
                 self._grids[key] = grid
         return grid
+
+    def forward(self, image: torch.Tensor, ddf: torch.Tensor) -> torch.Tensor:
+        if image.dim() != 5 or self.jitter or ddf.shape != (image.shape[0], 3, *image.shape[2:]):
+            return super().forward(image, ddf)           # MONAI's checks and its other paths
+        # MONAI's native path (voxel grid -> [-1, 1], align_corners=True, (d, h, w) -> (x, y, z)).
+        grid = (self.get_reference_grid(ddf) + ddf).permute(0, 2, 3, 4, 1)
+        scale = torch.tensor([2.0 / max(n - 1, 1) for n in image.shape[2:]], device=grid.device, dtype=grid.dtype)
+        grid = (grid * scale - 1).flip(-1)
+        return grid_sample(image, grid, mode=self._interp_mode_native, padding_mode=self._padding_mode_native,
+                           align_corners=True)
 
 
 class SpatialTransformer(nn.Module):

@@ -55,6 +55,7 @@ import torch
 import torch.nn.functional as F
 
 from ..io import InputError
+from ..modeling.sampling import grid_sample
 from ..similarity import box_filter, lncc_loss, mutual_information_loss
 
 ALIGN_MODES = ("auto", "none", "moments", "rigid", "affine")
@@ -116,7 +117,7 @@ def resample_moving(moving: torch.Tensor, moving_affine, matrix, fixed_shape, fi
     """
     matrix = _as_matrix(matrix, moving.device)
     grid = sampling_grid(matrix, fixed_shape, fixed_affine, moving.shape, moving_affine)
-    return F.grid_sample(moving.float(), grid, mode=mode, padding_mode=padding_mode,
+    return grid_sample(moving.float(), grid, mode=mode, padding_mode=padding_mode,
                          align_corners=True).to(moving.dtype)
 
 
@@ -229,7 +230,7 @@ def _loss(level: _Level, matrix: torch.Tensor, similarity: str, kernel: int, bon
     # Border padding and a mask shrunk by the window: the edge of a partial field of view must not
     # look like anatomy to the similarity.
     fixed, moving = (level.fixed_bone, level.moving_bone) if bone else (level.fixed, level.moving)
-    warped = F.grid_sample(moving, grid, mode="bilinear", padding_mode="border", align_corners=True)
+    warped = grid_sample(moving, grid, mode="bilinear", padding_mode="border", align_corners=True)
     inside = (grid.detach().abs() <= 1.0).all(dim=-1)[:, None].float()
     inside = (box_filter(inside, kernel) > 0.999).float()
     if similarity == "mi":

@@ -53,6 +53,7 @@ import torch.nn.functional as F
 
 from ..io import InputError
 from ..losses import gradient_l2
+from ..modeling.sampling import grid_sample
 from ..modeling.transform import SpatialTransformer, VelocityIntegrator, resize_field
 from ..similarity import LNCC_EPS, box_filter, lncc_loss, local_standardise, mind_loss, mind_ssc
 
@@ -101,6 +102,12 @@ STEP_PRESETS = {"auto": StepPreset(max_steps=40, sample_voxels=2 ** 17, similari
 #: median (0.71 mm); a 3- or 11-voxel window did no better. It is not contrast-invariant: for scans
 #: whose intensities do not correspond (contrast phases, another modality) use "mind".
 INTENSITY_WEIGHT = 1.0
+#: Most sampled voxels of a level coarser than the finest. Its velocity grid is the finest level's,
+#: so a quarter of "auto"'s sample holds as many points per unknown as the finest level needs for
+#: it: two seeds each, 2^17 -> 2^15 at the coarser levels left median TRE and Dice as they were (real
+#: chest 0.34 mm / 0.989, abdomen 0.43 -> 0.44 mm / 0.937 -> 0.938, phantom breathing 2.40 mm / 0.906)
+#: and cut 15-20 % of the seconds.
+COARSE_LEVEL_SAMPLES = 2 ** 15
 INTENSITY_KERNEL = 5
 
 
@@ -175,7 +182,7 @@ def _field_at(field: torch.Tensor, points: torch.Tensor, shape) -> torch.Tensor:
     Voxel centres (align_corners=False) and border clamping, as ``F.interpolate`` does."""
     size = torch.tensor(shape, device=field.device, dtype=field.dtype)
     where = ((points.to(field.dtype) + 0.5) / size * 2 - 1).flip(-1).view(1, -1, 1, 1, 3)
-    values = F.grid_sample(field, where, mode="bilinear", padding_mode="border", align_corners=False)
+    values = grid_sample(field, where, mode="bilinear", padding_mode="border", align_corners=False)
     scale = size / torch.tensor(field.shape[2:], device=field.device, dtype=field.dtype)
     return values * scale.view(1, 3, 1, 1, 1)
 
@@ -185,7 +192,7 @@ def _warp_at(image: torch.Tensor, points: torch.Tensor, displacement: torch.Tens
     size = torch.tensor(image.shape[2:], device=image.device, dtype=displacement.dtype)
     coords = points.T.to(displacement.dtype).view(1, 3, -1, 1, 1) + displacement
     where = (coords / (size - 1).clamp(min=1).view(1, 3, 1, 1, 1) * 2 - 1).permute(0, 2, 3, 4, 1).flip(-1)
-    return F.grid_sample(image, where, mode="bilinear", padding_mode="border", align_corners=True)
+    return grid_sample(image, where, mode="bilinear", padding_mode="border", align_corners=True)
 
 
 def _descriptor(image: torch.Tensor, similarity: str) -> torch.Tensor:
@@ -287,8 +294,9 @@ def refine_velocity(fixed: torch.Tensor, moving: torch.Tensor, velocity: torch.T
     ``moving_coverage`` [1,1,D,H,W] (1 where the moving scan has data, on this grid): the similarity
     is measured only there (a partial field of view; beyond it the moving scan is padding air).
     ``lr``: Adam step in voxels of each level's velocity grid. ``progress(level_index, step, loss)``
-    is called after every step. ``sample_voxels``: MIND levels above this many voxels use a fixed
-    random sample of them (None: the preset's, "auto"'s for a number of steps; 0: every voxel).
+    is called after every step. ``sample_voxels``: the finest MIND level, when larger, uses a fixed
+    random sample of this many of its voxels, coarser ones at most ``COARSE_LEVEL_SAMPLES`` (None:
+    the preset's, "auto"'s for a number of steps; 0: every voxel).
     """
     _check(fixed, moving, velocity, fixed_masks, moving_masks, rigid_mask, moving_coverage, similarity, levels,
            smoothness)
@@ -302,9 +310,13 @@ def refine_velocity(fixed: torch.Tensor, moving: torch.Tensor, velocity: torch.T
     shapes = [level_shape(fixed.shape[2:], int(f)) for f in levels]
     use_dice = fixed_masks is not None and dice_weight > 0
     use_rigid = rigid_mask is not None and rigid_weight > 0
+    # The finest level gets the whole sample; the coarser ones, which optimise the same velocity grid
+    # on blurred images, at most COARSE_LEVEL_SAMPLES of it.
+    samples = [int(sample_voxels) if i == len(shapes) - 1 else min(int(sample_voxels), COARSE_LEVEL_SAMPLES)
+               for i in range(len(shapes))]
     sampled = [bool(sample_voxels) and similarity in DESCRIPTORS and not (use_dice or use_rigid)
-               and math.prod(shape) > sample_voxels for shape in shapes]
-    plan = _plan_steps(steps, [(sample_voxels,) if s else shape for shape, s in zip(shapes, sampled)], device)
+               and math.prod(shape) > n for shape, n in zip(shapes, samples)]
+    plan = _plan_steps(steps, [(n,) if s else shape for shape, s, n in zip(shapes, sampled, samples)], device)
     v = None if velocity is None else velocity.detach().float().to(device)
     initial = v
     fixed_masks, moving_masks, rigid_mask, moving_coverage = (
@@ -331,7 +343,7 @@ def refine_velocity(fixed: torch.Tensor, moving: torch.Tensor, velocity: torch.T
             f_feat, m_feat = (_resample(x, shape) for x in features)
         points = None
         if sampled[index] and (mask is None or bool(mask.any())):
-            points = _level_points(shape, int(sample_voxels), None if mask is None else mask > 0, device)
+            points = _level_points(shape, samples[index], None if mask is None else mask > 0, device)
             f_feat = _values_at(f_feat, points)
             # Channels last: the 12 values read at a corner share a cache line (3x faster on a CPU).
             m_feat = m_feat.contiguous(memory_format=torch.channels_last_3d)

@@ -1,0 +1,76 @@
+"""The thread-split ``grid_sample`` gives ``F.grid_sample``'s values and gradients, and the warp
+built on it gives MONAI's."""
+import pytest
+import torch
+import torch.nn.functional as F
+from monai.networks.blocks import Warp
+
+from unireg.modeling import sampling
+from unireg.modeling.transform import GridCachedWarp
+
+
+@pytest.fixture
+def three_threads():
+    """An odd thread count, so the points do not split evenly (the padding path)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("mode,padding", [("bilinear", "border"), ("bilinear", "zeros"), ("nearest", "zeros")])
+@pytest.mark.parametrize("volume_grad", [False, True])
+def test_split_grid_sample_matches_torch(three_threads, mode, padding, volume_grad):
+    torch.manual_seed(0)
+    volume = torch.randn(1, 4, 9, 10, 11, requires_grad=volume_grad)
+    grid = (torch.rand(1, 41, 31, 17, 3) * 2.4 - 1.2).requires_grad_(True)   # 21,607 points, some outside
+    assert 41 * 31 * 17 >= sampling.MIN_SPLIT_POINTS and (41 * 31 * 17) % 3
+    kw = dict(mode=mode, padding_mode=padding, align_corners=True)
+    calls = []
+    original = F.grid_sample
+
+    def counting(*args, **kwargs):
+        calls.append(args[1].shape[0])
+        return original(*args, **kwargs)
+
+    expected = original(volume, grid, **kw)
+    sampling.F.grid_sample = counting
+    try:
+        got = sampling.grid_sample(volume, grid, **kw)
+    finally:
+        sampling.F.grid_sample = original
+    assert calls == [3]                 # one call, one batch entry per thread
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    weights = torch.randn_like(expected)
+    inputs = [volume, grid] if volume_grad else [grid]
+    want = torch.autograd.grad((expected * weights).sum(), inputs)
+    have = torch.autograd.grad((got * weights).sum(), inputs)
+    for a, b in zip(have, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_small_grids_and_batches_go_straight_to_torch(three_threads):
+    volume = torch.randn(2, 1, 8, 8, 8)
+    grid = torch.rand(2, 32, 32, 32, 3) * 2 - 1
+    torch.testing.assert_close(sampling.grid_sample(volume, grid, align_corners=True),
+                               F.grid_sample(volume, grid, align_corners=True))
+    small = torch.rand(1, 8, 8, 8, 3) * 2 - 1
+    torch.testing.assert_close(sampling.grid_sample(volume[:1], small, align_corners=True),
+                               F.grid_sample(volume[:1], small, align_corners=True))
+
+
+@pytest.mark.parametrize("mode,padding", [("bilinear", "border"), ("nearest", "zeros")])
+def test_cached_warp_matches_monai_warp(three_threads, mode, padding):
+    torch.manual_seed(1)
+    image = torch.randn(1, 2, 30, 28, 26)
+    ddf = (torch.randn(1, 3, 30, 28, 26) * 3).requires_grad_(True)
+    ours = GridCachedWarp(mode=mode, padding_mode=padding)(image, ddf)
+    theirs = Warp(mode=mode, padding_mode=padding)(image, ddf)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    if mode == "bilinear":
+        g_ours, = torch.autograd.grad(ours.sum(), ddf)
+        g_theirs, = torch.autograd.grad(theirs.sum(), ddf)
+        torch.testing.assert_close(g_ours, g_theirs, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="DDF shape"):
+        GridCachedWarp(mode=mode, padding_mode=padding)(image, ddf[:, :, :-1])
