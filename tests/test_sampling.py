@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from monai.networks.blocks import Warp
 
-from unireg.modeling import sampling
+from unireg import sampling
 from unireg.modeling.transform import GridCachedWarp
 
 

@@ -28,7 +28,7 @@ import torch
 from scipy import ndimage
 
 from .errors import UserError
-from .modeling.sampling import grid_sample
+from .sampling import grid_sample
 from .preprocessing import HU_OUTSIDE
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")

@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from monai.networks.blocks import DVF2DDF, Warp
 
-from .sampling import grid_sample
+from ..sampling import grid_sample
 
 # MONAI announces its grid_sample fallback on every construction; it is the path we want.
 warnings.filterwarnings("ignore", message="monai.networks.blocks.Warp: Using PyTorch native grid_sample")
@@ -54,8 +54,9 @@ class GridCachedWarp(Warp):
             return super().forward(image, ddf)           # MONAI's checks and its other paths
         # MONAI's native path (voxel grid -> [-1, 1], align_corners=True, (d, h, w) -> (x, y, z)).
         grid = (self.get_reference_grid(ddf) + ddf).permute(0, 2, 3, 4, 1)
-        scale = torch.tensor([2.0 / max(n - 1, 1) for n in image.shape[2:]], device=grid.device, dtype=grid.dtype)
-        grid = (grid * scale - 1).flip(-1)
+        # x * 2 / (n - 1) - 1 in MONAI's order of operations: the same numbers to the last bit
+        denominator = torch.tensor([max(n - 1, 1) for n in image.shape[2:]], device=grid.device, dtype=grid.dtype)
+        grid = (grid * 2 / denominator - 1).flip(-1)
         return grid_sample(image, grid, mode=self._interp_mode_native, padding_mode=self._padding_mode_native,
                            align_corners=True)
 

@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 
 from ..io import InputError
-from ..modeling.sampling import grid_sample
+from ..sampling import grid_sample
 from ..similarity import box_filter, lncc_loss, mutual_information_loss
 
 ALIGN_MODES = ("auto", "none", "moments", "rigid", "affine")

@@ -53,8 +53,8 @@ import torch.nn.functional as F
 
 from ..io import InputError
 from ..losses import gradient_l2
-from ..modeling.sampling import grid_sample
 from ..modeling.transform import SpatialTransformer, VelocityIntegrator, resize_field
+from ..sampling import grid_sample
 from ..similarity import LNCC_EPS, box_filter, lncc_loss, local_standardise, mind_loss, mind_ssc
 
 SIMILARITIES = ("lncc", "mind", "mind_ncc")
