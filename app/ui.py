@@ -125,9 +125,17 @@ def build_app(model: str = DEFAULT_MODEL, max_upload_mb: float = 512.0, device: 
         curve = loss_curve_png(adapter, folder / "loss_curve.png")
         meta = adapter.metadata
         text = (f"**Adapter ready** for `{meta['parsed_prompt']}` (structure: {', '.join(meta['structure'])}) — "
-                f"k = {meta['k']} pairs, {meta['steps']} steps in {meta['seconds']:.0f} s, "
-                f"loss {meta['loss_first']:.3f} → {meta['loss_last']:.3f}, "
-                f"training-pair Dice ≈ {meta['train_dice_last']:.3f}.")
+                f"k = {meta['k']} pairs, {meta['steps']} steps in {meta['seconds']:.0f} s")
+        if meta.get("validation"):
+            val = meta["validation"]
+            text += (f" (step count chosen by {val['folds']}-fold cross-validation: kept-out Dice "
+                     f"{val['dice_by_step'][0]:.3f} zero-shot, {val['dice_by_step'][val['chosen_step']]:.3f} "
+                     f"after {val['chosen_step']} steps)")
+        if meta["loss_last"] is None:
+            text += ". No step beat the zero-shot prompt on the kept-out pairs, so this adapter changes nothing."
+        else:
+            text += (f", loss {meta['loss_first']:.3f} → {meta['loss_last']:.3f}, "
+                     f"training-pair Dice ≈ {meta['train_dice_last']:.3f}.")
         return text, str(curve), str(path), adapter
 
     @user_errors

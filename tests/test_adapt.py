@@ -179,16 +179,25 @@ def test_command_line_writes_an_adapter(pairs, tmp_path, capsys):
     assert np.isfinite(loaded.metadata["loss_last"])
 
 
-def test_with_several_pairs_the_adapter_of_the_best_validation_check_is_returned(model, tmp_path):
-    """k = 3: the last pair is kept out, measured before the first step and on the way, and the adapter
-    returned is the one of the best check (restored, not the last step's)."""
+def test_with_several_pairs_the_step_count_is_chosen_by_cross_validation(model, tmp_path):
+    """k = 3: three folds each keep one pair out and measure it before the first step and on the way;
+    the adapter is trained on all three for the step count with the best mean kept-out Dice."""
     pairs = example_pairs(3, start=0, folder=tmp_path / "examples")
     adapter = adapt(model, pairs, PROMPT, steps=12, progress=False)
-    val = adapter.metadata["validation"]
-    assert adapter.metadata["k"] == 3 and val["pairs"] == 1
-    assert sorted(val["dice_by_step"]) == [0, 2, 4, 6, 8, 10, 12]
-    assert val["dice_by_step"][val["chosen_step"]] == max(val["dice_by_step"].values())
-    held = [prepare_pair(model, pairs[-1])]
-    again = mean_dice(model, held, parse_prompt(PROMPT), ["duodenum"], adapter=adapter)
-    assert round(again, 4) == val["dice_by_step"][val["chosen_step"]]
+    val, meta = adapter.metadata["validation"], adapter.metadata
+    assert meta["k"] == 3 and val["folds"] == 3 and meta["steps_asked"] == 12
+    assert sorted(val["dice_by_step"]) == [0, 2, 4, 6, 8, 10, 12] and len(val["dice_by_fold"]) == 3
+    # the best mean among the step counts whose gain clears its standard error; none clears it: 0
+    trusted = [s for s, m in val["gain_minus_se_by_step"].items() if m > 0]
+    assert val["chosen_step"] == (max(trusted, key=lambda s: val["dice_by_step"][s]) if trusted else 0)
+    assert meta["steps"] == val["chosen_step"]
+    # before the first step every fold scores the zero-shot prompt on its kept-out pair
+    prepared = [prepare_pair(model, p) for p in pairs]
+    zero_shot = mean_dice(model, prepared, parse_prompt(PROMPT), ["duodenum"])
+    assert abs(val["dice_by_step"][0] - zero_shot) < 1e-3
+    adapted = mean_dice(model, prepared, parse_prompt(PROMPT), ["duodenum"], adapter=adapter)
+    if val["chosen_step"] == 0:          # the fresh adapter: nothing changes
+        assert adapted == pytest.approx(zero_shot) and meta["loss_last"] is None
+    else:
+        assert np.isfinite(meta["loss_last"]) and len(meta["loss_curve"]) >= 1
     assert "validation" not in adapt(model, pairs[:1], PROMPT, steps=2, progress=False).metadata

@@ -171,7 +171,7 @@ def adapt(model, pairs, prompt: "str | Prompt", steps: int = 60, rank: int = 4, 
 
     ``held_out`` pairs (same forms) are only measured: mean Dice of the prompted structure on the
     working grid with no registration, zero-shot and with the adapter, stored in the metadata.
-    ``callback(step, steps, loss)`` is called after every step (e.g. a UI progress bar).
+    ``callback(step, total, loss)`` is called after every step, over all runs (e.g. a UI progress bar).
     ``structure``: organ name(s) whose labels the Dice term uses, default the prompt's organs.
     ``dice_weight``: the structure's Dice against LNCC (weight 1) - the task is the structure, so
     it weighs more than in training. ``batch_size``: pairs per step. One is the default: on the
@@ -179,62 +179,149 @@ def adapt(model, pairs, prompt: "str | Prompt", steps: int = 60, rank: int = 4, 
     vs 0.51) but scored no better on held-out pairs (0.206 vs 0.222) in 6x the time. The learning
     rate decays on a cosine to a tenth of ``lr`` so the last steps settle instead of jumping between
     pairs.
-    ``validate`` (with k >= 2 pairs): the last of every five pairs (at least one) is kept out of
-    training, its Dice is measured before the first step and VALIDATION_CHECKS times on the way, and
-    the adapter of the best check is returned: the fresh one, which changes nothing, when no step
-    beat the zero-shot prompt. Without it, the steering-tuned model's adapters learnt the training
-    pairs' own motion: one pair lifted its own pancreas Dice 0.09 -> 0.77 and took the held-out
-    pairs' from 0.63 to 0.12.
+    ``validate`` (with k >= 2 pairs): how many steps to keep is chosen by cross-validation. Each of
+    up to MAX_FOLDS folds trains a fresh adapter without its pairs and measures their Dice before
+    the first step and VALIDATION_CHECKS times on the way; the final adapter is trained on every pair
+    for the step count whose mean over the folds is best among those whose gain over the zero-shot
+    prompt exceeds its standard error across the folds - none at all (the fresh adapter, which
+    changes nothing) when no step count clears that bar. Adapters learn their training pairs'
+    own motion: one pair lifted its own pancreas Dice 0.09 -> 0.77 and took the held-out pairs' from
+    0.63 to 0.12, and a single kept-out pair was no guard (its Dice rose 0.62 -> 0.70 while six
+    held-out pairs fell 0.61 -> 0.52).
     Returns the :class:`~unireg.adapter.Adapter`; the model's weights are left unchanged.
     """
-    from tqdm.auto import tqdm
     if steps < 1:
         raise InputError(f"steps must be at least 1, got {steps}")
-    parsed = parse_prompt(prompt)
-    organs = structure_organs(parsed, structure)
-    train = [prepare_pair(model, p, f"pair {i + 1}") for i, p in enumerate(read_pair_list(pairs))]
-    n_val = (len(train) + 4) // 5 if validate and len(train) >= 2 else 0
-    train, val = train[:len(train) - n_val], train[len(train) - n_val:]
-    test = [prepare_pair(model, p, f"held-out pair {i + 1}") for i, p in enumerate(read_pair_list(held_out))] \
-        if held_out is not None else []
-    _check_structure_present(train + val, organs)
     batch_size = int(batch_size)
     if batch_size < 1:
         raise InputError(f"batch_size must be at least 1, got {batch_size}")
+    parsed = parse_prompt(prompt)
+    organs = structure_organs(parsed, structure)
+    train = [prepare_pair(model, p, f"pair {i + 1}") for i, p in enumerate(read_pair_list(pairs))]
+    test = [prepare_pair(model, p, f"held-out pair {i + 1}") for i, p in enumerate(read_pair_list(held_out))] \
+        if held_out is not None else []
+    _check_structure_present(train, organs)
 
-    adapter = Adapter.create(model, prompt, rank=rank, seed=seed)
     dice_test = {}
     if test:
         dice_test["identity"] = mean_dice(model, test, parsed, organs, identity=True)
         dice_test["zero_shot"] = mean_dice(model, test, parsed, organs)
-    loss_fn = RegistrationLoss(dice_weight=dice_weight)
-    optimizer = torch.optim.AdamW(adapter.weights.parameters(), lr=lr, weight_decay=weight_decay)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps, eta_min=0.1 * lr)
-    rng = random.Random(seed)
-    order: list[int] = []
-    losses, dice_terms = [], []
+    n_folds = min(len(train), MAX_FOLDS) if validate and len(train) >= 2 else 0
+    run = _Run(model, parsed, organs, steps, lr, weight_decay, batch_size, seed, dice_weight, rank,
+               total=(n_folds + 1) * steps, callback=callback, progress=progress)
+    start = time.perf_counter()
+    with _frozen(model):
+        validation = _cross_validate(run, train, n_folds) if n_folds else None
+        chosen = validation["chosen_step"] if validation else steps
+        adapter, losses, dice_terms = run.fit(train, stop_at=chosen, desc=f"adapting to {parsed}")
+    seconds = time.perf_counter() - start
+    if test:
+        dice_test["adapted"] = mean_dice(model, test, parsed, organs, adapter=adapter)
+    adapter.metadata.update(structure=organs, dice_weight=dice_weight, weight_decay=weight_decay)
+    adapter.metadata.update(_training_summary(train, chosen, lr, seed, batch_size, losses, dice_terms, seconds,
+                                              dice_test, len(test)))
+    if validation:
+        adapter.metadata.update(steps_asked=steps, validation=validation)
+    return adapter
+
+
+#: Folds of the cross-validation that picks the step count (k pairs: min(k, MAX_FOLDS) folds).
+MAX_FOLDS = 5
+#: How many times during each fold the kept-out pairs are measured (besides before the first step).
+VALIDATION_CHECKS = 6
+
+
+def _cross_validate(run: "_Run", pairs: list[PairTensors], n_folds: int) -> dict:
+    """Mean kept-out Dice by step over ``n_folds`` folds (fold i keeps out pairs i, i + n_folds, ...)."""
+    every = max(1, run.steps // VALIDATION_CHECKS)
+    at = sorted({0, run.steps, *range(every, run.steps + 1, every)})
+    per_fold = []
+    for fold in range(n_folds):
+        kept = pairs[fold::n_folds]
+        fitted = [p for i, p in enumerate(pairs) if i % n_folds != fold]
+        dice: dict[int, float] = {}
+
+        def measure(step, adapter):
+            if step in at:
+                dice[step] = mean_dice(run.model, kept, run.prompt, run.organs)   # the adapter is applied
+        run.fit(fitted, stop_at=run.steps, desc=f"fold {fold + 1}/{n_folds}", on_step=measure)
+        per_fold.append(dice)
+    mean = {step: float(np.mean([d[step] for d in per_fold])) for step in at}
+    # A step count must beat the zero-shot prompt by more than the standard error of its gain over
+    # the folds: with a handful of pairs one pair's big gain can lift the mean while most pairs lose.
+    margin = {}
+    for step in at[1:]:
+        gains = np.array([d[step] - d[0] for d in per_fold])
+        margin[step] = float(gains.mean() - gains.std(ddof=1) / np.sqrt(len(gains)))
+    trusted = [step for step in at[1:] if margin[step] > 0]
+    chosen = max(trusted, key=lambda step: (mean[step], -step)) if trusted else 0
+    return {"folds": n_folds, "pairs": len(pairs), "dice_by_step": {k: round(v, 4) for k, v in mean.items()},
+            "gain_minus_se_by_step": {k: round(v, 4) for k, v in margin.items()},
+            "dice_by_fold": [{k: round(v, 4) for k, v in d.items()} for d in per_fold], "chosen_step": chosen}
+
+
+@contextlib.contextmanager
+def _frozen(model):
+    """The base model in eval mode with no gradients, restored afterwards (also on errors)."""
     frozen = {name: p.requires_grad for name, p in model.named_parameters()}
     was_training = model.training
-    start = time.perf_counter()
     try:
         model.eval()
         for p in model.parameters():
             p.requires_grad_(False)
+        yield
+    finally:
+        for name, p in model.named_parameters():
+            p.requires_grad_(frozen[name])
+        model.train(was_training)
+
+
+@dataclass
+class _Run:
+    """One adaptation recipe; ``fit`` trains a fresh adapter with it on some pairs."""
+    model: object
+    prompt: Prompt
+    organs: list
+    steps: int
+    lr: float
+    weight_decay: float
+    batch_size: int
+    seed: int
+    dice_weight: float
+    rank: int
+    total: int
+    callback: object = None
+    progress: bool = True
+    done: int = 0
+
+    def fit(self, pairs: list[PairTensors], stop_at: int, desc: str, on_step=None):
+        """A fresh adapter trained on ``pairs`` for ``stop_at`` of the schedule's ``steps`` steps (the
+        learning rate follows the full schedule, so step s here is step s of a cross-validation fold).
+        ``on_step(step, adapter)`` runs before the first step and after each, with the adapter applied."""
+        from tqdm.auto import tqdm
+        adapter = Adapter.create(self.model, self.prompt, rank=self.rank, seed=self.seed)
+        loss_fn = RegistrationLoss(dice_weight=self.dice_weight)
+        optimizer = torch.optim.AdamW(adapter.weights.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.steps, eta_min=0.1 * self.lr)
+        rng = random.Random(self.seed)
+        order: list[int] = []
+        losses, dice_terms = [], []
         adapter.weights.train()
-        with adapter.applied(model, check=False):
-            checks = _Checkpoints(model, adapter, val, parsed, organs, steps)
-            bar = tqdm(range(steps), desc=f"adapting to {parsed}", disable=not progress, leave=False)
+        with adapter.applied(self.model, check=False):
+            if on_step is not None:
+                on_step(0, adapter)
+            bar = tqdm(range(stop_at), desc=desc, disable=not self.progress, leave=False)
             for step in bar:
                 chosen = []
-                while len(chosen) < min(batch_size, len(train)):
+                while len(chosen) < min(self.batch_size, len(pairs)):
                     if not order:
-                        order = rng.sample(range(len(train)), len(train))
-                    chosen.append(train[order.pop()])
+                        order = rng.sample(range(len(pairs)), len(pairs))
+                    chosen.append(pairs[order.pop()])
                 batch = {"fixed": torch.cat([p.fixed for p in chosen]), "moving": torch.cat([p.moving for p in chosen]),
                          "fixed_seg": torch.cat([p.fixed_seg for p in chosen]),
                          "moving_seg": torch.cat([p.moving_seg for p in chosen]),
-                         "prompt": [parsed] * len(chosen), "organs": [organs] * len(chosen)}
-                terms = registration_step(model, batch, loss_fn)
+                         "prompt": [self.prompt] * len(chosen), "organs": [self.organs] * len(chosen)}
+                terms = registration_step(self.model, batch, loss_fn)
                 optimizer.zero_grad()
                 terms["loss"].backward()
                 optimizer.step()
@@ -242,59 +329,14 @@ def adapt(model, pairs, prompt: "str | Prompt", steps: int = 60, rank: int = 4, 
                 losses.append(float(terms["loss"].detach()))
                 dice_terms.append(float(terms.get("dice", float("nan"))))
                 bar.set_postfix(loss=f"{losses[-1]:.4f}", dice=f"{1 - dice_terms[-1]:.3f}")
-                checks.after(step + 1)
-                if callback is not None:
-                    callback(step + 1, steps, losses[-1])
-            checks.restore_best()
-    finally:
-        for name, p in model.named_parameters():
-            p.requires_grad_(frozen[name])
-        model.train(was_training)
-    seconds = time.perf_counter() - start
-    adapter.weights.eval()
-    if test:
-        dice_test["adapted"] = mean_dice(model, test, parsed, organs, adapter=adapter)
-    adapter.metadata.update(structure=organs, dice_weight=dice_weight, weight_decay=weight_decay)
-    adapter.metadata.update(_training_summary(train, steps, lr, seed, batch_size, losses, dice_terms, seconds,
-                                              dice_test, len(test)))
-    if val:
-        adapter.metadata["k"] = len(train) + len(val)
-        adapter.metadata["validation"] = checks.summary()
-    return adapter
-
-
-#: How many times during ``adapt`` the validation pairs are measured (besides before the first step).
-VALIDATION_CHECKS = 6
-
-
-class _Checkpoints:
-    """Dice of the validation pairs at a few steps; keeps the adapter weights of the best."""
-
-    def __init__(self, model, adapter: Adapter, val: list[PairTensors], prompt: Prompt, organs: list[str],
-                 steps: int):
-        self.model, self.adapter, self.val, self.prompt, self.organs = model, adapter, val, prompt, organs
-        self.every = max(1, steps // VALIDATION_CHECKS)
-        self.steps = steps
-        self.dice: dict[int, float] = {}
-        self.best_step, self.best_score, self.best_state = 0, float("-inf"), None
-        self.after(0)
-
-    def after(self, step: int) -> None:
-        if not self.val or (step % self.every and step != self.steps):
-            return
-        with torch.no_grad():   # the adapter is applied: the model's output is the adapted one
-            score = mean_dice(self.model, self.val, self.prompt, self.organs)
-        self.dice[step] = round(score, 4)
-        if self.best_state is None or score > self.best_score:
-            self.best_step, self.best_score = step, score
-            self.best_state = {k: v.detach().clone() for k, v in self.adapter.weights.state_dict().items()}
-
-    def restore_best(self) -> None:
-        if self.best_state is not None:
-            self.adapter.weights.load_state_dict(self.best_state)
-
-    def summary(self) -> dict:
-        return {"pairs": len(self.val), "dice_by_step": self.dice, "chosen_step": self.best_step}
+                if on_step is not None:
+                    with torch.no_grad():
+                        on_step(step + 1, adapter)
+                self.done += 1
+                if self.callback is not None:
+                    self.callback(self.done, self.total, losses[-1])
+        adapter.weights.eval()
+        return adapter, losses, dice_terms
 
 
 def _check_structure_present(pairs: list[PairTensors], organs: list[str]) -> None:
@@ -307,14 +349,17 @@ def _check_structure_present(pairs: list[PairTensors], organs: list[str]) -> Non
 
 
 def _training_summary(train, steps, lr, seed, batch_size, losses, dice_terms, seconds, dice_test, n_test) -> dict:
-    window = max(1, min(10, len(losses) // 5))
-    curve = [round(float(np.mean(losses[i:i + window])), 5) for i in range(0, len(losses), window)]
     summary = {"k": len(train), "steps": steps, "lr": lr, "seed": seed, "batch_size": batch_size,
-               "seconds": round(seconds, 1), "loss_first": round(float(np.mean(losses[:window])), 5),
-               "loss_last": round(float(np.mean(losses[-window:])), 5), "loss_curve": curve,
-               "loss_curve_window": window,
-               "train_dice_last": round(1.0 - float(np.nanmean(dice_terms[-window:])), 4),
-               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+               "seconds": round(seconds, 1), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    if losses:
+        window = max(1, min(10, len(losses) // 5))
+        curve = [round(float(np.mean(losses[i:i + window])), 5) for i in range(0, len(losses), window)]
+        summary.update(loss_first=round(float(np.mean(losses[:window])), 5),
+                       loss_last=round(float(np.mean(losses[-window:])), 5), loss_curve=curve,
+                       loss_curve_window=window,
+                       train_dice_last=round(1.0 - float(np.nanmean(dice_terms[-window:])), 4))
+    else:                   # cross-validation chose the fresh adapter: nothing was trained
+        summary.update(loss_first=None, loss_last=None, loss_curve=[], loss_curve_window=1, train_dice_last=None)
     if dice_test:
         summary["held_out"] = {"pairs": n_test, "grid": "working", **{k: round(v, 4) for k, v in dice_test.items()}}
     return summary
