@@ -102,9 +102,9 @@ def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2) -> torch.T
 def local_standardise(image: torch.Tensor, kernel: int = 5, eps: float = LNCC_EPS) -> torch.Tensor:
     """``(image - local mean) / local std`` over a ``kernel``-wide cube (a constant: no gradient).
 
-    The squared difference of two such images at a point is, for small shifts, the sum LNCC measures
-    over its window, but it can be read point by point; instance optimisation adds it to MIND-SSC
-    as a 13th channel. MIND-SSC describes the shape of the local structure and is blind to which
+    Averaged over a window whose statistics these are, the squared difference of two such images is
+    2 (1 - their correlation) there: an LNCC-like term that, unlike LNCC, can be read point by point;
+    instance optimisation adds it to MIND-SSC as a 13th channel. MIND-SSC describes the shape of the local structure and is blind to which
     side of a weak soft-tissue edge is brighter; this channel sees the intensity step itself."""
     x = image.float()
     x = x - x.mean()                    # box(x^2) - box(x)^2 cancels badly far from zero in float32

@@ -97,18 +97,18 @@ STEP_PRESETS = {"auto": StepPreset(max_steps=40, sample_voxels=2 ** 17, similari
 #: a 5-voxel window, weight 1) as a 13th channel, an LNCC-like term that can be read point by point.
 #: Two seeds each (bench/vs_optimisers.py, shipped model, "auto" steps), "mind" -> "mind_ncc", median /
 #: p95 TRE mm and Dice: real abdomen at 3 mm 0.45 / 4.19 / 0.917 -> 0.43 / 3.10 / 0.937 (Greedy
-#: 0.935); chest at 2 mm 0.33 / 1.02 -> 0.34 / 0.92; thick slices p95 2.08 -> 1.68; phantom inter Dice
+#: 0.921 on the same pairs); chest at 2 mm 0.33 / 1.02 -> 0.34 / 0.92; thick slices p95 2.08 -> 1.68; phantom inter Dice
 #: 0.811 -> 0.822, breathing 0.895 -> 0.906 (median TRE 2.30 -> 2.40). Weight 3 cost the abdomen's
 #: median (0.71 mm); a 3- or 11-voxel window did no better. It is not contrast-invariant: for scans
 #: whose intensities do not correspond (contrast phases, another modality) use "mind".
 INTENSITY_WEIGHT = 1.0
+INTENSITY_KERNEL = 5
 #: Most sampled voxels of a level coarser than the finest. Its velocity grid is the finest level's,
 #: so a quarter of "auto"'s sample holds as many points per unknown as the finest level needs for
 #: it: two seeds each, 2^17 -> 2^15 at the coarser levels left median TRE and Dice as they were (real
 #: chest 0.34 mm / 0.989, abdomen 0.43 -> 0.44 mm / 0.937 -> 0.938, phantom breathing 2.40 mm / 0.906)
 #: and cut 15-20 % of the seconds.
 COARSE_LEVEL_SAMPLES = 2 ** 15
-INTENSITY_KERNEL = 5
 
 
 @dataclass
@@ -345,7 +345,7 @@ def refine_velocity(fixed: torch.Tensor, moving: torch.Tensor, velocity: torch.T
         if sampled[index] and (mask is None or bool(mask.any())):
             points = _level_points(shape, samples[index], None if mask is None else mask > 0, device)
             f_feat = _values_at(f_feat, points)
-            # Channels last: the 12 values read at a corner share a cache line (3x faster on a CPU).
+            # Channels last: the descriptor's values read at a corner share a cache line (3x faster on a CPU).
             m_feat = m_feat.contiguous(memory_format=torch.channels_last_3d)
             mask = None            # the points lie inside it
         fm_l, mm_l = (_resample(fixed_masks, shape), _resample(moving_masks, shape)) if use_dice else (None, None)
