@@ -132,7 +132,7 @@ def build_app(model: str = DEFAULT_MODEL, max_upload_mb: float = 512.0, device: 
                      f"{val['dice_by_step'][0]:.3f} zero-shot, {val['dice_by_step'][val['chosen_step']]:.3f} "
                      f"after {val['chosen_step']} steps)")
         if meta["loss_last"] is None:
-            text += ". No step beat the zero-shot prompt on the kept-out pairs, so this adapter changes nothing."
+            text += ". No step count beat the zero-shot prompt in cross-validation, so this adapter changes nothing."
         else:
             text += (f", loss {meta['loss_first']:.3f} → {meta['loss_last']:.3f}, "
                      f"training-pair Dice ≈ {meta['train_dice_last']:.3f}.")

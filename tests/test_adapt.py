@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from app.examples import example_pairs, write_pairs_csv
-from unireg.adapt import adapt, add_adapt_arguments, mean_dice, prepare_pair, read_pair_list, run_adapt
+from unireg.adapt import _reversed, adapt, add_adapt_arguments, mean_dice, prepare_pair, read_pair_list, run_adapt
 from unireg.adapter import Adapter, AdapterError, base_fingerprint
 from unireg.api import UniReg
 from unireg.io import InputError
@@ -155,7 +155,8 @@ def test_few_shot_beats_zero_shot_on_held_out_pairs(model, tmp_path):
     folder = tmp_path / "examples"
     train, held_out = example_pairs(1, start=0, folder=folder), example_pairs(3, start=10, folder=folder)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    adapter = adapt(model, train, PROMPT, steps=60, held_out=held_out, progress=False)
+    # what the adapter can learn, without the reversed-pair guard (the test below covers that)
+    adapter = adapt(model, train, PROMPT, steps=60, held_out=held_out, progress=False, validate=False)
     scores = adapter.metadata["held_out"]
     assert scores["adapted"] > scores["zero_shot"] + 0.03, scores
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())   # base untouched
@@ -170,13 +171,17 @@ def test_command_line_writes_an_adapter(pairs, tmp_path, capsys):
     add_adapt_arguments(parser)
     csv_path = write_pairs_csv(pairs[:1], tmp_path / "pairs.csv")
     out = tmp_path / "out" / "duodenum.safetensors"
-    args = parser.parse_args(["--pairs", str(csv_path), "--prompt", PROMPT, "--steps", "2", "--rank", "2",
-                              "--out", str(out), "--device", "cpu"])
+    common = ["--pairs", str(csv_path), "--prompt", PROMPT, "--steps", "2", "--rank", "2", "--device", "cpu"]
+    args = parser.parse_args([*common, "--out", str(out), "--no-validate"])
     assert run_adapt(args) == 0
     printed = json.loads(capsys.readouterr().out)
     loaded = Adapter.load(out)
     assert printed["adapter"] == str(out) and loaded.metadata["steps"] == 2 and loaded.rank == 2
-    assert np.isfinite(loaded.metadata["loss_last"])
+    assert np.isfinite(loaded.metadata["loss_last"]) and "validation" not in loaded.metadata
+    validated = tmp_path / "out" / "validated.safetensors"          # the default: cross-validated
+    assert run_adapt(parser.parse_args([*common, "--out", str(validated)])) == 0
+    meta = Adapter.load(validated).metadata
+    assert meta["steps"] == meta["validation"]["chosen_step"] and meta["steps_asked"] == 2
 
 
 def test_with_several_pairs_the_step_count_is_chosen_by_cross_validation(model, tmp_path):
@@ -200,4 +205,10 @@ def test_with_several_pairs_the_step_count_is_chosen_by_cross_validation(model, 
         assert adapted == pytest.approx(zero_shot) and meta["loss_last"] is None
     else:
         assert np.isfinite(meta["loss_last"]) and len(meta["loss_curve"]) >= 1
-    assert "validation" not in adapt(model, pairs[:1], PROMPT, steps=2, progress=False).metadata
+    assert "validation" not in adapt(model, pairs[:1], PROMPT, steps=2, progress=False, validate=False).metadata
+    # one pair: trained on, measured reversed (moving <-> fixed)
+    single = adapt(model, pairs[:1], PROMPT, steps=2, progress=False).metadata["validation"]
+    reversed_pair = _reversed(prepared[0])
+    assert single["folds"] == 1 and sorted(single["dice_by_step"]) == [0, 1, 2]
+    assert torch.equal(reversed_pair.fixed, prepared[0].moving) and torch.equal(reversed_pair.moving_seg, prepared[0].fixed_seg)
+    assert abs(single["dice_by_step"][0] - mean_dice(model, [reversed_pair], parse_prompt(PROMPT), ["duodenum"])) < 1e-3

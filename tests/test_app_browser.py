@@ -183,10 +183,12 @@ def test_few_shot_flow(page, tmp_path):
     page.locator("#adapt-button").click()
     page.wait_for_function("() => document.querySelector('#adapt-summary')?.innerText.includes('Adapter ready')")
     summary = page.locator("#adapt-summary").inner_text()
-    assert "k = 1 pairs, 5 steps" in summary and "duodenum" in summary
+    # one pair: cross-validated on its reverse, which picks how many of the 5 steps to keep (maybe none)
+    assert "k = 1 pairs" in summary and "1-fold cross-validation" in summary and "duodenum" in summary
     page.wait_for_selector("#loss-curve img")
     adapter = Adapter.load(download(page, "adapter-download", tmp_path))
     assert adapter.metadata["k"] == 1 and adapter.metadata["structure"] == ["duodenum"]
+    assert adapter.metadata["steps_asked"] == 5 and f"{adapter.metadata['steps']} steps" in summary
 
     page.locator("#held-out-button").click()
     page.wait_for_function("() => document.querySelector('#held-out-metrics')?.innerText.includes('with adapter')")
