@@ -181,10 +181,10 @@ def adapt(model, pairs, prompt: "str | Prompt", steps: int = 60, rank: int = 4, 
     pairs.
     ``validate``: how many steps to keep is chosen by cross-validation. Each of up to MAX_FOLDS
     folds trains a fresh adapter without its pairs and measures their Dice before the first step
-    and VALIDATION_CHECKS times on the way (one pair: trained on, and measured reversed); the final adapter is trained on every pair
-    for the step count whose mean over the folds is best among those whose gain over the zero-shot
-    prompt exceeds its standard error across the folds - none at all (the fresh adapter, which
-    changes nothing) when no step count clears that bar. Adapters learn their training pairs'
+    and VALIDATION_CHECKS times on the way (one pair: trained on, and measured reversed). The final
+    adapter is trained on every pair for the step count whose mean over the folds is best among
+    those whose gain over the zero-shot prompt exceeds its standard error across the folds - none
+    at all (the fresh adapter, which changes nothing) when no step count clears that bar. Adapters learn their training pairs'
     own motion: one pair lifted its own pancreas Dice 0.09 -> 0.77 and took the held-out pairs' from
     0.63 to 0.12, and a single kept-out pair was no guard (its Dice rose 0.62 -> 0.70 while six
     held-out pairs fell 0.61 -> 0.52).
