@@ -33,7 +33,7 @@ def grid_sample(input: torch.Tensor, grid: torch.Tensor, **kwargs) -> torch.Tens
     pad = (-points) % threads
     if pad:
         flat = torch.cat([flat, flat.new_zeros(1, pad, 3)], dim=1)
-    chunks = flat.view(threads, (points + pad) // threads, 1, 1, 3)
+    chunks = flat.reshape(threads, (points + pad) // threads, 1, 1, 3)
     out = F.grid_sample(input.expand(threads, *input.shape[1:]), chunks, **kwargs)   # [T, C, n, 1, 1]
     channels = input.shape[1]
     out = out.permute(1, 0, 2, 3, 4).reshape(channels, points + pad)

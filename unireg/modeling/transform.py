@@ -20,7 +20,7 @@ warnings.filterwarnings("ignore", message="monai.networks.blocks.Warp: Using PyT
 
 class GridCachedWarp(Warp):
     """MONAI's ``Warp`` with its identity grid made on the field's device and kept for a few shapes,
-    and, in 3-D, sampling through :func:`unireg.modeling.sampling.grid_sample` (all CPU threads).
+    and, in 3-D, sampling through :func:`unireg.sampling.grid_sample` (all CPU threads).
 
     MONAI keeps one grid and builds it on the CPU, so a network that warps at several grid sizes
     (every decoder level, then the full grid) rebuilt a grid and copied it to the GPU at every

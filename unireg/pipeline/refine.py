@@ -224,7 +224,7 @@ def _auto_steps(shapes, device: torch.device, max_steps: int) -> list[int]:
     return plan
 
 
-def _preset(steps) -> StepPreset:
+def step_preset(steps) -> StepPreset:
     """The preset a ``steps=`` value names ("auto"'s for a number of steps)."""
     if not isinstance(steps, str):
         return STEP_PRESETS["auto"]
@@ -235,7 +235,7 @@ def _preset(steps) -> StepPreset:
 
 def _plan_steps(steps, shapes, device: torch.device) -> list[int]:
     if isinstance(steps, str):
-        return _auto_steps(shapes, device, _preset(steps).max_steps)
+        return _auto_steps(shapes, device, step_preset(steps).max_steps)
     if isinstance(steps, (list, tuple)):
         if len(steps) != len(shapes) or any(isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0
                                             for n in steps):
@@ -301,7 +301,7 @@ def refine_velocity(fixed: torch.Tensor, moving: torch.Tensor, velocity: torch.T
     _check(fixed, moving, velocity, fixed_masks, moving_masks, rigid_mask, moving_coverage, similarity, levels,
            smoothness)
     if sample_voxels is None:
-        sample_voxels = _preset(steps).sample_voxels
+        sample_voxels = step_preset(steps).sample_voxels
     device = fixed.device
     fixed, moving = fixed.float(), moving.float()
     integrate = VelocityIntegrator(integration_steps).to(device)

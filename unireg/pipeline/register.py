@@ -29,7 +29,7 @@ from .grids import coverage_tensor, label_tensor, refinement_grid, scan_tensor, 
 from .inputs import ScanPair, load_pair
 from .mapping import total_displacement
 from .network import predict_field
-from .refine import STEP_PRESETS, refine_velocity
+from .refine import STEP_PRESETS, refine_velocity, step_preset
 
 ALIGN_MODES = ("auto", "none", "rigid", "affine")
 #: Most label channels the Dice term of instance optimisation carries (the largest organs win).
@@ -179,7 +179,7 @@ class RegistrationPipeline:
             if prompt.rigid:
                 rigid_mask = _rigid_mask(pair, fine, device, matrix, prompt)
             if similarity == "auto":
-                similarity = STEP_PRESETS[steps if isinstance(steps, str) else "auto"].similarity
+                similarity = step_preset(steps).similarity
             res = refine_velocity(fixed_f, moving_f, velocity, smoothness=self.model.condition.smoothness_of(prompt),
                                   spacing_mm=fine.spacing, steps=steps,
                                   levels=refine_levels(fine.spacing), similarity=similarity,
