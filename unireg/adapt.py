@@ -207,13 +207,17 @@ def adapt(model, pairs, prompt: "str | Prompt", steps: int = 60, rank: int = 4, 
         dice_test["identity"] = mean_dice(model, test, parsed, organs, identity=True)
         dice_test["zero_shot"] = mean_dice(model, test, parsed, organs)
     n_folds = min(len(train), MAX_FOLDS) if validate else 0
+    single = n_folds == 1      # one pair: its fold trains the final adapter itself (see _cross_validate)
     run = _Run(model, parsed, organs, steps, lr, weight_decay, batch_size, seed, dice_weight, rank,
-               total=(n_folds + 1) * steps, callback=callback, progress=progress)
+               total=(n_folds + (0 if single else 1)) * steps, callback=callback, progress=progress)
     start = time.perf_counter()
     with _frozen(model):
-        validation = _cross_validate(run, train, n_folds) if n_folds else None
+        validation, kept_run = _cross_validate(run, train, n_folds) if n_folds else (None, None)
         chosen = validation["chosen_step"] if validation else steps
-        adapter, losses, dice_terms = run.fit(train, stop_at=chosen, desc=f"adapting to {parsed}")
+        if kept_run is not None:
+            adapter, losses, dice_terms = kept_run.at(chosen)
+        else:
+            adapter, losses, dice_terms = run.fit(train, stop_at=chosen, desc=f"adapting to {parsed}")
     seconds = time.perf_counter() - start
     if test:
         dice_test["adapted"] = mean_dice(model, test, parsed, organs, adapter=adapter)
@@ -243,22 +247,29 @@ def _reversed(pair: PairTensors) -> PairTensors:
 
 
 def _cross_validate(run: "_Run", pairs: list[PairTensors], n_folds: int) -> dict:
-    """Mean kept-out Dice by step over ``n_folds`` folds (fold i keeps out pairs i, i + n_folds, ...)."""
+    """Mean kept-out Dice by step over ``n_folds`` folds (fold i keeps out pairs i, i + n_folds, ...),
+    and, for a single pair, its fold's run: it trained on that very pair with the final adapter's seed
+    and schedule, so its state at the chosen step is the final adapter (no second run)."""
     every = max(1, run.steps // VALIDATION_CHECKS)
     at = sorted({0, run.steps, *range(every, run.steps + 1, every)})
-    per_fold = []
+    per_fold, kept_run = [], None
     for fold in range(n_folds):
         kept = pairs[fold::n_folds]
         fitted = [p for i, p in enumerate(pairs) if i % n_folds != fold]
         if not fitted:      # one pair: train on it, keep out its reverse (see SINGLE_PAIR_MARGIN)
             fitted, kept = kept, [_reversed(p) for p in kept]
         dice: dict[int, float] = {}
+        states: dict[int, dict] = {}
 
         def measure(step, adapter):
             if step in at:
                 dice[step] = mean_dice(run.model, kept, run.prompt, run.organs)   # the adapter is applied
-        run.fit(fitted, stop_at=run.steps, desc=f"fold {fold + 1}/{n_folds}", on_step=measure)
+                if n_folds == 1:
+                    states[step] = {k: v.detach().clone() for k, v in adapter.weights.state_dict().items()}
+        fitted_run = run.fit(fitted, stop_at=run.steps, desc=f"fold {fold + 1}/{n_folds}", on_step=measure)
         per_fold.append(dice)
+        if n_folds == 1:
+            kept_run = _FoldRun(*fitted_run, states)
     mean = {step: float(np.mean([d[step] for d in per_fold])) for step in at}
     # A step count must beat the zero-shot prompt by more than the standard error of its gain over
     # the folds: with a handful of pairs one pair's big gain can lift the mean while most pairs lose.
@@ -271,7 +282,22 @@ def _cross_validate(run: "_Run", pairs: list[PairTensors], n_folds: int) -> dict
     chosen = max(trusted, key=lambda step: (mean[step], -step)) if trusted else 0
     return {"folds": n_folds, "pairs": len(pairs), "dice_by_step": {k: round(v, 4) for k, v in mean.items()},
             "gain_minus_se_by_step": {k: round(v, 4) for k, v in margin.items()},
-            "dice_by_fold": [{k: round(v, 4) for k, v in d.items()} for d in per_fold], "chosen_step": chosen}
+            "dice_by_fold": [{k: round(v, 4) for k, v in d.items()} for d in per_fold], "chosen_step": chosen}, \
+        kept_run
+
+
+@dataclass
+class _FoldRun:
+    """A fold's trained adapter with its weights at each check, to be rewound to one of them."""
+    adapter: Adapter
+    losses: list
+    dice_terms: list
+    states: dict
+
+    def at(self, step: int):
+        """(adapter, losses, dice terms) as a run stopped after ``step`` steps would have left them."""
+        self.adapter.weights.load_state_dict(self.states[step])
+        return self.adapter, self.losses[:step], self.dice_terms[:step]
 
 
 @contextlib.contextmanager
