@@ -195,6 +195,26 @@ def test_a_sampled_level_has_the_dense_loss_and_registers_as_well():
     assert tre_few < 0.7 * before and tre_few < 1.1 * tre_every, (before, tre_every, tre_few)
 
 
+def test_sampled_steps_draw_new_points_inside_the_mask_and_runs_repeat():
+    """Every step reads a new random sample (over its steps the optimiser sees most of the grid), only
+    where the moving scan has data, and the seeded draws make two runs identical."""
+    from unireg.pipeline.refine import _PointSampler
+    mask = torch.zeros(1, 1, *SHAPE, dtype=torch.bool)
+    mask[..., 10:30, :, :] = True
+    sampler = _PointSampler(SHAPE, mask, "cpu")
+    first, second = sampler.draw(4096), sampler.draw(4096)
+    assert not torch.equal(first, second)
+    for points in (first, second):
+        assert bool(((points[:, 0] >= 10) & (points[:, 0] < 30)).all())
+        index = points[:, 0] * SHAPE[1] * SHAPE[2] + points[:, 1] * SHAPE[2] + points[:, 2]
+        assert bool((index[1:] >= index[:-1]).all())          # memory order
+    fixed, moving, _, _, _ = _pair()
+    kw = dict(smoothness=0.3, spacing_mm=SPACING, levels=(2, 1), steps=20, similarity="mind", sample_voxels=4096)
+    one, two = refine_velocity(fixed, moving, None, **kw), refine_velocity(fixed, moving, None, **kw)
+    assert one.history[-1]["sampled_voxels"] == 4096
+    assert torch.equal(one.displacement, two.displacement)
+
+
 def test_dice_term_pulls_labelled_structures_together():
     fixed, _, _, _, liver = _pair()
     fixed_mask = liver[None, None].float()
