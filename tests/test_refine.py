@@ -160,8 +160,12 @@ def test_mind_similarity_registers_a_contrast_changed_pair():
 def test_mind_ncc_registers_and_ignores_a_linear_intensity_change():
     """The intensity channel is standardised locally: a gain and an offset (another window, another
     scanner's calibration) leave it unchanged, and the pair still registers."""
-    from unireg.similarity import local_standardise
+    from unireg.pipeline.refine import INTENSITY_KERNEL, INTENSITY_WEIGHT, _descriptor
+    from unireg.similarity import local_standardise, mind_ssc
     fixed, moving, truth, body, _ = _pair()
+    descriptor = _descriptor(moving, "mind_ncc")           # MIND-SSC built in place, then the 13th channel
+    assert torch.equal(descriptor[:, :12], mind_ssc(moving))
+    assert torch.equal(descriptor[:, 12:], local_standardise(moving, INTENSITY_KERNEL) * INTENSITY_WEIGHT)
     scaled = 3.0 * moving + 40.0
     inner = (slice(None), slice(None), slice(3, -3), slice(3, -3), slice(3, -3))
     assert torch.allclose(local_standardise(scaled)[inner], local_standardise(moving)[inner], atol=2e-2)
@@ -181,6 +185,9 @@ def test_a_sampled_level_has_the_dense_loss_and_registers_as_well():
     u = resize_field(_smooth_velocity(1, 3.0), (12, 12, 12))
     points = _level_points(SHAPE, 48 ** 3, None, "cpu")
     assert len(torch.unique(points, dim=0)) == 48 ** 3
+    # a channels-last volume (how refinement keeps the descriptors) is read row by row: the same values
+    assert torch.equal(_values_at(f_feat.contiguous(memory_format=torch.channels_last_3d), points),
+                       _values_at(f_feat, points))
     sampled = mind_loss(_values_at(f_feat, points), _warp_at(m_feat, points, _field_at(u, points, SHAPE)))
     dense = mind_loss(f_feat, SpatialTransformer()(m_feat, resize_field(u, SHAPE)))
     assert float(sampled) == pytest.approx(float(dense), rel=1e-5)

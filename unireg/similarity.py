@@ -75,11 +75,13 @@ _SSC_PAIRS = tuple((i, j) for i in range(6) for j in range(i + 1, 6)
 
 
 @torch.no_grad()
-def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2) -> torch.Tensor:
+def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2, out: torch.Tensor | None = None) -> torch.Tensor:
     """MIND-SSC descriptor [B,12,D,H,W] of a one-channel image [B,1,D,H,W] (a constant: no gradient).
 
     Built channel by channel and in place: instance optimisation computes it on the refinement grid
-    (up to 160^3 on a CPU), where stacking the 12 channels' temporaries took 1.4 GB for a pair."""
+    (up to 160^3 on a CPU), where stacking the 12 channels' temporaries took 1.4 GB for a pair.
+    ``out``: a [B,12,D,H,W] tensor (or view) to build it in, e.g. the first channels of a larger
+    descriptor, which saves concatenating a full-size copy."""
     x = image.float()
     d = dilation
     padded = F.pad(x, [d] * 6, mode="replicate")
@@ -89,7 +91,9 @@ def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2) -> torch.T
         a, b, c = (d + o * d for o in offset)
         return padded[:, :, a:a + D, b:b + H, c:c + W]
 
-    ssd = x.new_empty(x.shape[0], len(_SSC_PAIRS), D, H, W)
+    ssd = x.new_empty(x.shape[0], len(_SSC_PAIRS), D, H, W) if out is None else out
+    if ssd.shape != (x.shape[0], len(_SSC_PAIRS), D, H, W):
+        raise ValueError(f"mind_ssc out must be {(x.shape[0], len(_SSC_PAIRS), D, H, W)}, got {tuple(ssd.shape)}")
     for k, (i, j) in enumerate(_SSC_PAIRS):
         ssd[:, k:k + 1] = box_filter((shifted(_SIX[i]) - shifted(_SIX[j])) ** 2, 2 * radius + 1)
     ssd -= ssd.min(dim=1, keepdim=True).values

@@ -200,10 +200,16 @@ class _PointSampler:
 
 
 def _values_at(volume: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
-    """``volume`` [1,C,D,H,W] at integer voxels ``points`` [N,3] -> [1,C,N,1,1]."""
+    """``volume`` [1,C,D,H,W] at integer voxels ``points`` [N,3] -> [1,C,N,1,1].
+
+    A channels-last volume is read a voxel's C values at a time (25x faster than C strided reads)."""
     _, h, w = volume.shape[2:]
     index = points[:, 0] * (h * w) + points[:, 1] * w + points[:, 2]
-    return volume.flatten(2)[:, :, index].view(1, volume.shape[1], -1, 1, 1)
+    channels = volume.shape[1]
+    if volume.is_contiguous(memory_format=torch.channels_last_3d):
+        rows = volume.permute(0, 2, 3, 4, 1).reshape(-1, channels)        # a view: no copy
+        return rows.index_select(0, index).T.reshape(1, channels, -1, 1, 1)
+    return volume.flatten(2)[:, :, index].view(1, channels, -1, 1, 1)
 
 
 def _field_at(field: torch.Tensor, points: torch.Tensor, shape) -> torch.Tensor:
@@ -226,11 +232,14 @@ def _warp_at(image: torch.Tensor, points: torch.Tensor, displacement: torch.Tens
 
 
 def _descriptor(image: torch.Tensor, similarity: str) -> torch.Tensor:
-    """MIND-SSC of an image [1,1,D,H,W]; for "mind_ncc" with the weighted standardised intensity appended."""
-    mind = mind_ssc(image)
+    """MIND-SSC of an image [1,1,D,H,W]; for "mind_ncc" with the weighted standardised intensity appended
+    (built in one tensor: concatenating copied 13 full-size channels, 0.17 s of 0.56 s on a 2 mm chest)."""
     if similarity != "mind_ncc":
-        return mind
-    return torch.cat([mind, local_standardise(image, INTENSITY_KERNEL).mul_(INTENSITY_WEIGHT)], dim=1)
+        return mind_ssc(image)
+    out = image.new_empty(image.shape[0], 13, *image.shape[2:])
+    mind_ssc(image, out=out[:, :12])
+    out[:, 12:] = local_standardise(image, INTENSITY_KERNEL).mul_(INTENSITY_WEIGHT)
+    return out
 
 
 def _start_on(start: torch.Tensor | None, vel_shape, like: torch.Tensor) -> torch.Tensor:
@@ -378,7 +387,7 @@ def refine_velocity(fixed: torch.Tensor, moving: torch.Tensor, velocity: torch.T
             points = _level_points(shape, CHECK_SAMPLES, inside, device)      # the fixed sample losses are reported on
             sampler = _PointSampler(shape, inside, device)                    # a new sample per step
             # Channels last: the descriptor's values read at a corner share a cache line (3x faster on a CPU).
-            m_feat = m_feat.contiguous(memory_format=torch.channels_last_3d)
+            f_feat, m_feat = (x.contiguous(memory_format=torch.channels_last_3d) for x in (f_feat, m_feat))
             mask = None            # the points lie inside it
         fm_l, mm_l = (_resample(fixed_masks, shape), _resample(moving_masks, shape)) if use_dice else (None, None)
         # Every coarse voxel that touches the structure is held rigid: its boundary must not be
