@@ -50,6 +50,29 @@ def test_split_grid_sample_matches_torch(three_threads, mode, padding, volume_gr
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_a_volume_needing_its_gradient_is_split_unless_far_larger_than_the_points(three_threads):
+    """Scaling and squaring samples a field at as many points as it has voxels, with the field's
+    gradient: split. A volume with more than MAX_VOXELS_PER_POINT voxels per point is sampled whole."""
+    calls, original = [], F.grid_sample
+
+    def counting(*args, **kwargs):
+        calls.append(args[1].shape[0])
+        return original(*args, **kwargs)
+
+    field = torch.randn(1, 3, 20, 20, 20, requires_grad=True)
+    grid = torch.rand(1, 20, 20, 20, 3) * 2 - 1
+    big = torch.randn(1, 1, 40, 40, 40 * (sampling.MAX_VOXELS_PER_POINT // 8) + 8, requires_grad=True)
+    few = torch.rand(1, 8, 8, 80, 3) * 2 - 1
+    assert 8 * 8 * 80 >= sampling.MIN_SPLIT_POINTS and big[0, 0].numel() > sampling.MAX_VOXELS_PER_POINT * 8 * 8 * 80
+    sampling.F.grid_sample = counting
+    try:
+        sampling.grid_sample(field, grid, align_corners=True)
+        sampling.grid_sample(big, few, align_corners=True)
+    finally:
+        sampling.F.grid_sample = original
+    assert calls == [3, 1]
+
+
 def test_small_grids_and_batches_go_straight_to_torch(three_threads):
     volume = torch.randn(2, 1, 8, 8, 8)
     grid = torch.rand(2, 32, 32, 32, 3) * 2 - 1
