@@ -18,19 +18,32 @@ import torch.nn.functional as F
 LNCC_EPS = 1e-8
 
 
+#: Windows up to this side are summed from shifted copies, wider ones from running sums.
+MAX_SHIFTED_KERNEL = 5
+
+
 def box_filter(x: torch.Tensor, kernel: int) -> torch.Tensor:
     """Mean over a cube of side ``kernel`` (odd) around each voxel; the borders average what exists.
 
-    Separable running sums (a cumulative sum and one subtraction per axis): the cost does not grow
-    with the window, and the backward pass is another cumulative sum.
+    Separable along each axis. Wide windows use running sums (a cumulative sum and one subtraction
+    per axis: the cost does not grow with the window, and the backward pass is another cumulative
+    sum). Narrow ones (MIND-SSC's 3, the intensity channel's 5) add shifted copies in place, which on a
+    CPU is 4x faster than a cumulative sum (3 voxels, 175x125x143: 18.5 -> 4.4 ms).
     """
     if kernel <= 1:
         return x
     r = kernel // 2
     for dim in (2, 3, 4):
         n = x.shape[dim]
-        summed = F.pad(x, [0, 0] * (4 - dim) + [r + 1, r]).cumsum(dim)
-        x = summed.narrow(dim, kernel, n) - summed.narrow(dim, 0, n)
+        if kernel <= MAX_SHIFTED_KERNEL:
+            summed = x.clone()
+            for shift in range(1, min(r, n - 1) + 1):
+                summed.narrow(dim, shift, n - shift).add_(x.narrow(dim, 0, n - shift))
+                summed.narrow(dim, 0, n - shift).add_(x.narrow(dim, shift, n - shift))
+            x = summed
+        else:
+            summed = F.pad(x, [0, 0] * (4 - dim) + [r + 1, r]).cumsum(dim)
+            x = summed.narrow(dim, kernel, n) - summed.narrow(dim, 0, n)
         index = torch.arange(n, device=x.device)
         count = (index.add(r).clamp(max=n - 1) - index.sub(r).clamp(min=0) + 1).to(x.dtype)
         x = x / count.view([n if d == dim else 1 for d in range(x.dim())])
@@ -96,7 +109,7 @@ def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2, out: torch
         raise ValueError(f"mind_ssc out must be {(x.shape[0], len(_SSC_PAIRS), D, H, W)}, got {tuple(ssd.shape)}")
     for k, (i, j) in enumerate(_SSC_PAIRS):
         ssd[:, k:k + 1] = box_filter((shifted(_SIX[i]) - shifted(_SIX[j])) ** 2, 2 * radius + 1)
-    ssd -= ssd.min(dim=1, keepdim=True).values
+    ssd -= ssd.amin(dim=1, keepdim=True)           # values only: 10x faster than .min(dim)
     variance = ssd.mean(dim=1, keepdim=True)
     level = variance.mean()
     variance = variance.clamp(min=level * 1e-3 + 1e-12, max=level * 1e3 + 1e-12)
