@@ -7,7 +7,7 @@ import unireg
 ROOT = Path(unireg.__file__).parent
 LAYERS = [  # lowest first; a module may import its own layer and the ones below
     ("base", ["errors", "organs", "organ_presence", "config", "preprocessing", "prompt", "hub", "io", "metrics",
-              "similarity", "losses", "sampling"]),
+              "similarity", "losses", "sampling", "memory"]),
     ("network", ["modeling"]),
     ("pipeline", ["pipeline", "result", "visualize", "adapter"]),
     ("api", ["api", "data", "evaluation", "steering", "demo"]),

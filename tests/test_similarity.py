@@ -38,3 +38,4 @@ def test_shifted_sums_and_running_sums_agree(monkeypatch):
     shifted = box_filter(x, 5)
     monkeypatch.setattr(similarity, "MAX_SHIFTED_KERNEL", 1)      # force running sums
     torch.testing.assert_close(box_filter(x, 5), shifted, rtol=0, atol=1e-5)
+

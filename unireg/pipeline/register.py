@@ -20,6 +20,7 @@ import torch
 
 from ..errors import UserError
 from ..io import warp_volume
+from ..memory import release_freed_memory
 from ..metrics import dice_before_after, jacobian_stats
 from ..modeling.model import UniRegModel
 from ..organs import ORGAN_TO_ID
@@ -188,6 +189,7 @@ class RegistrationPipeline:
                                   fixed_masks=fixed_masks,
                                   moving_masks=moving_masks, rigid_mask=rigid_mask, moving_coverage=coverage,
                                   progress=progress)
+            release_freed_memory()     # before the caller's full-size outputs (see unireg.memory)
             info.update(grid=list(fine.shape), spacing_mm=round(fine.spacing, 3), similarity=similarity,
                         levels=res.history, **res.check)
         return res.displacement, fine
