@@ -87,19 +87,15 @@ class StepPreset:
     similarity: str
 
 
-#: ``"auto"``, the default, puts accuracy first; ``"fast"`` halves the steps and samples a quarter of
-#: the voxels. Measured with the pipeline (bench/vs_optimisers.py, one seed, 2-core CPU), median TRE
-#: and seconds auto -> fast: real chest CT at 2 mm 0.32 -> 0.37 mm, 13.2 -> 6.2 s (ANTs SyN 0.69 mm,
-#: 14.2 s); thick slices 0.47 -> 0.52; abdomen at 3 mm 0.44 -> 0.54 mm, 10.6 -> 4.3 s (Greedy 0.78 mm);
-#: on 96^3 phantoms fast costs Dice (breathing pair 0.910 -> 0.896): sampled points fall on few edges.
-#: "auto" matches intensities too ("mind_ncc"); on "fast"'s quarter sample that cost median TRE
-#: (chest 0.39 -> 0.44 mm), so "fast" keeps MIND-SSC alone.
-#:
-#: A new sample at every step (2^15 voxels) instead of one fixed sample of 2^17, and at most 20 steps
-#: on the coarser levels instead of 40: two seeds each, median TRE / Dice / seconds before -> after,
-#: real chest at 2 mm 0.32 mm / 0.990 / 9.3 s -> 0.31 / 0.990 / 6.9; abdomen at 3 mm 0.44 / 0.938 /
-#: 6.6 -> 0.41 / 0.939 / 4.2; phantom breathing 2.39 mm / 0.905 / 5.8 -> 2.43 / 0.908 / 3.7; phantom
-#: inter-subject Dice 0.822 / 6.1 -> 0.827 / 4.1. (A fixed sample of 2^15 had cost the chest 0.43 mm.)
+#: ``"auto"``, the default, puts accuracy first; ``"fast"`` halves the steps and matches MIND-SSC alone.
+#: Both read large levels at a new random sample of 2^15 voxels every step (elastix's random sampler)
+#: instead of one fixed sample of 2^17: same accuracy in 0.65-0.75x the seconds, where a fixed 2^15
+#: sample had cost the chest 0.32 -> 0.43 mm (sweeps: docs/experiments/refine_speed/). Measured
+#: (bench/vs_optimisers.py, two seeds, 2-core CPU), median TRE mm / Dice / seconds, auto -> fast: real
+#: chest at 2 mm 0.31 / 0.990 / 6.1 -> 0.35 / 0.988 / 4.0 (ANTs SyN 0.86 mm, 17.7 s); abdomen at 3 mm
+#: 0.41 / 0.939 / 3.9 -> 0.50 / 0.921 / 2.7 (Greedy 0.83 mm / 0.926); phantom breathing 2.43 / 0.908 /
+#: 3.1 -> 2.08 / 0.896 / 1.9; phantom inter-subject Dice 0.826 / 3.7 s -> 0.813 / 2.4. "fast" with the
+#: intensity channel too cost the chest 0.35 -> 0.48 mm on 2^14 points.
 STEP_PRESETS = {"auto": StepPreset(max_steps=40, coarse_steps=20, sample_voxels=2 ** 15, similarity="mind_ncc"),
                 "fast": StepPreset(max_steps=20, coarse_steps=10, sample_voxels=2 ** 15, similarity="mind")}
 #: "mind_ncc": MIND-SSC plus the locally standardised intensity (``similarity.local_standardise``,
