@@ -382,10 +382,10 @@ def refine_velocity(fixed: torch.Tensor, moving: torch.Tensor, velocity: torch.T
             inside = None if mask is None else mask > 0
             points = _level_points(shape, CHECK_SAMPLES, inside, device)      # the fixed sample losses are reported on
             sampler = _PointSampler(shape, inside, device)                    # a new sample per step
-            # Channels last: the descriptor's values read at a corner share a cache line (3x faster on a CPU).
             if index == last_level:
                 features = None      # no finer level needs them; converted one at a time, at most three
                 #                      full-size descriptors exist at once (a 512^2 x 400 pair's peak memory)
+            # Channels last: the descriptor's values read at a corner share a cache line (3x faster on a CPU).
             f_feat = f_feat.contiguous(memory_format=torch.channels_last_3d)
             m_feat = m_feat.contiguous(memory_format=torch.channels_last_3d)
             mask = None            # the points lie inside it
