@@ -18,7 +18,7 @@ from unireg.metrics import jacobian_determinant
 from unireg.modeling.transform import SpatialTransformer, VelocityIntegrator, resize_field
 from unireg.organs import ORGAN_TO_ID
 from unireg.pipeline.refine import AUTO_BUDGET, _plan_steps, level_shape, refine_velocity, rigidity_penalty
-from unireg.similarity import lncc_loss
+from unireg.similarity import box_filter, lncc_loss
 from unireg.preprocessing import normalize_ct
 
 pytestmark = [pytest.mark.filterwarnings("ignore:monai.networks.blocks.Warp"), pytest.mark.usefixtures("one_torch_thread")]
@@ -220,6 +220,26 @@ def test_sampled_steps_draw_new_points_inside_the_mask_and_runs_repeat():
     one, two = refine_velocity(fixed, moving, None, **kw), refine_velocity(fixed, moving, None, **kw)
     assert one.history[-1]["sampled_voxels"] == 4096
     assert torch.equal(one.displacement, two.displacement)
+
+
+def test_edge_points_come_from_the_quarter_of_voxels_that_varies_most():
+    """Besides its uniform sample, a step reads points where the fixed image varies most (organ
+    boundaries), within the moving scan's coverage."""
+    from unireg.pipeline.refine import EDGE_FRACTION, _edge_mask, _PointSampler
+    fixed, _, _, _, _ = _pair()
+    inside = torch.zeros(1, 1, *SHAPE, dtype=torch.bool)
+    inside[..., 4:44, :, :] = True
+    edges = _edge_mask(fixed, inside)
+    assert not bool((edges & ~inside).any())
+    assert abs(float(edges.sum()) / float(inside.sum()) - EDGE_FRACTION) < 0.01
+    mean = box_filter(fixed, 3)
+    variance = box_filter(fixed * fixed, 3) - mean * mean
+    assert float(variance[edges].min()) >= float(variance[inside & ~edges].max())
+    points = _PointSampler(SHAPE, inside, "cpu", edges).draw(1000, 500)
+    assert len(points) == 1500
+    on_edges = edges[0, 0][points[:, 0], points[:, 1], points[:, 2]]
+    expected = (500 + 1000 * EDGE_FRACTION) / 1500            # the edge draws, and the uniform ones landing there
+    assert abs(float(on_edges.float().mean()) - expected) < 0.05
 
 
 def test_dice_term_pulls_labelled_structures_together():
