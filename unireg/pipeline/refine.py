@@ -36,7 +36,8 @@ Method
     0.67 -> 0.44 mm but took 24 s dense), while over its steps the optimiser still sees most of the
     grid. Each step also reads ``edge_voxels`` more among the quarter of the voxels where the fixed
     image varies most (``EDGE_FRACTION``): organ boundaries, which decide label overlap. The losses a
-    level reports, and the final check, are measured on one fixed sample of ``CHECK_SAMPLES`` voxels. The Dice and rigidity terms need the dense field, so they keep every voxel.
+    level reports, and the final check, are measured on one fixed sample of ``CHECK_SAMPLES`` voxels.
+    The Dice and rigidity terms need the dense field, so they keep every voxel.
 
     ``smoothness`` in [0, 1] (the prompt's λ) maps log-linearly onto lambda in
     [``SMOOTHNESS_RANGE``] (per similarity). Each level stops early when the loss, averaged over
@@ -191,7 +192,8 @@ def _level_points(shape, n: int, mask: torch.Tensor | None, device) -> torch.Ten
 
 class _PointSampler:
     """Random voxels of a level grid (among ``mask``'s when one is given), a new set per draw, plus
-    ``n_edge`` among ``edges``'; seeded: runs repeat. Sorted in memory order, as ``_level_points``."""
+    ``n_edge`` more among the voxels of ``edges``; seeded: runs repeat. Sorted in memory order, as
+    ``_level_points``."""
 
     def __init__(self, shape, mask: torch.Tensor | None, device, edges: torch.Tensor | None = None):
         self.shape = tuple(shape)
