@@ -39,3 +39,12 @@ def test_shifted_sums_and_running_sums_agree(monkeypatch):
     monkeypatch.setattr(similarity, "MAX_SHIFTED_KERNEL", 1)      # force running sums
     torch.testing.assert_close(box_filter(x, 5), shifted, rtol=0, atol=1e-5)
 
+
+
+def test_local_variance_is_the_windowed_variance_and_ignores_an_offset():
+    torch.manual_seed(2)
+    x = torch.randn(1, 1, 7, 6, 8, dtype=torch.float64)
+    want = _brute_force(x * x, 3) - _brute_force(x, 3) ** 2
+    torch.testing.assert_close(similarity.local_variance(x, 3).double(), want, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(similarity.local_variance(x + 1000.0, 3), similarity.local_variance(x, 3),
+                               atol=1e-3, rtol=1e-3)

@@ -116,17 +116,28 @@ def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2, out: torch
     return ssd.div_(variance).neg_().exp_()
 
 
+def _local_moments(image: torch.Tensor, kernel: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The image less its global mean, and its local mean and variance over a ``kernel``-wide cube."""
+    x = image.float()
+    x = x - x.mean()                    # box(x^2) - box(x)^2 cancels badly far from zero in float32
+    mean = box_filter(x, kernel)
+    return x, mean, (box_filter(x * x, kernel) - mean * mean).clamp(min=0)
+
+
+def local_variance(image: torch.Tensor, kernel: int = 3) -> torch.Tensor:
+    """Variance over a ``kernel``-wide cube around each voxel: high on edges, zero where flat."""
+    return _local_moments(image, kernel)[2]
+
+
 def local_standardise(image: torch.Tensor, kernel: int = 5, eps: float = LNCC_EPS) -> torch.Tensor:
     """``(image - local mean) / local std`` over a ``kernel``-wide cube (a constant: no gradient).
 
     Averaged over a window whose statistics these are, the squared difference of two such images is
     2 (1 - their correlation) there: an LNCC-like term that, unlike LNCC, can be read point by point;
-    instance optimisation adds it to MIND-SSC as a 13th channel. MIND-SSC describes the shape of the local structure and is blind to which
-    side of a weak soft-tissue edge is brighter; this channel sees the intensity step itself."""
-    x = image.float()
-    x = x - x.mean()                    # box(x^2) - box(x)^2 cancels badly far from zero in float32
-    mean = box_filter(x, kernel)
-    var = (box_filter(x * x, kernel) - mean * mean).clamp(min=0)
+    instance optimisation adds it to MIND-SSC as a 13th channel. MIND-SSC describes the shape of the
+    local structure and is blind to which side of a weak soft-tissue edge is brighter; this channel
+    sees the intensity step itself."""
+    x, mean, var = _local_moments(image, kernel)
     # A floor relative to the scan's own local variance (not an absolute one) keeps it gain-invariant
     # and stops flat air from turning noise into unit-variance texture.
     return (x - mean) / (var + eps + 1e-3 * var.mean()).sqrt()

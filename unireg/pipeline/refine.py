@@ -59,7 +59,7 @@ from ..io import InputError
 from ..losses import gradient_l2
 from ..modeling.transform import SpatialTransformer, VelocityIntegrator, resize_field
 from ..sampling import grid_sample
-from ..similarity import LNCC_EPS, box_filter, lncc_loss, local_standardise, mind_loss, mind_ssc
+from ..similarity import LNCC_EPS, box_filter, lncc_loss, local_standardise, local_variance, mind_loss, mind_ssc
 
 SIMILARITIES = ("lncc", "mind", "mind_ncc")
 DESCRIPTORS = ("mind", "mind_ncc")   # per-voxel descriptors: a plain mean over voxels, so sampleable
@@ -216,8 +216,7 @@ class _PointSampler:
 def _edge_mask(image: torch.Tensor, inside: torch.Tensor | None, fraction: float = EDGE_FRACTION) -> torch.Tensor:
     """The ``fraction`` of voxels (among ``inside``'s) of an image [1,1,D,H,W] with the highest local
     variance over a 3-voxel window: its edges."""
-    mean = box_filter(image, 3)
-    variance = (box_filter(image * image, 3) - mean * mean).clamp(min=0)
+    variance = local_variance(image, 3)
     values = variance.flatten() if inside is None else variance[inside]
     keep = max(1, int(len(values) * fraction))
     threshold = values.kthvalue(len(values) - keep + 1).values
