@@ -183,11 +183,7 @@ def _level_points(shape, n: int, mask: torch.Tensor | None, device) -> torch.Ten
     """A fixed random sample (seeded: runs repeat) of ``n`` voxel indices [N,3] (d,h,w) of a level grid,
     among the voxels of ``mask`` when one is given, in memory order (reading a volume at sorted points
     is twice as fast as at shuffled ones: the cache sees neighbours)."""
-    candidates = (torch.arange(math.prod(shape), device=device) if mask is None
-                  else mask.flatten().nonzero()[:, 0])
-    order = torch.randperm(len(candidates), generator=torch.Generator().manual_seed(0))[:n]
-    chosen = candidates[order.to(device)].sort().values
-    return torch.stack(torch.unravel_index(chosen, tuple(shape)), dim=1)
+    return _PointSampler(shape, mask, device).fixed(n)
 
 
 class _PointSampler:
@@ -203,6 +199,13 @@ class _PointSampler:
         self.generator = torch.Generator().manual_seed(1)
         self.device = device
 
+    def fixed(self, n: int) -> torch.Tensor:
+        """``n`` distinct voxels, the same for every call (``_level_points``)."""
+        candidates = (torch.arange(self.count, device=self.device) if self.candidates is None
+                      else self.candidates)
+        order = torch.randperm(len(candidates), generator=torch.Generator().manual_seed(0))[:n]
+        return self._points(candidates[order.to(self.device)])
+
     def draw(self, n: int, n_edge: int = 0) -> torch.Tensor:
         chosen = torch.randint(self.count, (n,), generator=self.generator).to(self.device)
         if self.candidates is not None:
@@ -210,6 +213,9 @@ class _PointSampler:
         if n_edge and self.edges is not None and len(self.edges):
             picks = torch.randint(len(self.edges), (n_edge,), generator=self.generator).to(self.device)
             chosen = torch.cat([chosen, self.edges[picks]])
+        return self._points(chosen)
+
+    def _points(self, chosen: torch.Tensor) -> torch.Tensor:
         return torch.stack(torch.unravel_index(chosen.sort().values, self.shape), dim=1)
 
 
@@ -412,9 +418,9 @@ def refine_velocity(fixed: torch.Tensor, moving: torch.Tensor, velocity: torch.T
         points = sampler = None
         if sampled[index] and (mask is None or bool(mask.any())):
             inside = None if mask is None else mask > 0
-            points = _level_points(shape, CHECK_SAMPLES, inside, device)      # the fixed sample losses are reported on
             sampler = _PointSampler(shape, inside, device,                    # a new sample per step
                                     _edge_mask(f_l, inside) if edge_voxels else None)
+            points = sampler.fixed(CHECK_SAMPLES)                             # the fixed sample losses are reported on
             if index == last_level:
                 features = None      # no finer level needs them; converted one at a time, at most three
                 #                      full-size descriptors exist at once (a 512^2 x 400 pair's peak memory)
