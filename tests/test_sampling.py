@@ -97,3 +97,39 @@ def test_cached_warp_matches_monai_warp(three_threads, mode, padding):
         torch.testing.assert_close(g_ours, g_theirs, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="DDF shape"):
         GridCachedWarp(mode=mode, padding_mode=padding)(image, ddf[:, :, :-1])
+
+
+@pytest.mark.parametrize("shape", [(9, 10, 11), (2, 3, 2)])
+def test_trilinear_at_points_matches_grid_sample_with_border_padding(shape):
+    """The gathered-corner sampler gives grid_sample's values and point gradients (align_corners=True,
+    border padding), inside, on and beyond the volume's edges; the volume gets no gradient."""
+    torch.manual_seed(0)
+    volume = torch.randn(1, 5, *shape).contiguous(memory_format=torch.channels_last_3d)
+    last = torch.tensor(shape, dtype=torch.float32) - 1
+    points = torch.rand(3000, 3) * (last + 3) - 1.5              # some beyond every face
+    # on the faces (interior whole numbers are left out: grid_sample's round trip through [-1, 1] can
+    # land them a hair to either side, and the one-sided slope differs there)
+    points[:4] = torch.tensor([[0.0, 0.0, 0.0], [*last.tolist()], [0.0, 0.5, last[2]], [last[0], 0.25, 0.0]])
+    ours, theirs = points.clone().requires_grad_(True), points.clone().requires_grad_(True)
+    got = sampling.trilinear_at_points(volume, ours)
+    where = (theirs / last * 2 - 1).flip(-1).view(1, -1, 1, 1, 3)
+    expected = F.grid_sample(volume, where, mode="bilinear", padding_mode="border", align_corners=True)
+    expected = expected.view(5, -1).T
+    assert got.shape == (3000, 5)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    weights = torch.randn_like(got)
+    (got * weights).sum().backward()
+    (expected * weights).sum().backward()
+    torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-4, atol=1e-4)
+    assert ours.grad[4:].abs().sum() > 0
+
+
+def test_trilinear_at_points_reads_any_memory_layout_and_refuses_a_batch():
+    torch.manual_seed(1)
+    volume = torch.randn(1, 3, 6, 7, 8)
+    points = torch.rand(100, 3) * 5
+    torch.testing.assert_close(sampling.trilinear_at_points(volume, points),
+                               sampling.trilinear_at_points(volume.contiguous(memory_format=torch.channels_last_3d),
+                                                            points))
+    with pytest.raises(ValueError, match=r"\[1,C,D,H,W\]"):
+        sampling.trilinear_at_points(volume.expand(2, -1, -1, -1, -1), points)

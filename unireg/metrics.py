@@ -10,9 +10,11 @@ def jacobian_determinant(displacement: torch.Tensor) -> torch.Tensor:
     """det(I + grad u) of a voxel-unit field [B,3,D,H,W] (central differences) -> [B,D,H,W].
 
     The 3x3 determinant by cofactor expansion over whole volumes: no [..., 3, 3] stack of the field
-    and no batched LU (on a 175x126x144 field: 0.27 s instead of 0.61 s).
+    and no batched LU (on a 175x126x144 field: 0.61 s with them, 0.22 s in float64, 0.05 s in float32).
+    float32 differs from float64 by ~1e-6, so only a voxel with |det J| below that could change sides
+    of the folding count.
     """
-    j = [[g.double() for g in torch.gradient(displacement[:, c], dim=(1, 2, 3))] for c in range(3)]
+    j = [[g.float() for g in torch.gradient(displacement[:, c].float(), dim=(1, 2, 3))] for c in range(3)]
     for c in range(3):
         j[c][c] = j[c][c] + 1.0
     det = (j[0][0] * (j[1][1] * j[2][2] - j[1][2] * j[2][1])

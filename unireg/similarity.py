@@ -87,33 +87,73 @@ _SSC_PAIRS = tuple((i, j) for i in range(6) for j in range(i + 1, 6)
                    if sum((a - b) ** 2 for a, b in zip(_SIX[i], _SIX[j])) == 2)
 
 
+def _ssc_directions() -> dict[tuple[int, int, int], list[tuple[int, tuple[int, int, int]]]]:
+    """The 12 pairs' squared differences come from 6 directions: pair k at voxel x is the squared
+    difference image of its direction v, (I(y) - I(y + v))^2, read at y = x + q (q: one of the
+    pair's two neighbours). {v: [(k, q), ...]}, v's first nonzero component positive."""
+    table: dict = {}
+    for k, (i, j) in enumerate(_SSC_PAIRS):
+        v = tuple(b - a for a, b in zip(_SIX[i], _SIX[j]))
+        if next(c for c in v if c) > 0:
+            table.setdefault(v, []).append((k, _SIX[i]))
+        else:
+            table.setdefault(tuple(-c for c in v), []).append((k, _SIX[j]))
+    return table
+
+
+_SSC_DIRECTIONS = _ssc_directions()
+
+
+def _valid_box_sum(x: torch.Tensor, radius: int) -> torch.Tensor:
+    """Sum over a cube of side 2 radius + 1 at the voxels whose cube lies inside ``x`` (each side
+    shrinks by 2 radius)."""
+    for dim in (2, 3, 4):
+        n = x.shape[dim] - 2 * radius
+        summed = x.narrow(dim, 0, n) + x.narrow(dim, 1, n)
+        for shift in range(2, 2 * radius + 1):
+            summed += x.narrow(dim, shift, n)
+        x = summed
+    return x
+
+
 @torch.no_grad()
 def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2, out: torch.Tensor | None = None) -> torch.Tensor:
     """MIND-SSC descriptor [B,12,D,H,W] of a one-channel image [B,1,D,H,W] (a constant: no gradient).
 
+    The 12 patch distances are 6 box-filtered squared difference images, each read at two shifts
+    (pairs of neighbours in the same direction): half the filtering of 12 separate channels (a 2 mm
+    chest, 0.39 -> 0.2 s a scan). The image is replicate-padded, so at the outermost voxel layer
+    a patch also covers the padding (a separate filter per channel averaged only the voxels inside).
     Built channel by channel and in place: instance optimisation computes it on the refinement grid
     (up to 160^3 on a CPU), where stacking the 12 channels' temporaries took 1.4 GB for a pair.
     ``out``: a [B,12,D,H,W] tensor (or view) to build it in, e.g. the first channels of a larger
     descriptor, which saves concatenating a full-size copy."""
     x = image.float()
-    d = dilation
-    padded = F.pad(x, [d] * 6, mode="replicate")
-    D, H, W = x.shape[2:]
-
-    def shifted(offset):
-        a, b, c = (d + o * d for o in offset)
-        return padded[:, :, a:a + D, b:b + H, c:c + W]
-
-    ssd = x.new_empty(x.shape[0], len(_SSC_PAIRS), D, H, W) if out is None else out
-    if ssd.shape != (x.shape[0], len(_SSC_PAIRS), D, H, W):
-        raise ValueError(f"mind_ssc out must be {(x.shape[0], len(_SSC_PAIRS), D, H, W)}, got {tuple(ssd.shape)}")
-    for k, (i, j) in enumerate(_SSC_PAIRS):
-        ssd[:, k:k + 1] = box_filter((shifted(_SIX[i]) - shifted(_SIX[j])) ** 2, 2 * radius + 1)
+    d, r = dilation, radius
+    margin = d + r
+    padded = F.pad(x, [margin] * 6, mode="replicate")
+    size = x.shape[2:]
+    ssd = x.new_empty(x.shape[0], len(_SSC_PAIRS), *size) if out is None else out
+    if ssd.shape != (x.shape[0], len(_SSC_PAIRS), *size):
+        raise ValueError(f"mind_ssc out must be {(x.shape[0], len(_SSC_PAIRS), *size)}, got {tuple(ssd.shape)}")
+    cube = float((2 * r + 1) ** 3)
+    for v, reads in _SSC_DIRECTIONS.items():
+        # the padded voxels this direction's difference image is needed at: every read, plus the patch
+        lo = [min(margin + q[a] * d for _, q in reads) - r for a in range(3)]
+        hi = [max(margin + q[a] * d for _, q in reads) + size[a] + r for a in range(3)]
+        here = padded[:, :, lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+        there = padded[:, :, lo[0] + v[0] * d:hi[0] + v[0] * d, lo[1] + v[1] * d:hi[1] + v[1] * d,
+                       lo[2] + v[2] * d:hi[2] + v[2] * d]
+        patch = _valid_box_sum((here - there).square_(), r)
+        for k, q in reads:
+            s = [margin + q[a] * d - r - lo[a] for a in range(3)]
+            torch.div(patch[:, :, s[0]:s[0] + size[0], s[1]:s[1] + size[1], s[2]:s[2] + size[2]], cube,
+                      out=ssd[:, k:k + 1])
     ssd -= ssd.amin(dim=1, keepdim=True)           # values only: 10x faster than .min(dim)
     variance = ssd.mean(dim=1, keepdim=True)
     level = variance.mean()
     variance = variance.clamp(min=level * 1e-3 + 1e-12, max=level * 1e3 + 1e-12)
-    return ssd.div_(variance).neg_().exp_()
+    return ssd.mul_(variance.reciprocal_().neg_()).exp_()          # exp(-ssd / variance)
 
 
 def _local_moments(image: torch.Tensor, kernel: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from ..io import InputError
 from ..losses import gradient_l2
 from ..modeling.transform import SpatialTransformer, VelocityIntegrator, resize_field
-from ..sampling import grid_sample
+from ..sampling import grid_sample, trilinear_at_points
 from ..similarity import LNCC_EPS, box_filter, lncc_loss, local_standardise, local_variance, mind_loss, mind_ssc
 
 SIMILARITIES = ("lncc", "mind", "mind_ncc")
@@ -130,6 +130,12 @@ CHECK_SAMPLES = 2 ** 17
 #: chest 0.34 mm / 0.989, abdomen 0.43 -> 0.44 mm / 0.937 -> 0.938, phantom breathing 2.40 mm / 0.906)
 #: and cut 15-20 % of the seconds.
 COARSE_LEVEL_SAMPLES = 2 ** 15
+#: Squarings of the velocity while it is optimised (its gradient flows through every one); the field
+#: handed back is integrated with ``integration_steps`` (the model's 7), so ``steps=0`` returns the
+#: network's own field. The optimised velocity is smooth and small per squaring: two seeds each, 5
+#: instead of 7 left median TRE and Dice as they were (real chest 0.31 mm / 0.991, abdomen 0.41 mm /
+#: 0.938, phantom breathing 2.43 mm / 0.908) in 5-10 % fewer seconds.
+OPTIMISATION_SQUARINGS = 5
 
 
 @dataclass
@@ -152,9 +158,13 @@ def level_shape(shape, factor: int) -> tuple[int, ...]:
 
 
 def _resample(x: torch.Tensor | None, shape) -> torch.Tensor | None:
-    """Area-average an image or mask onto a coarser grid over the same extent."""
+    """Area-average an image or mask onto a coarser grid over the same extent (a plain average pool
+    where the grids divide: 13 chest descriptor channels to half size, 65 -> 39 ms)."""
     if x is None or tuple(x.shape[2:]) == tuple(shape):
         return x
+    factors = {n // m for n, m in zip(x.shape[2:], shape)}
+    if len(factors) == 1 and all(n == m * min(factors) for n, m in zip(x.shape[2:], shape)):
+        return F.avg_pool3d(x.float(), min(factors))
     return F.interpolate(x.float(), size=tuple(shape), mode="area")
 
 
@@ -188,8 +198,12 @@ def _level_points(shape, n: int, mask: torch.Tensor | None, device) -> torch.Ten
 
 class _PointSampler:
     """Random voxels of a level grid (among ``mask``'s when one is given), a new set per draw, plus
-    ``n_edge`` more among the voxels of ``edges``; seeded: runs repeat. Sorted in memory order, as
-    ``_level_points``."""
+    ``n_edge`` more among the voxels of ``edges``; seeded: runs repeat.
+
+    A draw is stratified: the candidates, in memory order, are cut into as many equal runs as points
+    wanted and one is picked at random in each. Every voxel is as likely to be read as with
+    independent picks, the points come out sorted (reading a volume at sorted points is twice as fast
+    as at shuffled ones: the cache sees neighbours) and none repeats, with no sort per step."""
 
     def __init__(self, shape, mask: torch.Tensor | None, device, edges: torch.Tensor | None = None):
         self.shape = tuple(shape)
@@ -204,19 +218,29 @@ class _PointSampler:
         candidates = (torch.arange(self.count, device=self.device) if self.candidates is None
                       else self.candidates)
         order = torch.randperm(len(candidates), generator=torch.Generator().manual_seed(0))[:n]
-        return self._points(candidates[order.to(self.device)])
+        return self._points(candidates[order.to(self.device)].sort().values)
 
     def draw(self, n: int, n_edge: int = 0) -> torch.Tensor:
-        chosen = torch.randint(self.count, (n,), generator=self.generator).to(self.device)
+        """``n`` voxels, then ``n_edge`` among the edges, each part in memory order."""
+        chosen = self._stratified(self.count, n)
         if self.candidates is not None:
             chosen = self.candidates[chosen]
         if n_edge and self.edges is not None and len(self.edges):
-            picks = torch.randint(len(self.edges), (n_edge,), generator=self.generator).to(self.device)
-            chosen = torch.cat([chosen, self.edges[picks]])
+            chosen = torch.cat([chosen, self.edges[self._stratified(len(self.edges), n_edge)]])
         return self._points(chosen)
 
+    def _stratified(self, count: int, n: int) -> torch.Tensor:
+        """One position in [0, count) per run of count / n, ascending (repeats only when n > count)."""
+        runs = torch.arange(n, dtype=torch.float64).add_(torch.rand(n, generator=self.generator, dtype=torch.float64))
+        return runs.mul_(count / n).long().clamp_(max=count - 1).to(self.device)
+
     def _points(self, chosen: torch.Tensor) -> torch.Tensor:
-        return torch.stack(torch.unravel_index(chosen.sort().values, self.shape), dim=1)
+        """Flat indices -> [N,3] voxels (d, h, w) (``torch.unravel_index`` in half the time)."""
+        plane, row = self.shape[1] * self.shape[2], self.shape[2]
+        d = torch.div(chosen, plane, rounding_mode="floor")
+        rest = chosen - d * plane
+        h = torch.div(rest, row, rounding_mode="floor")
+        return torch.stack([d, h, rest - h * row], dim=1)
 
 
 def _edge_mask(image: torch.Tensor, inside: torch.Tensor | None, fraction: float = EDGE_FRACTION) -> torch.Tensor:
@@ -231,7 +255,7 @@ def _edge_mask(image: torch.Tensor, inside: torch.Tensor | None, fraction: float
 
 
 def _values_at(volume: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
-    """``volume`` [1,C,D,H,W] at integer voxels ``points`` [N,3] -> [1,C,N,1,1].
+    """``volume`` [1,C,D,H,W] at integer voxels ``points`` [N,3] -> [N,C].
 
     A channels-last volume is read a voxel's C values at a time (25x faster than C strided reads)."""
     _, h, w = volume.shape[2:]
@@ -239,27 +263,25 @@ def _values_at(volume: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
     channels = volume.shape[1]
     if volume.is_contiguous(memory_format=torch.channels_last_3d):
         rows = volume.permute(0, 2, 3, 4, 1).reshape(-1, channels)        # a view: no copy
-        return rows.index_select(0, index).T.reshape(1, channels, -1, 1, 1)
-    return volume.flatten(2)[:, :, index].view(1, channels, -1, 1, 1)
+        return rows.index_select(0, index)
+    return volume.flatten(2)[0, :, index].T
 
 
 def _field_at(field: torch.Tensor, points: torch.Tensor, shape) -> torch.Tensor:
-    """``resize_field(field, shape)`` read at level voxels ``points`` [N,3] -> [1,3,N,1,1], without the grid.
+    """``resize_field(field, shape)`` read at level voxels ``points`` [N,3] -> [N,3], without the grid.
 
     Voxel centres (align_corners=False) and border clamping, as ``F.interpolate`` does."""
     size = torch.tensor(shape, device=field.device, dtype=field.dtype)
     where = ((points.to(field.dtype) + 0.5) / size * 2 - 1).flip(-1).view(1, -1, 1, 1, 3)
     values = grid_sample(field, where, mode="bilinear", padding_mode="border", align_corners=False)
     scale = size / torch.tensor(field.shape[2:], device=field.device, dtype=field.dtype)
-    return values * scale.view(1, 3, 1, 1, 1)
+    return values.view(3, -1).T * scale
 
 
 def _warp_at(image: torch.Tensor, points: torch.Tensor, displacement: torch.Tensor) -> torch.Tensor:
-    """``SpatialTransformer()(image, u)`` read at ``points`` [N,3] given ``u`` there [1,3,N,1,1] -> [1,C,N,1,1]."""
-    size = torch.tensor(image.shape[2:], device=image.device, dtype=displacement.dtype)
-    coords = points.T.to(displacement.dtype).view(1, 3, -1, 1, 1) + displacement
-    where = (coords / (size - 1).clamp(min=1).view(1, 3, 1, 1, 1) * 2 - 1).permute(0, 2, 3, 4, 1).flip(-1)
-    return grid_sample(image, where, mode="bilinear", padding_mode="border", align_corners=True)
+    """``SpatialTransformer()(image, u)`` read at ``points`` [N,3] given ``u`` there [N,3] -> [N,C]
+    (``trilinear_at_points``: a channels-last image is read without a copy)."""
+    return trilinear_at_points(image, points.to(displacement.dtype) + displacement)
 
 
 def _descriptor(image: torch.Tensor, similarity: str) -> torch.Tensor:
@@ -378,7 +400,7 @@ def refine_velocity(fixed: torch.Tensor, moving: torch.Tensor, velocity: torch.T
         edge_voxels = step_preset(steps).edge_voxels
     device = fixed.device
     fixed, moving = fixed.float(), moving.float()
-    integrate = VelocityIntegrator(integration_steps).to(device)
+    integrate = VelocityIntegrator(min(integration_steps, OPTIMISATION_SQUARINGS)).to(device)
     warp = SpatialTransformer().to(device)
     lam = smoothness_weight(smoothness, similarity)
     shapes = [level_shape(fixed.shape[2:], int(f)) for f in levels]
@@ -501,5 +523,5 @@ def refine_velocity(fixed: torch.Tensor, moving: torch.Tensor, velocity: torch.T
         if check["kept"] == "start":
             v = _start_on(initial, v.shape[2:], v)
     with torch.no_grad():
-        displacement = resize_field(integrate(v), fixed.shape[2:])
+        displacement = resize_field(VelocityIntegrator(integration_steps).to(device)(v), fixed.shape[2:])
     return RefineResult(velocity=v, displacement=displacement, history=history, check=check)
