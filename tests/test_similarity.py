@@ -48,3 +48,44 @@ def test_local_variance_is_the_windowed_variance_and_ignores_an_offset():
     torch.testing.assert_close(similarity.local_variance(x, 3).double(), want, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(similarity.local_variance(x + 1000.0, 3), similarity.local_variance(x, 3),
                                atol=1e-3, rtol=1e-3)
+
+
+def _mind_by_pairs(image: torch.Tensor, radius: int, dilation: int) -> torch.Tensor:
+    """MIND-SSC as written in Heinrich et al. 2013: for each of the 12 pairs of six-neighbours, the
+    patch (box) mean of their squared difference, then exp(-(d - min d) / mean(d - min d))."""
+    d = dilation
+    padded = torch.nn.functional.pad(image, [d] * 6, mode="replicate")
+    D, H, W = image.shape[2:]
+
+    def neighbour(offset):
+        a, b, c = (d + o * d for o in offset)
+        return padded[:, :, a:a + D, b:b + H, c:c + W]
+
+    channels = [box_filter((neighbour(similarity._SIX[i]) - neighbour(similarity._SIX[j])) ** 2, 2 * radius + 1)
+                for i, j in similarity._SSC_PAIRS]
+    ssd = torch.cat(channels, 1)
+    ssd = ssd - ssd.amin(dim=1, keepdim=True)
+    variance = ssd.mean(dim=1, keepdim=True)
+    level = variance.mean()
+    return torch.exp(-ssd / variance.clamp(min=level * 1e-3 + 1e-12, max=level * 1e3 + 1e-12))
+
+
+@pytest.mark.parametrize("radius,dilation", [(1, 2), (1, 1), (2, 2)])
+def test_mind_ssc_from_six_difference_images_is_the_pairwise_descriptor(radius, dilation):
+    """The 12 channels read from 6 shared difference images equal the 12 pairs built one by one,
+    away from the outermost layers (where the shared patches also cover the replicate padding)."""
+    torch.manual_seed(0)
+    image = torch.nn.functional.avg_pool3d(torch.rand(1, 1, 21, 18, 16, dtype=torch.float64), 3, 1, 1)
+    got = similarity.mind_ssc(image, radius=radius, dilation=dilation)
+    want = _mind_by_pairs(image, radius, dilation)
+    assert got.shape == (1, 12, 21, 18, 16)
+    r = radius
+    torch.testing.assert_close(got[..., r:-r, r:-r, r:-r], want[..., r:-r, r:-r, r:-r].float(), rtol=1e-5, atol=1e-6)
+    assert float(got.min()) >= 0 and float(got.max()) <= 1
+    border = torch.ones_like(got, dtype=torch.bool)
+    border[..., r:-r, r:-r, r:-r] = False
+    assert float((got - want.float()).abs()[border].mean()) < 0.15     # the border layers differ a little
+    out = torch.zeros(1, 13, 21, 18, 16)
+    similarity.mind_ssc(image, radius=radius, dilation=dilation, out=out[:, :12])
+    torch.testing.assert_close(out[:, :12], got)
+    assert not out[:, 12].any()
