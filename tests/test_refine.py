@@ -278,3 +278,17 @@ def test_step_plans():
     for total in (0, 1, 7, 150):
         plan = _plan_steps(total, shapes, torch.device("cpu"))
         assert sum(plan) == total and plan[0] >= plan[-1]
+
+
+def test_a_preset_skips_sampled_levels_that_repeat_the_finest_velocity_grid():
+    """With a preset, a sampled middle level optimising the finest level's own velocity grid is left
+    out (first and finest levels run); a number of steps runs every level, as asked."""
+    fixed, moving, _, _, _ = _pair()
+    kw = dict(smoothness=0.3, spacing_mm=SPACING, levels=(4, 2, 1), similarity="mind", sample_voxels=4096,
+              velocity_factor=4)
+    preset = refine_velocity(fixed, moving, None, steps="fast", **kw)
+    assert [level["level"] for level in preset.history] == [4, 1]
+    assert preset.history[-1]["sampled_voxels"] == 4096 and preset.history[0]["sampled_voxels"] is None
+    counted = refine_velocity(fixed, moving, None, steps=[5, 5, 5], **kw)
+    assert [level["level"] for level in counted.history] == [4, 2, 1]
+    assert counted.history[1]["velocity_shape"] == counted.history[2]["velocity_shape"]
