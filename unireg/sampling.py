@@ -92,7 +92,7 @@ def trilinear_at_points(volume: torch.Tensor, points: torch.Tensor) -> torch.Ten
     channels-last, the two voxels of a cube's edge along the last axis are one contiguous row of 2C
     values, so four gathers read the cube; the backward pass reuses the gathered corners. Forward and
     backward of 49,152 points of a 13-channel 96^3 volume on 2 threads: 18.6 ms with the thread-split
-    ``grid_sample``, 12.7 ms here. A volume that is not channels-last is copied to it (do it once).
+    ``grid_sample``, 9.3 ms here. A volume that is not channels-last is copied to it (do it once).
     """
     if volume.dim() != 5 or volume.shape[0] != 1 or min(volume.shape[2:]) < 2 or points.dim() != 2:
         raise ValueError(f"trilinear_at_points needs a [1,C,D,H,W] volume (each side >= 2) and [N,3] points, "

@@ -135,8 +135,9 @@ COARSE_LEVEL_SAMPLES = 2 ** 15
 #: Squarings of the velocity while it is optimised (its gradient flows through every one); the field
 #: handed back is integrated with ``integration_steps`` (the model's 7), so ``steps=0`` returns the
 #: network's own field. The optimised velocity is smooth and small per squaring: two seeds each, 5
-#: instead of 7 left median TRE and Dice as they were (real chest 0.31 mm / 0.991, abdomen 0.41 mm /
-#: 0.938, phantom breathing 2.43 mm / 0.908) in 5-10 % fewer seconds.
+#: squarings throughout instead of 7 left median TRE and Dice as they were (real chest 0.31 mm / 0.991,
+#: abdomen 0.41 mm / 0.938, phantom breathing 2.43 mm / 0.908) in 5-10 % fewer seconds
+#: (docs/experiments/refine_speed/, section 2).
 OPTIMISATION_SQUARINGS = 5
 
 
