@@ -77,7 +77,7 @@ def full_pipeline_dice(model, pairs: list[dict], prompt: str, organ: str, adapte
 
 
 def evaluate(model, organ: str, prompt: str, seen_prompt: str | None, ks, steps: int, test_raw, test, full: bool,
-             lr: float) -> dict:
+             lr: float, rank: int = 4) -> dict:
     parsed = parse_prompt(prompt)
     row = {"organ": organ, "prompt": prompt,
            "no_registration": mean_dice(model, test, parsed, [organ], identity=True),
@@ -88,7 +88,7 @@ def evaluate(model, organ: str, prompt: str, seen_prompt: str | None, ks, steps:
     for k in ks:
         start = time.perf_counter()
         adapters[k] = adapt(model, example_pairs(k, start=TRAIN_START), prompt, steps=steps, lr=lr, structure=organ,
-                            progress=False)
+                            rank=rank, progress=False)
         row[f"seconds_k{k}"] = round(time.perf_counter() - start, 1)
         row[f"k{k}"] = mean_dice(model, test, parsed, [organ], adapter=adapters[k])
         print(f"  {organ}: k={k} -> {row[f'k{k}']:.3f} ({row[f'seconds_k{k}']:.0f} s)", flush=True)
@@ -134,6 +134,7 @@ def main(argv=None) -> int:
     parser.add_argument("--k", nargs="*", type=int, default=[1, 3, 5])
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--lr", type=float, default=1e-2)
+    parser.add_argument("--rank", type=int, default=4, help="adapter LoRA rank (0: the prompt embedding alone)")
     parser.add_argument("--test-pairs", type=int, default=3)
     parser.add_argument("--no-full", action="store_true", help="skip the full-pipeline columns")
     parser.add_argument("--threads", type=int, default=2)
@@ -155,7 +156,8 @@ def main(argv=None) -> int:
             raise SystemExit(f"the phrase for {organ} names an organ ({parse_prompt(prompt).organs}); reword it")
     for organ, prompt, seen in jobs:
         print(f"{organ}: prompt {prompt!r}", flush=True)
-        rows.append(evaluate(model, organ, prompt, seen, args.k, args.steps, test_raw, test, not args.no_full, args.lr))
+        rows.append(evaluate(model, organ, prompt, seen, args.k, args.steps, test_raw, test, not args.no_full, args.lr,
+                             args.rank))
     print()
     print_table(rows, args.k)
     if args.k:

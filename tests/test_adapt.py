@@ -93,6 +93,25 @@ def test_round_trip_keeps_tensors_metadata_and_behaviour(model, inputs, tmp_path
     assert path.stat().st_size < 200_000
 
 
+def test_a_rank_0_adapter_is_the_prompt_embedding_alone_and_round_trips(model, inputs, tmp_path):
+    """rank=0: no LoRA, only the learned prompt vector; it still steers the field, saves and loads."""
+    adapter = Adapter.create(model, PROMPT, rank=0)
+    assert [name for name, _ in adapter.weights.named_parameters()] == ["prompt_embedding"]
+    base = _field(model, inputs)
+    with torch.no_grad():
+        adapter.weights.prompt_embedding.add_(torch.randn(adapter.weights.prompt_embedding.shape,
+                                                          generator=torch.Generator().manual_seed(0)))
+    with adapter.applied(model):
+        moved = _field(model, inputs)
+    assert (moved - base).abs().max() > 1e-3
+    loaded = Adapter.load(adapter.save(tmp_path / "prompt_only.safetensors"))
+    assert loaded.rank == 0
+    with loaded.applied(model):
+        assert torch.equal(_field(model, inputs), moved)
+    with pytest.raises(AdapterError, match="whole number >= 0"):
+        Adapter.create(model, PROMPT, rank=-1)
+
+
 def test_refused_on_another_base_model_naming_both(model, tmp_path):
     adapter = _randomised(model)
     adapter.save(tmp_path / "a.safetensors")

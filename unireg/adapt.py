@@ -413,7 +413,8 @@ def add_adapt_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", required=True, help='the structure to adapt to, e.g. "inter | duodenum"')
     parser.add_argument("--model", default="unireg-tiny-phantom", help="shipped name, model folder or hub id")
     parser.add_argument("--steps", type=int, default=60, help="optimisation steps (default 60)")
-    parser.add_argument("--rank", type=int, default=4, help="LoRA rank of the controller updates (default 4)")
+    parser.add_argument("--rank", type=int, default=4,
+                        help="LoRA rank of the controller updates (default 4; 0: the prompt embedding alone)")
     parser.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate (default 1e-2)")
     parser.add_argument("--out", required=True, help="adapter file to write, e.g. duodenum.safetensors")
     parser.add_argument("--held-out", help="CSV or folder of held-out labelled pairs to measure Dice on")

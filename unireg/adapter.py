@@ -95,13 +95,15 @@ class ControllerLoRA(nn.Module):
 
 
 class AdapterWeights(nn.Module):
-    """The trainable part: one prompt vector and a LoRA pair per controller."""
+    """The trainable part: one prompt vector and a LoRA pair per controller (none at rank 0: the
+    prompt vector alone, a learned word that cannot change how the heads are built)."""
 
     def __init__(self, prompt_dim: int, level_shapes: list[tuple[int, int, int]], rank: int, seed: int = 0):
         super().__init__()
         generator = torch.Generator().manual_seed(seed)
         self.prompt_embedding = nn.Parameter(torch.zeros(prompt_dim))
-        self.controllers = nn.ModuleList(ControllerLoRA(*shape, rank, generator) for shape in level_shapes)
+        self.controllers = nn.ModuleList(ControllerLoRA(*shape, rank, generator) for shape in level_shapes) \
+            if rank > 0 else nn.ModuleList()
 
 
 # ------------------------------------------------------------------------------------ adapter
@@ -122,10 +124,12 @@ class Adapter:
 
     @classmethod
     def create(cls, model, prompt, rank: int = 4, seed: int = 0) -> "Adapter":
-        """A fresh adapter for ``model``: the prompt's own projected embedding, zero LoRA updates."""
+        """A fresh adapter for ``model``: the prompt's own projected embedding, zero LoRA updates
+        (``rank=0``: no LoRA, the prompt embedding alone)."""
         from .prompt import parse_prompt
-        if rank < 1:
-            raise AdapterError(f"adapter rank must be at least 1, got {rank}")
+        if isinstance(rank, bool) or int(rank) != rank or rank < 0:
+            raise AdapterError(f"adapter rank must be a whole number >= 0 (0: the prompt embedding alone), got {rank}")
+        rank = int(rank)
         parsed = parse_prompt(prompt)
         with torch.no_grad():
             text = model.condition.text_embeddings([parsed]).to(next(model.parameters()).device)
@@ -251,6 +255,8 @@ def _weights_from_tensors(tensors: dict, rank: int, path: Path) -> AdapterWeight
     """Rebuild the modules from the tensors' shapes, then load them strictly."""
     try:
         levels = sorted({int(k.split(".")[1]) for k in tensors if k.startswith("controllers.")})
+        if rank > 0 and not levels:
+            raise KeyError("controllers")
         shapes = [(tensors[f"controllers.{i}.hidden.A"].shape[1], tensors[f"controllers.{i}.hidden.B"].shape[0],
                    tensors[f"controllers.{i}.out.B"].shape[0]) for i in levels]
         weights = AdapterWeights(tensors["prompt_embedding"].shape[0], shapes, rank)
