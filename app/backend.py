@@ -174,11 +174,12 @@ def register_pair(model, fixed, moving, fixed_labels=None, moving_labels=None, p
 
 
 # ------------------------------------------------------------------------------------------ adapt
-def adapt_model(model, pairs: list[dict], prompt: str, structure: str | None, steps: int, rank: int = 4,
+def adapt_model(model, pairs: list[dict], prompt: str, structure: str | None, steps: int, rank: int | None = None,
                 lr: float = 3e-3, held_out: list[dict] | None = None, callback=None) -> Adapter:
-    from unireg.adapt import adapt
-    return adapt(model, pairs, prompt, steps=int(steps), rank=int(rank), lr=float(lr), held_out=held_out,
-                 structure=structure or None, progress=False, callback=callback)
+    """``unireg.adapt.adapt`` for the app (``rank=None``: its default, the prompt embedding alone)."""
+    from unireg.adapt import DEFAULT_RANK, adapt
+    return adapt(model, pairs, prompt, steps=int(steps), rank=DEFAULT_RANK if rank is None else int(rank),
+                 lr=float(lr), held_out=held_out, structure=structure or None, progress=False, callback=callback)
 
 
 def loss_curve_png(adapter: Adapter, path: Path) -> Path:

@@ -37,7 +37,7 @@ INTRO = """### UniReg: prompted deformable registration of 3-D CT
 Pick an example pair or upload a fixed and a moving scan (NIfTI, optionally with label maps on their grids),
 say what to align, and register. Results are shown on the fixed grid; downloads work in ITK, ANTs and 3D Slicer."""
 FEWSHOT_INTRO = """### Few-shot: teach UniReg a new structure from a few labelled pairs
-Only a small adapter is trained (the prompt embedding and a low-rank update of the controllers); the model itself
+Only a small adapter is trained (a learned prompt embedding for the new structure); the model itself
 is untouched. Upload pairs as `<pair>_fixed.nii.gz`, `<pair>_moving.nii.gz`, `<pair>_fixed_labels.nii.gz`,
 `<pair>_moving_labels.nii.gz`, or use the shipped phantom examples. Measure the adapter on a held-out pair."""
 
