@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from app.examples import example_pairs  # noqa: E402
-from unireg.adapt import adapt, mean_dice, prepare_pair  # noqa: E402
+from unireg.adapt import DEFAULT_RANK, adapt, mean_dice, prepare_pair  # noqa: E402
 from unireg.api import UniReg  # noqa: E402
 from unireg.data import MIN_PROMPT_VOXELS  # noqa: E402
 from unireg.organs import ORGAN_TO_ID  # noqa: E402
@@ -77,7 +77,7 @@ def full_pipeline_dice(model, pairs: list[dict], prompt: str, organ: str, adapte
 
 
 def evaluate(model, organ: str, prompt: str, seen_prompt: str | None, ks, steps: int, test_raw, test, full: bool,
-             lr: float, rank: int = 4) -> dict:
+             lr: float, rank: int = DEFAULT_RANK) -> dict:
     parsed = parse_prompt(prompt)
     row = {"organ": organ, "prompt": prompt,
            "no_registration": mean_dice(model, test, parsed, [organ], identity=True),
@@ -134,7 +134,8 @@ def main(argv=None) -> int:
     parser.add_argument("--k", nargs="*", type=int, default=[1, 3, 5])
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--lr", type=float, default=1e-2)
-    parser.add_argument("--rank", type=int, default=4, help="adapter LoRA rank (0: the prompt embedding alone)")
+    parser.add_argument("--rank", type=int, default=DEFAULT_RANK,
+                        help="adapter LoRA rank (default %(default)s: the prompt embedding alone)")
     parser.add_argument("--test-pairs", type=int, default=3)
     parser.add_argument("--no-full", action="store_true", help="skip the full-pipeline columns")
     parser.add_argument("--threads", type=int, default=2)
