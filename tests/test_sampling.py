@@ -104,7 +104,7 @@ def test_trilinear_at_points_matches_grid_sample_with_border_padding(shape):
     """The gathered-corner sampler gives grid_sample's values and point gradients (align_corners=True,
     border padding), inside, on and beyond the volume's edges; the volume gets no gradient."""
     torch.manual_seed(0)
-    volume = torch.randn(1, 5, *shape).contiguous(memory_format=torch.channels_last_3d)
+    volume = torch.randn(1, 5, *shape).contiguous(memory_format=torch.channels_last_3d).requires_grad_(True)
     last = torch.tensor(shape, dtype=torch.float32) - 1
     points = torch.rand(3000, 3) * (last + 3) - 1.5              # some beyond every face
     # on the faces (interior whole numbers are left out: grid_sample's round trip through [-1, 1] can
@@ -113,7 +113,7 @@ def test_trilinear_at_points_matches_grid_sample_with_border_padding(shape):
     ours, theirs = points.clone().requires_grad_(True), points.clone().requires_grad_(True)
     got = sampling.trilinear_at_points(volume, ours)
     where = (theirs / last * 2 - 1).flip(-1).view(1, -1, 1, 1, 3)
-    expected = F.grid_sample(volume, where, mode="bilinear", padding_mode="border", align_corners=True)
+    expected = F.grid_sample(volume.detach(), where, mode="bilinear", padding_mode="border", align_corners=True)
     expected = expected.view(5, -1).T
     assert got.shape == (3000, 5)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
@@ -122,6 +122,7 @@ def test_trilinear_at_points_matches_grid_sample_with_border_padding(shape):
     (expected * weights).sum().backward()
     torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-4, atol=1e-4)
     assert ours.grad[4:].abs().sum() > 0
+    assert volume.grad is None
 
 
 def test_trilinear_at_points_reads_any_memory_layout_and_refuses_a_batch():
