@@ -165,9 +165,9 @@ def _resample(x: torch.Tensor | None, shape) -> torch.Tensor | None:
     where the grids divide: 13 chest descriptor channels to half size, 65 -> 39 ms)."""
     if x is None or tuple(x.shape[2:]) == tuple(shape):
         return x
-    factors = {n // m for n, m in zip(x.shape[2:], shape)}
-    if len(factors) == 1 and all(n == m * min(factors) for n, m in zip(x.shape[2:], shape)):
-        return F.avg_pool3d(x.float(), min(factors))
+    factor = x.shape[2] // shape[0]
+    if all(n == m * factor for n, m in zip(x.shape[2:], shape)):
+        return F.avg_pool3d(x.float(), factor)
     return F.interpolate(x.float(), size=tuple(shape), mode="area")
 
 
