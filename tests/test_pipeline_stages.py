@@ -189,3 +189,34 @@ def test_a_partial_field_of_view_is_masked_not_matched_to_air(model, fixed, monk
     monkeypatch.setattr(register_module, "coverage_tensor", lambda img, *a, **k: real(img, *a, **k) * 0 + 1)
     unmasked, _ = worst_near_cut()
     assert masked < 0.5 * SPACING and masked < 0.5 * unmasked, (masked, unmasked)
+
+
+def test_naming_an_organ_with_its_label_map_focuses_instance_optimisation(model, fixed):
+    """The liver slides 10 mm, the body around it stays. Named in the prompt, with the fixed scan's
+    label map saying where it is, the liver is registered more closely than by the whole-body call,
+    and metrics.json records the focus; an organ the map lacks is named there and gives no focus."""
+    hu, lab = fixed
+    affine = _affine()
+    liver = lab == ORGAN_TO_ID["liver"]
+    shift = 10.0 * ndimage.gaussian_filter(liver.astype(np.float64), 1.0)      # mm along the first axis
+    world = _world(SHAPE, affine)
+    moving = _sample(hu, affine, world - shift[..., None] * np.array([1.0, 0.0, 0.0]))
+    core = ndimage.binary_erosion(liver, iterations=4)
+    truth = np.zeros(SHAPE + (3,))
+    truth[..., 0] = 10.0
+
+    def liver_error(result):
+        return float(np.linalg.norm(result.displacement[core] - truth[core], axis=1).mean())
+    kw = dict(fixed_labels=(lab, affine), align="none")
+    whole = model.register((hu, affine), (moving, affine), "intra", **kw)
+    named = model.register((hu, affine), (moving, affine), "intra | liver", **kw)
+    assert liver_error(named) < 0.8 * liver_error(whole) and liver_error(whole) < 10.0
+    focus = next(s for s in named.metrics["stages"] if s["stage"] == "refine")["focus"]
+    assert focus["organs"] == ["liver"] and focus["source"] == "fixed labels" and 0 < focus["voxels_pct"] < 50
+    assert "focus" not in next(s for s in whole.metrics["stages"] if s["stage"] == "refine")
+
+    without_liver = np.where(liver, 0, lab).astype(lab.dtype)
+    lacking = model.register((hu, affine), (moving, affine), "intra | liver", fixed_labels=(without_liver, affine),
+                             align="none", refine="fast")
+    focus = next(s for s in lacking.metrics["stages"] if s["stage"] == "refine")["focus"]
+    assert focus["organs"] == [] and focus["not_in_labels"] == ["liver"] and "voxels_pct" not in focus

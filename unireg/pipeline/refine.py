@@ -30,6 +30,12 @@ Method
         + dice_weight * soft Dice(fixed masks, linearly warped moving masks)    if both are given
         + rigid_weight * mean over rigid_mask of |J^T J - I|^2, J = I + grad u (local rotation only)
 
+    With a ``focus`` region (the prompt's organs, dilated, from a label map), the similarity is a
+    weighted mean, weight ``1 + focus_gain`` inside the region and 1 elsewhere: the named organs count
+    more, the rest of the scan still holds the field (what slides along an organ's boundary is seen
+    only beyond it). A sampled level then also reads ``FOCUS_VOXELS`` points among the focus voxels
+    at every step, and weighs the two means by the region's share of the level.
+
     With MIND-SSC (a descriptor per voxel, so the loss is a plain mean over voxels) a level larger
     than ``sample_voxels`` is optimised on random samples of that many of its voxels, a new sample at
     every step (elastix's random sampler with new samples every iteration): the displacement and the
@@ -123,6 +129,11 @@ EDGE_FRACTION = 0.25
 #: whose intensities do not correspond (contrast phases, another modality) use "mind".
 INTENSITY_WEIGHT = 1.0
 INTENSITY_KERNEL = 5
+#: Points per step a sampled level reads among the focus voxels (a named organ can be 1 % of the scan:
+#: the uniform sample alone would hold a few hundred of its voxels).
+FOCUS_VOXELS = 2 ** 14
+#: Extra similarity weight of a focus voxel (see the module docstring).
+FOCUS_GAIN = 4.0
 #: One fixed sample of this many voxels measures a sampled level's losses (``history``) and the final
 #: check, so that start and end are compared on the same points.
 CHECK_SAMPLES = 2 ** 17
@@ -365,7 +376,7 @@ def _plan_steps(steps, shapes, device: torch.device) -> list[int]:
 
 
 def _check(fixed, moving, velocity, fixed_masks, moving_masks, rigid_mask, moving_coverage, similarity, levels,
-           smoothness) -> None:
+           smoothness, focus=None) -> None:
     if similarity not in SIMILARITIES:
         raise InputError(f"refine similarity must be one of {', '.join(SIMILARITIES)}; got {similarity!r}")
     if fixed.dim() != 5 or fixed.shape[:2] != (1, 1) or fixed.shape != moving.shape:
@@ -383,6 +394,9 @@ def _check(fixed, moving, velocity, fixed_masks, moving_masks, rigid_mask, movin
         raise InputError(f"moving coverage must be [1,1,D,H,W] like the images, got {tuple(moving_coverage.shape)}")
     if rigid_mask is not None and rigid_mask.shape != fixed.shape:
         raise InputError(f"rigid mask must be [1,1,D,H,W] like the images, got {tuple(rigid_mask.shape)}")
+    if focus is not None and (focus.shape != fixed.shape or not bool((focus > 0).any())):
+        raise InputError(f"focus must be a non-empty [1,1,D,H,W] mask like the images, got {tuple(focus.shape)}"
+                         + ("" if focus.shape != fixed.shape else " with no voxel in it"))
     if not levels or any(int(f) != f or f < 1 for f in levels):
         raise InputError(f"refine levels must be downsampling factors >= 1, got {levels!r}")
     if not 0.0 <= float(smoothness) <= 1.0:
@@ -393,6 +407,7 @@ def refine_velocity(fixed: torch.Tensor, moving: torch.Tensor, velocity: torch.T
                     smoothness: float, spacing_mm: float, levels=(4, 2, 1), steps="auto", similarity: str = "lncc",
                     fixed_masks: torch.Tensor | None = None, moving_masks: torch.Tensor | None = None,
                     rigid_mask: torch.Tensor | None = None, moving_coverage: torch.Tensor | None = None,
+                    focus: torch.Tensor | None = None, focus_gain: float | None = None,
                     rigid_weight: float = 10.0, dice_weight: float = 1.0,
                     lr: float = 0.1, lncc_kernel: int = 7, integration_steps: int = 7,
                     min_improvement: float = 2e-3, check_every: int = 10, velocity_factor: int = 2,
@@ -409,14 +424,18 @@ def refine_velocity(fixed: torch.Tensor, moving: torch.Tensor, velocity: torch.T
     is called after every step. ``sample_voxels``: the finest MIND level, when larger, reads a new
     random sample of this many of its voxels at every step, coarser ones at most ``COARSE_LEVEL_SAMPLES``
     (None: the preset's, "auto"'s for a number of steps; 0: every voxel). ``edge_voxels``: sampled
-    levels also read this many among their edges at every step (None: the preset's).
+    levels also read this many among their edges at every step (None: the preset's). ``focus``
+    [1,1,D,H,W] (1 in the region that matters most, on this grid) and ``focus_gain`` (None:
+    ``FOCUS_GAIN``): see the module docstring.
     """
     _check(fixed, moving, velocity, fixed_masks, moving_masks, rigid_mask, moving_coverage, similarity, levels,
-           smoothness)
+           smoothness, focus)
     if sample_voxels is None:
         sample_voxels = step_preset(steps).sample_voxels
     if edge_voxels is None:
         edge_voxels = step_preset(steps).edge_voxels
+    if focus_gain is None:
+        focus_gain = FOCUS_GAIN
     device = fixed.device
     fixed, moving = fixed.float(), moving.float()
     integrate = VelocityIntegrator(min(integration_steps, OPTIMISATION_SQUARINGS)).to(device)
@@ -437,9 +456,9 @@ def refine_velocity(fixed: torch.Tensor, moving: torch.Tensor, velocity: torch.T
         plan = _skip_redundant_levels(plan, sampled, vel_shapes)
     v = None if velocity is None else velocity.detach().float().to(device)
     initial = v
-    fixed_masks, moving_masks, rigid_mask, moving_coverage = (
+    fixed_masks, moving_masks, rigid_mask, moving_coverage, focus = (
         None if m is None else m.detach().float().to(device)
-        for m in (fixed_masks, moving_masks, rigid_mask, moving_coverage))
+        for m in (fixed_masks, moving_masks, rigid_mask, moving_coverage, focus))
     history, check = [], {}
     last_level = max((i for i, n in enumerate(plan) if n > 0), default=-1)  # where the final check is taken
     features = None  # MIND-SSC of both images at the grid passed in, made once
@@ -459,12 +478,23 @@ def refine_velocity(fixed: torch.Tensor, moving: torch.Tensor, velocity: torch.T
             if features is None:
                 features = tuple(_descriptor(x, similarity) for x in (fixed, moving))
             f_feat, m_feat = (_resample(x, shape) for x in features)
-        points = sampler = None
+        # Any level voxel the region touches is in it (a small organ must not vanish at a coarse level).
+        focus_l = None if focus is None else _resample(focus, shape) > 0
+        if focus_l is not None and mask is not None:
+            focus_l &= mask > 0
+        if focus_l is not None and not bool(focus_l.any()):
+            focus_l = None                # the region lies outside the moving scan's coverage: nothing to favour
+        points = sampler = focus_sampler = focus_points = None
         if sampled[index] and (mask is None or bool(mask.any())):
             inside = None if mask is None else mask > 0
             sampler = _PointSampler(shape, inside, device,                    # a new sample per step
                                     _edge_mask(f_l, inside) if edge_voxels else None)
             points = sampler.fixed(CHECK_SAMPLES)                             # the fixed sample losses are reported on
+            if focus_l is not None:
+                focus_sampler = _PointSampler(shape, focus_l, device)
+                focus_points = focus_sampler.fixed(min(CHECK_SAMPLES, int(focus_l.sum())))
+                # the focus's weight next to the whole level's: gain x its share of the level
+                focus_weight = focus_gain * float(focus_l.sum()) / (sampler.count or 1)
             if index == last_level:
                 features = None      # no finer level needs them; converted one at a time, at most three
                 #                      full-size descriptors exist at once (a 512^2 x 400 pair's peak memory)
@@ -472,6 +502,8 @@ def refine_velocity(fixed: torch.Tensor, moving: torch.Tensor, velocity: torch.T
             f_feat = f_feat.contiguous(memory_format=torch.channels_last_3d)
             m_feat = m_feat.contiguous(memory_format=torch.channels_last_3d)
             mask = None            # the points lie inside it
+        elif focus_l is not None:
+            mask = (1 + focus_gain * focus_l.float()) * (1 if mask is None else mask)   # a weighted mean
         fm_l, mm_l = (_resample(fixed_masks, shape), _resample(moving_masks, shape)) if use_dice else (None, None)
         # Every coarse voxel that touches the structure is held rigid: its boundary must not be
         # averaged into a half-weight seam that the upsampled field then bends.
@@ -483,12 +515,21 @@ def refine_velocity(fixed: torch.Tensor, moving: torch.Tensor, velocity: torch.T
         # the field settle instead of ending on that noise (which shows as det J ripples).
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=n_steps, eta_min=0.1 * lr)
 
-        def losses(p, at=None):
+        def losses(p, at=None, at_focus=None):
             """Total and similarity losses of velocity ``p``; a sampled level reads them at points ``at``
-            (default: the fixed check sample)."""
+            and, with a focus, ``at_focus`` among its voxels (default: the fixed check samples)."""
             if points is not None:
                 at = points if at is None else at
-                sim = mind_loss(_values_at(f_feat, at), _warp_at(m_feat, at, _field_at(integrate(p), at, shape)))
+                if focus_points is not None:
+                    at_focus = focus_points if at_focus is None else at_focus
+                    at = torch.cat([at, at_focus])
+                distance = (_values_at(f_feat, at)
+                            - _warp_at(m_feat, at, _field_at(integrate(p), at, shape))).pow(2).mean(1)
+                if focus_points is None:
+                    sim = distance.mean()
+                else:                      # the dense weighted mean, from the two samples
+                    n_focus = len(at_focus)
+                    sim = (distance[:-n_focus].mean() + focus_weight * distance[-n_focus:].mean()) / (1 + focus_weight)
                 return sim + lam * gradient_l2(p).sum(), sim
             disp = resize_field(integrate(p), shape)
             if similarity in DESCRIPTORS:
@@ -506,7 +547,8 @@ def refine_velocity(fixed: torch.Tensor, moving: torch.Tensor, velocity: torch.T
         with torch.no_grad():
             first = tuple(float(x) for x in losses(param))
         for step in range(n_steps):
-            total, sim = losses(param, None if sampler is None else sampler.draw(samples[index], int(edge_voxels)))
+            total, sim = losses(param, None if sampler is None else sampler.draw(samples[index], int(edge_voxels)),
+                                None if focus_sampler is None else focus_sampler.draw(FOCUS_VOXELS))
             optimizer.zero_grad(set_to_none=True)
             total.backward()
             optimizer.step()
@@ -530,6 +572,7 @@ def refine_velocity(fixed: torch.Tensor, moving: torch.Tensor, velocity: torch.T
         history.append({"level": int(factor), "spacing_mm": float(spacing_mm) * int(factor), "shape": list(shape),
                         "velocity_shape": list(vel_shape), "sampled_voxels": None if points is None else samples[index],
                         "edge_voxels": None if points is None else int(edge_voxels),
+                        "focus_voxels": None if focus_l is None else int(focus_l.sum()),
                         "steps": run, "loss_start": first[0],
                         "loss_end": float(total), "similarity_start": first[1], "similarity_end": float(sim),
                         "seconds": time.perf_counter() - start})
