@@ -7,8 +7,9 @@ against the whole-body prompt, on the same pairs, with the fixed scan's label ma
 The optimiser sees at most the fixed labels (they place the focus region, as a fixed-image mask
 does in ANTs or elastix); the moving labels are kept for scoring, so Dice is an independent measure.
 Each organ X of each pair is registered twice, ``"<type> | X"`` and ``"<type>"``, by the network
-alone (``refine=False``), the full pipeline, and the full pipeline given the fixed labels (which
-place the focus region of instance optimisation), and scored on X alone: Dice, and on breathing pairs (whose
+alone (``refine=False``), the full pipeline, and the full pipeline given the fixed labels with
+``focus=True`` for the named prompt (they place the focus region of instance optimisation), and
+scored on X alone: Dice, and on breathing pairs (whose
 true field is known: breathing phantoms, the real abdomen CT under a known motion) the median TRE
 over X's voxels. Specificity = named - whole body. Cases are ``vs_optimisers``'s with label maps.
 """
@@ -27,8 +28,9 @@ from vs_optimisers import CASES  # noqa: E402
 
 DEFAULT_ORGANS = ("liver", "spleen", "kidney_left", "kidney_right", "pancreas", "stomach", "gallbladder",
                   "lung_lower_lobe_right", "heart", "duodenum")
-#: register() keywords of each compared method (``+labels``: the fixed labels are passed too).
-METHODS = {"network": {"refine": False}, "pipeline": {}, "pipeline+labels": {}}
+#: register() keywords of each compared method for the named prompt (``+focus``: the fixed labels are
+#: passed too, and the whole-body run gets them without the focus, which needs organs).
+METHODS = {"network": {"refine": False}, "pipeline": {}, "pipeline+focus": {"focus": True}}
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -78,10 +80,11 @@ def main(argv=None) -> int:
             ids = {o: ORGAN_TO_ID[o] for o in args.organs
                    if (pair.fixed_labels == ORGAN_TO_ID[o]).sum() >= 27 and (pair.moving_labels == ORGAN_TO_ID[o]).any()}
             # network alone; pipeline with the prompt only (the network's steered start); pipeline with
-            # the fixed labels too (the focus region). The whole-body run of each gets the same inputs.
+            # focus=True and the fixed labels (the focus region).
             for method in args.methods:
-                kw, labels = METHODS[method], fixed_labels if method.endswith("+labels") else None
-                whole = model.register(pair.fixed, pair.moving, kind, fixed_labels=labels, **kw)
+                kw, labels = METHODS[method], fixed_labels if method.endswith("+focus") else None
+                whole = model.register(pair.fixed, pair.moving, kind, fixed_labels=labels,
+                                       **{k: v for k, v in kw.items() if k != "focus"})
                 for organ, organ_id in ids.items():
                     organ_points = _organ_points(pair, organ_id)
                     named = model.register(pair.fixed, pair.moving, f"{kind} | {organ}", fixed_labels=labels, **kw)

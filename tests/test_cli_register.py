@@ -77,6 +77,7 @@ def test_out_is_checked_before_registering_and_replaced_atomically(files):
     (["--moving", "missing.nii.gz"], "moving image not found"),
     (["--prompt", "intra | lver"], "did you mean liver"),
     (["--model", "no-such-model"], "no UniReg model"),
+    (["--prompt", "intra | liver", "--focus", None], "focus=True needs a label map that shows liver"),
 ])
 def test_register_errors_are_one_line_with_exit_code_2(files, args, message):
     base = {"--fixed": str(files / "fixed.nii.gz"), "--moving": str(files / "moving.nii.gz"),
@@ -84,6 +85,6 @@ def test_register_errors_are_one_line_with_exit_code_2(files, args, message):
     base.update(dict(zip(args[::2], args[1::2])))
     if base["--moving"] == "missing.nii.gz":
         base["--moving"] = str(files / "missing.nii.gz")
-    proc = _run("register", *[x for kv in base.items() for x in kv])
+    proc = _run("register", *[x for kv in base.items() for x in kv if x is not None])   # None: a flag
     assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr

@@ -191,10 +191,11 @@ def test_a_partial_field_of_view_is_masked_not_matched_to_air(model, fixed, monk
     assert masked < 0.5 * SPACING and masked < 0.5 * unmasked, (masked, unmasked)
 
 
-def test_naming_an_organ_with_its_label_map_focuses_instance_optimisation(model, fixed):
-    """The liver slides 10 mm, the body around it stays. Named in the prompt, with the fixed scan's
-    label map saying where it is, the liver is registered more closely than by the whole-body call,
-    and metrics.json records the focus; an organ the map lacks is named there and gives no focus."""
+def test_focus_aligns_the_named_organ_where_the_whole_body_compromises(model, fixed):
+    """The liver slides 10 mm, the body around it stays. Named in the prompt with ``focus=True`` and
+    the fixed scan's label map saying where it is, the liver is registered more closely than by the
+    whole-body call, and metrics.json records the focus. Without ``focus=True`` a named organ and a
+    label map change nothing in instance optimisation; a focus that cannot be placed is an error."""
     hu, lab = fixed
     affine = _affine()
     liver = lab == ORGAN_TO_ID["liver"]
@@ -207,16 +208,31 @@ def test_naming_an_organ_with_its_label_map_focuses_instance_optimisation(model,
 
     def liver_error(result):
         return float(np.linalg.norm(result.displacement[core] - truth[core], axis=1).mean())
+
+    def refine_info(result):
+        return next(s for s in result.metrics["stages"] if s["stage"] == "refine")
     kw = dict(fixed_labels=(lab, affine), align="none")
     whole = model.register((hu, affine), (moving, affine), "intra", **kw)
     named = model.register((hu, affine), (moving, affine), "intra | liver", **kw)
-    assert liver_error(named) < 0.8 * liver_error(whole) and liver_error(whole) < 10.0
-    focus = next(s for s in named.metrics["stages"] if s["stage"] == "refine")["focus"]
+    focused = model.register((hu, affine), (moving, affine), "intra | liver", focus=True, **kw)
+    assert liver_error(focused) < 0.8 * min(liver_error(whole), liver_error(named)), \
+        (liver_error(whole), liver_error(named), liver_error(focused))
+    focus = refine_info(focused)["focus"]
     assert focus["organs"] == ["liver"] and focus["source"] == "fixed labels" and 0 < focus["voxels_pct"] < 50
-    assert "focus" not in next(s for s in whole.metrics["stages"] if s["stage"] == "refine")
+    assert "focus" not in refine_info(named) and "focus" not in refine_info(whole)
 
-    without_liver = np.where(liver, 0, lab).astype(lab.dtype)
-    lacking = model.register((hu, affine), (moving, affine), "intra | liver", fixed_labels=(without_liver, affine),
-                             align="none", refine="fast")
-    focus = next(s for s in lacking.metrics["stages"] if s["stage"] == "refine")["focus"]
-    assert focus["organs"] == [] and focus["not_in_labels"] == ["liver"] and "voxels_pct" not in focus
+    no_liver = (np.where(liver, 0, lab).astype(lab.dtype), affine)
+    for prompt, options, message in (
+            ("intra | liver", dict(fixed_labels=no_liver), "contain none of liver"),
+            ("intra | liver, spleen", dict(fixed_labels=no_liver), None),      # the spleen is there: focus on it
+            ("intra", dict(fixed_labels=(lab, affine)), "needs organs in the prompt"),
+            ("intra | liver", {}, "needs a label map that shows liver"),
+            ("intra | liver", dict(fixed_labels=(lab, affine), refine=False), "cannot be used with refine=False")):
+        call = lambda: model.register((hu, affine), (moving, affine), prompt, focus=True, align="none",  # noqa: E731
+                                      **{"refine": "fast", **options})
+        if message is None:
+            focus = refine_info(call())["focus"]
+            assert focus["organs"] == ["spleen"] and focus["not_in_labels"] == ["liver"]
+        else:
+            with pytest.raises(UserError, match=message):
+                call()

@@ -15,7 +15,7 @@ from .result import RegistrationResult
 
 class UniReg(UniRegModel):
     def register(self, fixed, moving, prompt: "str | Prompt | None" = None, moving_labels=None, fixed_labels=None,
-                 *, refine="auto", align="auto", similarity="auto", adapter=None, fixed_affine=None,
+                 *, refine="auto", align="auto", similarity="auto", focus=False, adapter=None, fixed_affine=None,
                  moving_affine=None, progress=None) -> RegistrationResult:
         """Register ``moving`` onto ``fixed`` (paths, nibabel images, (array, affine) or arrays).
 
@@ -26,12 +26,16 @@ class UniReg(UniRegModel):
         "mind_ncc", with refine="auto"; MIND-SSC alone with "fast"), "mind_ncc", "mind" (contrast-
         invariant: for scans whose intensities do not correspond) or "lncc" (see
         ``unireg.pipeline.register.REFINE_SIMILARITIES``).
+        ``focus=True``: instance optimisation weights the similarity towards the prompt's organs, placed
+        by ``fixed_labels`` (else ``moving_labels``): for organs that move unlike their surroundings
+        (another subject's anatomy, sliding organs); it costs accuracy where the whole scan moves
+        smoothly (``bench/organ_focus.py``).
         ``adapter``: a few-shot adapter (path or :class:`unireg.adapt.Adapter`).
         """
         return RegistrationPipeline(self).register(
             fixed, moving, prompt, moving_labels=moving_labels, fixed_labels=fixed_labels, refine=refine,
             align=align, adapter=adapter, fixed_affine=fixed_affine, moving_affine=moving_affine,
-            similarity=similarity, progress=progress)
+            similarity=similarity, focus=focus, progress=progress)
 
 
 __all__ = ["UniReg", "UniRegConfig", "Prompt", "parse_prompt"]

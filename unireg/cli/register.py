@@ -16,7 +16,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty --out")
     add_model_flags(p)
     p.add_argument("--moving-labels", help="label map on the moving image's grid, warped with the field")
-    p.add_argument("--fixed-labels", help="label map on the fixed grid; Dice before/after is reported")
+    p.add_argument("--fixed-labels", help="label map on the fixed grid: places rigid= structures and --focus "
+                                          "organs; with --moving-labels, Dice before/after is reported")
     p.add_argument("--refine", default="auto",
                    help="instance optimisation: auto (default), fast (about half the time, a little less accurate), "
                         "off (network alone) or a number of steps")
@@ -26,6 +27,10 @@ def add_parser(subparsers) -> None:
                    help="similarity of instance optimisation (default auto: MIND-SSC plus local intensity with "
                         "--refine auto, MIND-SSC alone with fast; mind is contrast-invariant, for scans whose "
                         "intensities do not correspond)")
+    p.add_argument("--focus", action="store_true",
+                   help="instance optimisation favours the prompt's organs, placed by --fixed-labels (else "
+                        "--moving-labels): for organs that move unlike their surroundings (another subject, "
+                        "sliding organs); costs accuracy where the whole scan moves smoothly")
     p.add_argument("--adapter", help="few-shot adapter (.safetensors) made by `unireg adapt`")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -42,7 +47,7 @@ def run(args) -> int:
     with _progress_bar(disabled=args.no_progress or refine == 0) as progress:
         result = model.register(args.fixed, args.moving, prompt=args.prompt, moving_labels=args.moving_labels,
                                 fixed_labels=args.fixed_labels, refine=refine,
-                                align=args.align, similarity=args.similarity, adapter=args.adapter,
+                                align=args.align, similarity=args.similarity, focus=args.focus, adapter=args.adapter,
                                 progress=progress)
     paths = result.save(out, overwrite=args.overwrite)
     from ..result import json_safe
