@@ -35,8 +35,7 @@ FEWSHOT_TRAIN_START, FEWSHOT_HELD_OUT = 0, 10
 FILE_HEIGHT = 120     # example pair indices (disjoint subjects)
 INTRO = """### UniReg: prompted deformable registration of 3-D CT
 Pick an example pair or upload a fixed and a moving scan (NIfTI, optionally with label maps on their grids),
-say what to align, and register. Organs you name are favoured by the full pipeline where a label map shows
-them. Results are shown on the fixed grid; downloads work in ITK, ANTs and 3D Slicer."""
+say what to align, and register. Results are shown on the fixed grid; downloads work in ITK, ANTs and 3D Slicer."""
 FEWSHOT_INTRO = """### Few-shot: teach UniReg a new structure from a few labelled pairs
 Only a small adapter is trained (a learned prompt embedding for the new structure); the model itself
 is untouched. Upload pairs as `<pair>_fixed.nii.gz`, `<pair>_moving.nii.gz`, `<pair>_fixed_labels.nii.gz`,
