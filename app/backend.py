@@ -22,7 +22,7 @@ import nibabel as nib
 from unireg.adapter import Adapter
 from unireg.io import InputError, load_image, load_labels
 
-PIPELINES = ("network only", "fast", "full")
+PIPELINES = ("network only", "fast", "full", "full + organ focus")
 DEFAULT_MODEL = "unireg-tiny-phantom"
 FULL_PIPELINE_STEPS = 50  # test-time optimisation steps for "full" on a UniReg without the refine stage
 
@@ -138,6 +138,10 @@ def pipeline_options(register, pipeline: str) -> dict:
         if "align" in params:
             options["align"] = "none"
         return options
+    if pipeline == "full + organ focus":
+        if "focus" not in params:
+            raise InputError("this model's register has no organ focus; choose full")
+        return {"focus": True}
     if "refine" not in params:
         return {"optimize_steps": FULL_PIPELINE_STEPS}
     return {"refine": "fast"} if pipeline == "fast" else {}

@@ -193,7 +193,8 @@ def build_app(model: str = DEFAULT_MODEL, max_upload_mb: float = 512.0, device: 
                                         elem_id="prompt-box")
                     pipeline = gr.Radio(list(PIPELINES), value="network only", label="Pipeline",
                                         info="network only: one forward pass; full: the whole registration pipeline; "
-                                             "fast: the pipeline in about half the time")
+                                             "fast: the pipeline in about half the time; organ focus: the full "
+                                             "pipeline favouring the named organs where a label map shows them")
                     run = gr.Button("Register", variant="primary", elem_id="register-button")
             metrics_md = gr.Markdown(elem_id="metrics")
             with gr.Row():

@@ -85,10 +85,35 @@ def test_pipeline_options_follow_the_register_signature():
     def new(fixed, moving, prompt=None, *, refine="auto", align="auto", adapter=None):
         pass
 
+    def newest(fixed, moving, prompt=None, *, refine="auto", align="auto", focus=False, adapter=None):
+        pass
+
     assert pipeline_options(new, "network only") == {"refine": False, "align": "none"}
     assert pipeline_options(new, "full") == {}
     assert pipeline_options(new, "fast") == {"refine": "fast"}
     assert pipeline_options(old, "network only") == {"optimize_steps": 0}
     assert pipeline_options(old, "full")["optimize_steps"] > 0
+    assert pipeline_options(newest, "full + organ focus") == {"focus": True}
+    with pytest.raises(InputError, match="no organ focus"):
+        pipeline_options(new, "full + organ focus")
     with pytest.raises(InputError, match="pipeline"):
         pipeline_options(new, "fastest")
+
+
+@pytest.mark.filterwarnings("ignore:monai.networks.blocks.Warp")
+def test_the_organ_focus_pipeline_registers_the_named_organ_with_the_fixed_labels(tmp_path):
+    """The app's "full + organ focus" reaches register(focus=True): the example pair's fixed labels
+    place the liver, metrics.json records it, and a prompt without organs is a clear error."""
+    from app.backend import register_pair
+    from app.examples import example_pair
+    from unireg import UniReg
+    from unireg.errors import UserError
+    model = UniReg.from_pretrained("unireg-tiny-phantom")
+    pair = example_pair(0, folder=tmp_path / "examples")
+    reg = register_pair(model, pair["fixed"], pair["moving"], pair["fixed_labels"], pair["moving_labels"],
+                        "inter | liver", "full + organ focus", out_dir=tmp_path / "out")
+    refine = next(s for s in reg.result.metrics["stages"] if s["stage"] == "refine")
+    assert refine["focus"]["organs"] == ["liver"] and refine["focus"]["source"] == "fixed labels"
+    assert reg.result.metrics["dice_after"]["liver"] > reg.result.metrics["dice_before"]["liver"]
+    with pytest.raises(UserError, match="needs organs in the prompt"):
+        register_pair(model, pair["fixed"], pair["moving"], pair["fixed_labels"], None, "inter", "full + organ focus")
