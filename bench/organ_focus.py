@@ -1,17 +1,16 @@
-"""Does naming an organ steer the full pipeline? Organ Dice and organ TRE with the prompt naming it
-against the whole-body prompt, on the same pairs, with the fixed scan's label map given.
+"""Does naming an organ change the registration? Organ Dice and organ TRE with the prompt naming the
+organ against the whole-body prompt, on the same pairs.
 
     python bench/organ_focus.py [--seeds N] [--organs NAME ...] [--cases NAME ...]
                                 [--methods M ...] [--model NAME_OR_PATH] [--margin MM] [--gain G] [--json FILE]
 
-The optimiser sees at most the fixed labels (they place the focus region, as a fixed-image mask
-does in ANTs or elastix); the moving labels are kept for scoring, so Dice is an independent measure.
 Each organ X of each pair is registered twice, ``"<type> | X"`` and ``"<type>"``, by the network
-alone (``refine=False``), the full pipeline, and the full pipeline given the fixed labels with
-``focus=True`` for the named prompt (they place the focus region of instance optimisation), and
-scored on X alone: Dice, and on breathing pairs (whose
-true field is known: breathing phantoms, the real abdomen CT under a known motion) the median TRE
-over X's voxels. Specificity = named - whole body. Cases are ``vs_optimisers``'s with label maps.
+alone (``refine=False``), by the default pipeline, and by the pipeline with ``focus=True`` for the
+named prompt and the fixed labels given to both runs (they place the focus region, as a fixed-image
+mask does in ANTs or elastix). The optimiser never sees the moving labels: they are kept for
+scoring, so Dice is an independent measure. Each run is scored on X alone: Dice, and the median TRE
+over X's voxels where the true field is known (breathing phantoms, the real abdomen CT under a known
+motion). Specificity = named - whole body. Cases are ``vs_optimisers``'s with label maps.
 """
 from __future__ import annotations
 
