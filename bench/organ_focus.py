@@ -1,5 +1,7 @@
-"""Does naming an organ change the registration? Organ Dice and organ TRE with the prompt naming the
-organ against the whole-body prompt, on the same pairs.
+"""Does naming an organ change the registration? Its Dice and TRE, named vs whole-body prompt.
+
+Organ Dice and organ TRE with the prompt naming the organ against the whole-body prompt, on the
+same pairs.
 
     python bench/organ_focus.py [--seeds N] [--organs NAME ...] [--cases NAME ...]
                                 [--methods M ...] [--model NAME_OR_PATH] [--margin MM] [--gain G] [--json FILE]
