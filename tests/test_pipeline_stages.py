@@ -236,3 +236,6 @@ def test_focus_aligns_the_named_organ_where_the_whole_body_compromises(model, fi
         else:
             with pytest.raises(UserError, match=message):
                 call()
+    from_moving = model.register((hu, affine), (moving, affine), "intra | liver", focus=True, align="none",
+                                 refine="fast", moving_labels=(lab, affine))
+    assert refine_info(from_moving)["focus"]["source"] == "moving labels"

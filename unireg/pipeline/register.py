@@ -291,14 +291,16 @@ def _dice_ids(fixed_lab: torch.Tensor, moving_lab: torch.Tensor, prompt: Prompt)
     return [int(i) for i in order[:MAX_DICE_ORGANS] if shared[i] > 0]
 
 
+def _labels_on(pair: ScanPair, grid, device, matrix) -> tuple[torch.Tensor, str]:
+    """The fixed label map on ``grid``, else the moving one where the pre-alignment puts it, and which."""
+    if pair.fixed_labels is not None:
+        return label_tensor(pair.fixed_labels, grid, device), "fixed labels"
+    return label_tensor(pair.moving_labels, grid, device, matrix), "moving labels"
+
+
 def _rigid_mask(pair: ScanPair, grid, device, matrix, prompt: Prompt) -> torch.Tensor:
     ids = [ORGAN_TO_ID[o] for o in prompt.rigid]
-    if pair.fixed_labels is not None:
-        labels = label_tensor(pair.fixed_labels, grid, device)
-        source = "fixed labels"
-    else:  # the moving structure where the pre-alignment puts it; refinement moves it only rigidly
-        labels = label_tensor(pair.moving_labels, grid, device, matrix)
-        source = "moving labels"
+    labels, source = _labels_on(pair, grid, device, matrix)  # from the moving map: refinement moves it only rigidly
     mask = torch.zeros_like(labels, dtype=torch.float32)
     for organ, idx in zip(prompt.rigid, ids):
         part = labels == idx
@@ -322,10 +324,7 @@ def _focus_mask(pair: ScanPair, grid, device, matrix, prompt: Prompt) -> tuple[t
     """The prompt's organs grown by FOCUS_MARGIN_MM on the refinement grid (from the fixed labels, else the
     moving ones where the pre-alignment puts them), and what metrics.json says of it (organs the map
     lacks are named there; with none of them in it, an error)."""
-    if pair.fixed_labels is not None:
-        labels, source = label_tensor(pair.fixed_labels, grid, device), "fixed labels"
-    else:
-        labels, source = label_tensor(pair.moving_labels, grid, device, matrix), "moving labels"
+    labels, source = _labels_on(pair, grid, device, matrix)
     present = [o for o in prompt.organs if bool((labels == ORGAN_TO_ID[o]).any())]
     info = {"organs": present, "source": source, "margin_mm": FOCUS_MARGIN_MM}
     missing = [o for o in prompt.organs if o not in present]
