@@ -7,7 +7,7 @@ same pairs.
                                 [--methods M ...] [--model NAME_OR_PATH] [--margin MM] [--gain G] [--json FILE]
 
 Each organ X of each pair is registered twice, ``"<type> | X"`` and ``"<type>"``, by the network
-alone (``refine=False``), by the default pipeline, and by the pipeline with ``focus=True`` for the
+(``refine=False``: the automatic pre-alignment, then the network's field), by the default pipeline, and by the pipeline with ``focus=True`` for the
 named prompt and the fixed labels given to both runs (they place the focus region, as a fixed-image
 mask does in ANTs or elastix). The optimiser never sees the moving labels: they are kept for
 scoring, so Dice is an independent measure. Each run is scored on X alone: Dice, and the median TRE
@@ -80,6 +80,8 @@ def main(argv=None) -> int:
             fixed_labels = nib_like(pair.fixed, pair.fixed_labels)
             ids = {o: ORGAN_TO_ID[o] for o in args.organs
                    if (pair.fixed_labels == ORGAN_TO_ID[o]).sum() >= 27 and (pair.moving_labels == ORGAN_TO_ID[o]).any()}
+            if not ids:
+                print(f"{case} seed {seed}: none of {', '.join(args.organs)} in both label maps; skipped", flush=True)
             # network alone; pipeline with the prompt only (the network's steered start); pipeline with
             # focus=True and the fixed labels (the focus region).
             for method in args.methods:

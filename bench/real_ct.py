@@ -11,9 +11,10 @@ the archive is downloaded with pip into a cache folder and the scans are read fr
 Scans used (both real, anonymised patient CTs):
 
 * ``chest``: contrast-enhanced chest CT, 233 x 167 x 191 voxels at 1.5 mm isotropic
-  (``aorta_report/example_ct.nii.gz``); labels: heart (1, TotalSegmentator's prediction on it,
-  ``pulmonary_report/models/heart.nii.gz``) and aorta (2, ``aorta_report/test_result/models/aorta.nii.gz``,
-  on a cropped grid of the same frame).
+  (``aorta_report/example_ct.nii.gz``); labels: heart (TotalSegmentator's prediction on it,
+  ``pulmonary_report/models/heart.nii.gz``) and aorta (``aorta_report/test_result/models/aorta.nii.gz``,
+  on a cropped grid of the same frame), under the organ vocabulary's ids (``unireg.organs``) so that
+  prompts and ``focus=True`` find them.
 * ``abdomen``: abdomen-pelvis CT, 122 x 101 x 112 voxels at 3 mm (``example_ct.nii.gz``) with
   TotalSegmentator's 61-structure segmentation of it (``example_seg_fast_force_split.nii.gz``).
 """
@@ -30,11 +31,14 @@ import nibabel as nib
 import numpy as np
 from nibabel.processing import resample_from_to, resample_to_output
 
+from unireg.organs import ORGAN_TO_ID
+
 PACKAGE, VERSION = "totalsegmentator", "2.18.0"
 _REF = f"{PACKAGE}-{VERSION}/tests/reference_files/"
 SCANS = {
     "chest": {"ct": "aorta_report/example_ct.nii.gz",
-              "labels": [("pulmonary_report/models/heart.nii.gz", 1), ("aorta_report/test_result/models/aorta.nii.gz", 2)]},
+              "labels": [("pulmonary_report/models/heart.nii.gz", ORGAN_TO_ID["heart"]),
+                         ("aorta_report/test_result/models/aorta.nii.gz", ORGAN_TO_ID["aorta"])]},
     "abdomen": {"ct": "example_ct.nii.gz", "labels": [("example_seg_fast_force_split.nii.gz", None)]},
 }
 
