@@ -307,6 +307,8 @@ def metrics_markdown(summary: dict) -> str:
         lines += ["", "| structure | Dice before | Dice after |", "|---|---|---|"]
         lines += [f"| {name} | {before[name]:.3f} | {after.get(name, float('nan')):.3f} |" for name in before]
         lines.append(f"| **mean** | **{summary['mean_dice_before']:.3f}** | **{summary['mean_dice_after']:.3f}** |")
+        if summary.get("dice_note"):       # the optimiser saw both label maps: say so beside the table
+            lines += ["", f"*Note: {summary['dice_note']}.*"]
     return "\n".join(lines)
 
 

@@ -117,3 +117,14 @@ def test_the_organ_focus_pipeline_registers_the_named_organ_with_the_fixed_label
     assert reg.result.metrics["dice_after"]["liver"] > reg.result.metrics["dice_before"]["liver"]
     with pytest.raises(UserError, match="needs organs in the prompt"):
         register_pair(model, pair["fixed"], pair["moving"], pair["fixed_labels"], None, "inter", "full + organ focus")
+
+
+def test_metrics_text_says_when_the_optimiser_saw_the_label_maps():
+    """With both label maps the full pipeline's Dice term used them: "Dice after" is not independent,
+    and the page says so under the table."""
+    from app.ui import metrics_markdown
+    summary = {"prompt": "inter | liver", "seconds": 1.0, "jacobian": {}, "dice_before": {"liver": 0.8},
+               "dice_after": {"liver": 0.95}, "mean_dice_before": 0.8, "mean_dice_after": 0.95}
+    assert "Note:" not in metrics_markdown(summary)
+    summary["dice_note"] = "instance optimisation used these label maps (Dice term)"
+    assert metrics_markdown(summary).endswith("*Note: instance optimisation used these label maps (Dice term).*")
