@@ -492,9 +492,9 @@ def refine_velocity(fixed: torch.Tensor, moving: torch.Tensor, velocity: torch.T
             points = sampler.fixed(CHECK_SAMPLES)                             # the fixed sample losses are reported on
             if focus_l is not None:
                 focus_sampler = _PointSampler(shape, focus_l, device)
-                focus_points = focus_sampler.fixed(min(CHECK_SAMPLES, int(focus_l.sum())))
+                focus_points = focus_sampler.fixed(min(CHECK_SAMPLES, focus_sampler.count))
                 # the focus's weight next to the whole level's: gain x its share of the level
-                focus_weight = focus_gain * float(focus_l.sum()) / (sampler.count or 1)
+                focus_weight = focus_gain * focus_sampler.count / (sampler.count or 1)
             if index == last_level:
                 features = None      # no finer level needs them; converted one at a time, at most three
                 #                      full-size descriptors exist at once (a 512^2 x 400 pair's peak memory)
