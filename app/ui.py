@@ -15,7 +15,7 @@ import gradio as gr
 from unireg.organs import ORGAN_TO_ID, ORGANS
 
 from . import examples
-from .backend import (DEFAULT_MODEL, PIPELINES, ModelStore, RunFolders, adapt_model, check_upload,
+from .backend import (DEFAULT_MODEL, DEFAULT_PIPELINE, PIPELINES, ModelStore, RunFolders, adapt_model, check_upload,
                       group_pair_uploads, loss_curve_png, register_pair, shipped_model_names)
 from .views import PLANES, VIEWS, Views
 
@@ -191,8 +191,10 @@ def build_app(model: str = DEFAULT_MODEL, max_upload_mb: float = 512.0, device: 
                     prompt = gr.Textbox("inter", label="Prompt (composed above, or type your own)",
                                         placeholder='e.g. "intra-subject | liver, spleen | smooth=0.3"',
                                         elem_id="prompt-box")
-                    pipeline = gr.Radio(list(PIPELINES), value="network only", label="Pipeline",
-                                        info="network only: one forward pass; full: the whole registration pipeline; "
+                    pipeline = gr.Radio(list(PIPELINES), value=DEFAULT_PIPELINE, label="Pipeline",
+                                        info="full (the default, as in the Python API): pre-alignment, network and "
+                                             "instance optimisation, which also matches uploaded label maps; network "
+                                             "only: one forward pass; "
                                              "fast: the pipeline in about half the time; organ focus: the full "
                                              "pipeline favouring the named organs where a label map shows them")
                     run = gr.Button("Register", variant="primary", elem_id="register-button")
