@@ -59,6 +59,18 @@ def unireg_pipeline(model, **options):
     return run
 
 
+def unireg_alignment(model):
+    """``register``'s pre-alignment alone (``align="auto"``, network and refinement left out of the
+    field): the share of the gain that the linear stage makes before the network. The network still
+    runs inside the call, so its seconds are those of ``refine=False``."""
+    def run(fixed, moving, prompt=None):
+        result = model.register(fixed, moving, prompt=prompt, refine=False)
+        points = grid_points(fixed.shape[:3], fixed.affine)
+        moved = points @ result.affine_matrix[:3, :3].T + result.affine_matrix[:3, 3]
+        return (moved - points).reshape(*fixed.shape[:3], 3).astype(np.float32), result.seconds
+    return run
+
+
 # ----------------------------------------------------------------------------------- ITK-style tools
 def _itk_field_to_ras(path: Path, fixed: nib.Nifti1Image) -> np.ndarray:
     """An ITK displacement field file on the fixed grid (LPS vectors) -> mm RAS [X, Y, Z, 3]."""

@@ -5,7 +5,8 @@
 
 Prints one table - median and 95th-percentile TRE (mm), mean Dice, mean HD95 (mm), % of voxels
 with det J <= 0, seconds per pair - then ratio lines of the default pipeline against the best
-optimiser. Methods: ``identity``, ``network`` (UniReg, ``refine=False, align="none"``),
+optimiser. Methods: ``identity``, ``aligned`` (UniReg's pre-alignment alone, ``align="auto"``: the
+linear stage's share of the gain), ``network`` (UniReg, ``refine=False, align="none"``),
 ``network_aligned`` (pre-alignment + network, ``refine=False``: what the network adds to a rigid or
 affine start), ``pipeline`` (UniReg defaults: pre-alignment + network + instance optimisation with
 MIND-SSC), ``pipeline_fast`` (``refine="fast"``), ``pipeline_lncc`` (``similarity="lncc"``),
@@ -57,7 +58,7 @@ from registration_scores import (folding_pct, label_scores, mapped_points,  # no
 #: UniReg's rows: register() keywords (a method absent here is an optimiser or the identity).
 UNIREG_METHODS = {"network": {"refine": False, "align": "none"}, "network_aligned": {"refine": False},
                   "pipeline": {}, "pipeline_fast": {"refine": "fast"}, "pipeline_lncc": {"similarity": "lncc"}}
-ALL_METHODS = ("identity", *UNIREG_METHODS, "ants_syn", "greedy", "convexadam")
+ALL_METHODS = ("identity", "aligned", *UNIREG_METHODS, "ants_syn", "greedy", "convexadam")
 OPTIMISERS = ("ants_syn", "greedy", "convexadam")
 
 
@@ -126,7 +127,7 @@ def build_methods(names, model_name: str) -> tuple[dict, list[str]]:
     """Callables for the requested methods; notes for those that cannot run here."""
     methods, notes = {}, []
     model = None
-    if set(UNIREG_METHODS) & set(names):
+    if set(UNIREG_METHODS) & set(names) or "aligned" in names:
         from unireg import UniReg
         model = UniReg.from_pretrained(model_name)
     for name in names:
@@ -134,6 +135,8 @@ def build_methods(names, model_name: str) -> tuple[dict, list[str]]:
             methods[name] = om.identity
         elif name == "network":
             methods[name] = om.unireg_network(model)
+        elif name == "aligned":
+            methods[name] = om.unireg_alignment(model)
         elif name in UNIREG_METHODS:
             if om.pipeline_available(model):
                 methods[name] = om.unireg_pipeline(model, **UNIREG_METHODS[name])

@@ -317,6 +317,35 @@ def test_a_sampled_level_reads_extra_points_in_the_focus_and_follows_it():
     assert _tre_mm(focused.displacement, truth, core) < 0.95 * _tre_mm(whole.displacement, truth, core)
 
 
+@pytest.mark.parametrize("similarity, sample_voxels", [("lncc", 0), ("mind", 2 ** 12)])
+def test_a_moving_scan_on_its_own_grid_is_read_through_the_voxel_map(similarity, sample_voxels):
+    """Warp once: the moving scan is the fixed one stored from voxel (2, 1, 0) on (a grid of its own, 46 x
+    47 x 48), and ``fixed_to_moving`` says so. Read through that map (dense LNCC levels and sampled MIND
+    ones, coarse and fine), the unmoved pair matches as well as the scan with itself on one grid, where
+    the moving scan covers the fixed one; the same scan taken as if it lay on the fixed grid does not,
+    and a moving scan of another shape without a map is refused."""
+    fixed = _pair()[0]
+    moving = fixed[:, :, 2:, 1:, :].clone()
+    to_moving = np.eye(4)
+    to_moving[:3, 3] = (-2.0, -1.0, 0.0)
+    coverage = torch.zeros_like(fixed)
+    coverage[:, :, 2:, 1:, :] = 1.0
+    def start_similarity(moving, matrix):
+        res = refine_velocity(fixed, moving, None, smoothness=0.5, spacing_mm=SPACING, levels=(2, 1), steps=[1, 1],
+                              similarity=similarity, sample_voxels=sample_voxels, edge_voxels=0,
+                              moving_coverage=coverage, fixed_to_moving=matrix)
+        return [level["similarity_start"] for level in res.history]
+    itself = start_similarity(fixed, None)
+    read_right = start_similarity(moving, to_moving)
+    read_wrong = start_similarity(moving, np.eye(4))
+    for same, right, wrong in zip(itself, read_right, read_wrong):
+        spread = abs(wrong - same)
+        # MIND-SSC scales by the scan's mean patch variance, which cropping changes a little (0.012 inside)
+        assert abs(right - same) < 0.3 * spread and spread > 0.05 * abs(same), (itself, read_right, read_wrong)
+    with pytest.raises(InputError, match="one grid"):
+        refine_velocity(fixed, moving, None, smoothness=0.5, spacing_mm=SPACING, levels=(1,), steps=1)
+
+
 def test_bad_arguments_are_named():
     fixed, moving, _, _, _ = _pair()
     with pytest.raises(InputError, match="lncc, mind"):

@@ -74,6 +74,28 @@ def coverage_tensor(img: nib.Nifti1Image, grid: WorkingGrid, device,
     return torch.from_numpy(ijk_to_tensor_order(inside.astype(np.float32)))[None, None].to(device)
 
 
+def lattice_grid(img: nib.Nifti1Image, spacing_mm: float, offset=(0.0, 0.0, 0.0)) -> WorkingGrid:
+    """A grid of ``spacing_mm`` voxels over ``img``'s field of view, on its (closest canonical) axes,
+    its first voxel at the scan's first voxel moved by ``offset`` (in the grid's voxels): where the
+    spacing is the scan's own and the offset zero, its voxels are the scan's."""
+    canonical = nib.as_closest_canonical(img)
+    zooms = np.array(canonical.header.get_zooms()[:3], dtype=float)
+    shape = tuple(max(2, int(math.ceil((n - 1) * z / spacing_mm - 1e-6)) + 1)
+                  for n, z in zip(canonical.shape[:3], zooms))
+    affine = np.eye(4)
+    affine[:3, :3] = canonical.affine[:3, :3] / zooms * spacing_mm
+    affine[:3, 3] = canonical.affine[:3, 3] + affine[:3, :3] @ np.asarray(offset, dtype=float)
+    return WorkingGrid(shape, affine)
+
+
+def lattice_offset(grid: WorkingGrid, img: nib.Nifti1Image) -> np.ndarray:
+    """Where ``grid``'s first voxel sits between the voxels of ``img``'s lattice at ``grid``'s spacing,
+    in [-0.5, 0.5] grid voxels per axis (``WorkingGrid.from_image`` centres a rounded-up grid, so a
+    refinement grid at the scan's own spacing can sit half a voxel off its voxels)."""
+    at = np.linalg.inv(lattice_grid(img, grid.spacing).affine) @ grid.affine[:, 3]
+    return at[:3] - np.round(at[:3])
+
+
 def tensor_affine(grid: WorkingGrid) -> np.ndarray:
     """Affine of a grid's tensor index order (d, h, w) = (k, j, i) -> world."""
     return grid.affine @ np.eye(4)[[2, 1, 0, 3]]

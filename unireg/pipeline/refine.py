@@ -292,10 +292,50 @@ def _field_at(field: torch.Tensor, points: torch.Tensor, shape) -> torch.Tensor:
     return values.view(3, -1).T * scale
 
 
-def _warp_at(image: torch.Tensor, points: torch.Tensor, displacement: torch.Tensor) -> torch.Tensor:
+def _warp_at(image: torch.Tensor, points: torch.Tensor, displacement: torch.Tensor,
+             to_moving: torch.Tensor | None = None) -> torch.Tensor:
     """``SpatialTransformer()(image, u)`` read at ``points`` [N,3] given ``u`` there [N,3] -> [N,C]
-    (``trilinear_at_points``: a channels-last image is read without a copy)."""
-    return trilinear_at_points(image, points.to(displacement.dtype) + displacement)
+    (``trilinear_at_points``: a channels-last image is read without a copy). With ``to_moving`` (4x4,
+    fixed level voxel -> moving level voxel) the image lies on the moving scan's own grid."""
+    moved = points.to(displacement.dtype) + displacement
+    if to_moving is not None:
+        moved = moved @ to_moving[:3, :3].T + to_moving[:3, 3]
+    return trilinear_at_points(image, moved)
+
+
+def _level_map(to_moving: torch.Tensor, fixed_shape, fixed_level, moving_shape, moving_level) -> torch.Tensor:
+    """``to_moving`` (voxels of the full fixed grid -> voxels of the full moving grid) between two levels'
+    grids: voxel centres over the same extent (``_resample``'s area average, align_corners=False)."""
+    def centres(full, level):   # level voxel -> full voxel: x = (a + 0.5) * N / n - 0.5
+        scale = torch.tensor([n / m for n, m in zip(full, level)], dtype=torch.float64)
+        out = torch.eye(4, dtype=torch.float64)
+        out[:3, :3] = torch.diag(scale)
+        out[:3, 3] = 0.5 * scale - 0.5
+        return out
+    return torch.linalg.inv(centres(moving_shape, moving_level)) @ to_moving @ centres(fixed_shape, fixed_level)
+
+
+class _MovingReader:
+    """Dense reads of a level's moving image at x + u(x), x a voxel of the fixed level: through
+    ``SpatialTransformer`` when both share a grid, else through ``to_moving`` into the moving scan's
+    own grid (the image is interpolated once, where the composed mapping lands)."""
+
+    def __init__(self, warp, to_moving: torch.Tensor | None, shape, device):
+        self.warp, self.to_moving, self.shape, self.device = warp, to_moving, tuple(shape), device
+        self.base = None      # A x over the level, made at the first dense read (sampled levels need none)
+
+    def __call__(self, image: torch.Tensor, displacement: torch.Tensor) -> torch.Tensor:
+        if self.to_moving is None:
+            return self.warp(image, displacement)
+        linear = self.to_moving[:3, :3].float().to(self.device)
+        if self.base is None:
+            axes = [torch.arange(n, device=self.device, dtype=torch.float32) for n in self.shape]
+            grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1)                   # [D,H,W,3]
+            self.base = grid @ linear.T + self.to_moving[:3, 3].float().to(self.device)
+        moved = self.base + torch.einsum("ij,bjdhw->bdhwi", linear, displacement)         # A (x + u)
+        size = torch.tensor([max(n - 1, 1) for n in image.shape[2:]], device=moved.device, dtype=moved.dtype)
+        grid = (moved * 2 / size - 1).flip(-1)
+        return grid_sample(image, grid, mode="bilinear", padding_mode="border", align_corners=True)
 
 
 def _descriptor(image: torch.Tensor, similarity: str) -> torch.Tensor:
@@ -376,11 +416,12 @@ def _plan_steps(steps, shapes, device: torch.device) -> list[int]:
 
 
 def _check(fixed, moving, velocity, fixed_masks, moving_masks, rigid_mask, moving_coverage, similarity, levels,
-           smoothness, focus=None) -> None:
+           smoothness, focus=None, own_grids: bool = False) -> None:
     if similarity not in SIMILARITIES:
         raise InputError(f"refine similarity must be one of {', '.join(SIMILARITIES)}; got {similarity!r}")
-    if fixed.dim() != 5 or fixed.shape[:2] != (1, 1) or fixed.shape != moving.shape:
-        raise InputError(f"refine needs fixed and moving as [1,1,D,H,W] on one grid, got "
+    if fixed.dim() != 5 or fixed.shape[:2] != (1, 1) or moving.dim() != 5 or moving.shape[:2] != (1, 1) \
+            or (fixed.shape != moving.shape and not own_grids):
+        raise InputError(f"refine needs fixed and moving as [1,1,D,H,W] on one grid (or fixed_to_moving), got "
                          f"{tuple(fixed.shape)} and {tuple(moving.shape)}")
     if velocity is not None and (velocity.dim() != 5 or velocity.shape[:2] != (1, 3)):
         raise InputError(f"initial velocity must be [1,3,d,h,w], got {tuple(velocity.shape)}")
@@ -408,6 +449,7 @@ def refine_velocity(fixed: torch.Tensor, moving: torch.Tensor, velocity: torch.T
                     fixed_masks: torch.Tensor | None = None, moving_masks: torch.Tensor | None = None,
                     rigid_mask: torch.Tensor | None = None, moving_coverage: torch.Tensor | None = None,
                     focus: torch.Tensor | None = None, focus_gain: float | None = None,
+                    fixed_to_moving=None,
                     rigid_weight: float = 10.0, dice_weight: float = 1.0,
                     lr: float = 0.1, lncc_kernel: int = 7, integration_steps: int = 7,
                     min_improvement: float = 2e-3, check_every: int = 10, velocity_factor: int = 2,
@@ -426,10 +468,14 @@ def refine_velocity(fixed: torch.Tensor, moving: torch.Tensor, velocity: torch.T
     (None: the preset's, "auto"'s for a number of steps; 0: every voxel). ``edge_voxels``: sampled
     levels also read this many among their edges at every step (None: the preset's). ``focus``
     [1,1,D,H,W] (1 in the region that matters most, on this grid) and ``focus_gain`` (None:
-    ``FOCUS_GAIN``): see the module docstring.
+    ``FOCUS_GAIN``): see the module docstring. ``fixed_to_moving`` (4x4, voxel indices (d, h, w) of
+    ``fixed``'s grid -> those of ``moving``'s): ``moving`` lies on its own grid (any shape) and is read
+    through this map (a pre-alignment composed in: the scan is interpolated once, where the whole
+    mapping lands, not resampled through the alignment first and warped again); the masks stay on
+    the fixed grid.
     """
     _check(fixed, moving, velocity, fixed_masks, moving_masks, rigid_mask, moving_coverage, similarity, levels,
-           smoothness, focus)
+           smoothness, focus, fixed_to_moving is not None)
     if sample_voxels is None:
         sample_voxels = step_preset(steps).sample_voxels
     if edge_voxels is None:
@@ -438,6 +484,8 @@ def refine_velocity(fixed: torch.Tensor, moving: torch.Tensor, velocity: torch.T
         focus_gain = FOCUS_GAIN
     device = fixed.device
     fixed, moving = fixed.float(), moving.float()
+    if fixed_to_moving is not None:
+        fixed_to_moving = torch.as_tensor(fixed_to_moving, dtype=torch.float64).cpu()
     integrate = VelocityIntegrator(min(integration_steps, OPTIMISATION_SQUARINGS)).to(device)
     warp = SpatialTransformer().to(device)
     lam = smoothness_weight(smoothness, similarity)
@@ -468,7 +516,12 @@ def refine_velocity(fixed: torch.Tensor, moving: torch.Tensor, velocity: torch.T
             continue
         start = time.perf_counter()
         vel_shape = vel_shapes[index]
-        f_l, m_l = _resample(fixed, shape), _resample(moving, shape)
+        m_shape = shape if fixed_to_moving is None else level_shape(moving.shape[2:], int(factor))
+        f_l, m_l = _resample(fixed, shape), _resample(moving, m_shape)
+        to_moving = None if fixed_to_moving is None else \
+            _level_map(fixed_to_moving, fixed.shape[2:], shape, moving.shape[2:], m_shape)
+        moved = _MovingReader(warp, to_moving, shape, device)
+        to_moving = None if to_moving is None else to_moving.float().to(device)
         # A fixed mask, not one warped with the moving scan (warped, the optimiser could lower the loss
         # by pushing badly matching voxels out of it), eroded by the LNCC window (a window reaching past
         # the moving scan's edge sees its padding).
@@ -477,7 +530,7 @@ def refine_velocity(fixed: torch.Tensor, moving: torch.Tensor, velocity: torch.T
         if similarity in DESCRIPTORS:
             if features is None:
                 features = tuple(_descriptor(x, similarity) for x in (fixed, moving))
-            f_feat, m_feat = (_resample(x, shape) for x in features)
+            f_feat, m_feat = _resample(features[0], shape), _resample(features[1], m_shape)
         # Any level voxel the region touches is in it (a small organ must not vanish at a coarse level).
         focus_l = None if focus is None else _resample(focus, shape) > 0
         if focus_l is not None and mask is not None:
@@ -524,7 +577,7 @@ def refine_velocity(fixed: torch.Tensor, moving: torch.Tensor, velocity: torch.T
                     at_focus = focus_points if at_focus is None else at_focus
                     at = torch.cat([at, at_focus])
                 distance = (_values_at(f_feat, at)
-                            - _warp_at(m_feat, at, _field_at(integrate(p), at, shape))).pow(2).mean(1)
+                            - _warp_at(m_feat, at, _field_at(integrate(p), at, shape), to_moving)).pow(2).mean(1)
                 if focus_points is None:
                     sim = distance.mean()
                 else:                      # the dense weighted mean, from the two samples
@@ -533,9 +586,9 @@ def refine_velocity(fixed: torch.Tensor, moving: torch.Tensor, velocity: torch.T
                 return sim + lam * gradient_l2(p).sum(), sim
             disp = resize_field(integrate(p), shape)
             if similarity in DESCRIPTORS:
-                sim = mind_loss(f_feat, warp(m_feat, disp), mask=mask)
+                sim = mind_loss(f_feat, moved(m_feat, disp), mask=mask)
             else:
-                sim = lncc_loss(f_l, warp(m_l, disp), kernel=lncc_kernel, eps=LNCC_EPS, mask=mask)
+                sim = lncc_loss(f_l, moved(m_l, disp), kernel=lncc_kernel, eps=LNCC_EPS, mask=mask)
             total = sim + lam * gradient_l2(p).sum()
             if use_dice:
                 total = total + dice_weight * soft_dice_loss(fm_l, warp(mm_l, disp))
