@@ -6,9 +6,11 @@ accuracy (the uniGradICON / ConvexAdam recipe), and with the network's start far
 needed than from zero.
 
 Conventions (the network's, from ``unireg.modeling.transform``)
-    ``fixed`` and ``moving`` are [1,1,D,H,W] on the SAME grid (moving already pre-aligned and
-    resampled there), voxel size ``spacing_mm``. Fields are [1,3,...] in voxels of the grid they live
-    on, channels in tensor-axis order (d, h, w), ``warped(x) = moving(x + u(x))``,
+    ``fixed`` and ``moving`` are [1,1,D,H,W] on the SAME grid, voxel size ``spacing_mm``; or, with
+    ``fixed_to_moving`` (the pipeline's way), ``moving`` lies on a grid of its own and every read of it
+    goes through that voxel map, so the pre-alignment is composed in and the scan is interpolated once.
+    Fields are [1,3,...] in voxels of the grid they live on, channels in tensor-axis order (d, h, w),
+    ``warped(x) = moving(x + u(x))`` (through the map: ``moving(M (x + u(x)))``),
     ``u = resize_field(VelocityIntegrator(v), fixed.shape)``.
 
 Method
