@@ -153,9 +153,11 @@ def test_mutual_information_aligns_a_contrast_inverted_scan():
     assert _max_point_error(result.matrix, truth, fixed, fa) < 2.0
 
 
-def test_same_subject_auto_keeps_a_moved_patient_and_leaves_breathing_to_the_deformable_stages():
-    """Breathing moves organs, not the skeleton: a whole-body rigid fit to it is refused by the bone;
-    a patient who moved moves the bone too, and that rigid motion is kept (and not made affine)."""
+def test_same_subject_auto_keeps_a_moved_patient_and_leaves_breathing_to_the_deformable_stages(monkeypatch):
+    """Breathing moves organs, not the skeleton: the bone is found in place at once, and a whole-body
+    rigid fit to the breathing (the full rule) is refused by the bone; a patient who moved moves the
+    bone too, and that rigid motion is kept (and not made affine)."""
+    import unireg.pipeline.align as align_module
     from data_tools.phantom import make_intra_pair, make_subject
     subject = make_subject(11, shape=(64, 64, 64), spacing_mm=(6.0, 6.0, 6.0))
     breathing, _ = make_intra_pair(subject, seed=5, amplitude_mm=18.0)
@@ -164,8 +166,13 @@ def test_same_subject_auto_keeps_a_moved_patient_and_leaves_breathing_to_the_def
     whole_body = align_pair(fixed, affine, moving, affine, mode="rigid")
     assert _max_point_error(whole_body.matrix, np.eye(4), fixed, affine) > 2.0   # the organs pull it along
     result = align_pair(fixed, affine, moving, affine, mode="auto", same_subject=True)
-    assert (result.mode, result.bone_check) == ("none", "disagrees")
+    assert (result.mode, result.bone_check) == ("none", "in place")
     np.testing.assert_array_equal(result.matrix, np.eye(4))
+    monkeypatch.setattr(align_module, "BONE_IN_PLACE", 1.01)          # no shortcut: the rigid fit, then the check
+    full_rule = align_pair(fixed, affine, moving, affine, mode="auto", same_subject=True)
+    assert (full_rule.mode, full_rule.bone_check) == ("none", "disagrees")
+    np.testing.assert_array_equal(full_rule.matrix, np.eye(4))
+    monkeypatch.undo()
 
     truth = _rigid(4.0, (0.0, 1.0, 0.0), (0.0, 12.0, 0.0))
     fixed, fa, moving, ma = _pair(truth)

@@ -47,6 +47,13 @@ Rule of ``mode="auto"``
     replaces compared the LNCC of bone-only images at the coarsest pyramid level (12 mm): it
     refused two of the abdomen's three real motions (bone LNCC -0.003 -> -0.001, noise).
     Scans with too little bone (under ``MIN_BONE_FRACTION`` of the body) skip the check.
+
+    When the skeleton is already in place (at least ``BONE_IN_PLACE`` of the fixed bone on moving bone at
+    the identity) there is no patient motion to find: "none" at once, without the rigid optimisation
+    (0.3-0.45 s on a 2-core CPU). Bone overlap at the identity: real chest and abdomen under a smooth
+    field alone 0.78-0.84, under 1 deg + 1 mm 0.77-0.78, breathing phantoms 0.88-0.92; patients moved
+    3 deg + 4 mm 0.29-0.62, 10 deg + 15 mm 0.37-0.39. Every one of the first group ends "none" by the
+    full rule too, so the shortcut changes no decision there, only the time.
 """
 from __future__ import annotations
 
@@ -71,6 +78,8 @@ BODY_THRESHOLD = 0.25
 BONE_THRESHOLD = 0.625
 #: Least share of the fixed body voxels that must be bone for the skeleton check to be made.
 MIN_BONE_FRACTION = 0.005
+#: Bone overlap (``bone_overlap``) at the identity from which a same-subject pair counts as unmoved.
+BONE_IN_PLACE = 0.75
 
 
 @dataclass
@@ -80,7 +89,8 @@ class AlignResult:
     loss_before: float      # similarity loss at the identity (finest level, whole body; lower is better)
     loss_after: float       # similarity loss at ``matrix``
     seconds: float
-    bone_check: str = "not made"  # same-subject "auto": "agrees" | "disagrees" | "too little bone" | "not made"
+    bone_check: str = "not made"  # same-subject "auto": "agrees" | "disagrees" | "in place" | "too little bone"
+    #                               | "not made"
 
 
 # ------------------------------------------------------------------------------------- geometry
@@ -301,6 +311,10 @@ def align_pair(fixed: torch.Tensor, fixed_affine: np.ndarray, moving: torch.Tens
 
     if mode == "none":
         return finish(identity, "none")
+    if mode == "auto" and same_subject and _enough_bone(fixed, body_threshold) \
+            and bone_overlap(fixed, fixed_affine, moving, moving_affine, identity) >= BONE_IN_PLACE:
+        bone_check = "in place"
+        return finish(identity, "none")
     centre_f = body_centre(fixed, fixed_affine, body_threshold)
     shift = body_centre(moving, moving_affine, body_threshold) - centre_f
     moments = np.eye(4)
@@ -348,9 +362,13 @@ def bone_overlap(fixed, fixed_affine, moving, moving_affine, matrix) -> float:
     return float(moved[0, 0][fixed_bone].mean()) if bool(fixed_bone.any()) else 0.0
 
 
+def _enough_bone(fixed, body_threshold) -> bool:
+    return float((fixed > BONE_THRESHOLD).sum()) >= MIN_BONE_FRACTION * max(float((fixed > body_threshold).sum()), 1.0)
+
+
 def _skeleton_check(fixed, fixed_affine, moving, moving_affine, rigid, body_threshold, min_bone_gain: float) -> str:
     """Whether a rigid motion found on the whole body also brings the bone closer (see the module docstring)."""
-    if float((fixed > BONE_THRESHOLD).sum()) < MIN_BONE_FRACTION * max(float((fixed > body_threshold).sum()), 1.0):
+    if not _enough_bone(fixed, body_threshold):
         return "too little bone"
     before = bone_overlap(fixed, fixed_affine, moving, moving_affine, np.eye(4))
     after = bone_overlap(fixed, fixed_affine, moving, moving_affine, rigid)
