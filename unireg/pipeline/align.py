@@ -234,13 +234,12 @@ def _loss(level: _Level, matrix: torch.Tensor, similarity: str, kernel: int) -> 
     grid = sampling_grid(matrix, level.fixed.shape, level.fixed_affine, level.moving.shape, level.moving_affine)
     # Border padding and a mask shrunk by the window: the edge of a partial field of view must not
     # look like anatomy to the similarity.
-    fixed, moving = level.fixed, level.moving
-    warped = grid_sample(moving, grid, mode="bilinear", padding_mode="border", align_corners=True)
+    warped = grid_sample(level.moving, grid, mode="bilinear", padding_mode="border", align_corners=True)
     inside = (grid.detach().abs() <= 1.0).all(dim=-1)[:, None].float()
     inside = (box_filter(inside, kernel) > 0.999).float()
     if similarity == "mi":
-        return mutual_information_loss(fixed, warped, mask=inside)
-    return lncc_loss(fixed, warped, kernel=kernel, mask=inside)
+        return mutual_information_loss(level.fixed, warped, mask=inside)
+    return lncc_loss(level.fixed, warped, kernel=kernel, mask=inside)
 
 
 def _optimise(levels, transform: _LinearTransform, affine: bool, similarity: str, kernel: int,
@@ -311,8 +310,10 @@ def align_pair(fixed: torch.Tensor, fixed_affine: np.ndarray, moving: torch.Tens
 
     if mode == "none":
         return finish(identity, "none")
-    if mode == "auto" and same_subject and _enough_bone(fixed, body_threshold) \
-            and bone_overlap(fixed, fixed_affine, moving, moving_affine, identity) >= BONE_IN_PLACE:
+    # The skeleton check's measure at the identity (None: not a same-subject "auto" pair with bone)
+    bone_before = bone_overlap(fixed, fixed_affine, moving, moving_affine, identity) \
+        if mode == "auto" and same_subject and _enough_bone(fixed, body_threshold) else None
+    if bone_before is not None and bone_before >= BONE_IN_PLACE:
         bone_check = "in place"
         return finish(identity, "none")
     centre_f = body_centre(fixed, fixed_affine, body_threshold)
@@ -338,8 +339,7 @@ def align_pair(fixed: torch.Tensor, fixed_affine: np.ndarray, moving: torch.Tens
         if max_motion < tolerance_mm or gain < min_gain:
             return finish(identity, "none")
         if same_subject:
-            bone_check = _skeleton_check(fixed, fixed_affine, moving, moving_affine, rigid, body_threshold,
-                                         min_bone_gain)
+            bone_check = _skeleton_check(fixed, fixed_affine, moving, moving_affine, rigid, bone_before, min_bone_gain)
             if bone_check == "disagrees":
                 return finish(identity, "none")
     if mode == "rigid" or (mode == "auto" and same_subject):
@@ -366,10 +366,11 @@ def _enough_bone(fixed, body_threshold) -> bool:
     return float((fixed > BONE_THRESHOLD).sum()) >= MIN_BONE_FRACTION * max(float((fixed > body_threshold).sum()), 1.0)
 
 
-def _skeleton_check(fixed, fixed_affine, moving, moving_affine, rigid, body_threshold, min_bone_gain: float) -> str:
-    """Whether a rigid motion found on the whole body also brings the bone closer (see the module docstring)."""
-    if not _enough_bone(fixed, body_threshold):
+def _skeleton_check(fixed, fixed_affine, moving, moving_affine, rigid, before: float | None,
+                    min_bone_gain: float) -> str:
+    """Whether a rigid motion found on the whole body also brings the bone closer (see the module docstring);
+    ``before``: the bone overlap at the identity, None when the fixed scan has too little bone."""
+    if before is None:
         return "too little bone"
-    before = bone_overlap(fixed, fixed_affine, moving, moving_affine, np.eye(4))
     after = bone_overlap(fixed, fixed_affine, moving, moving_affine, rigid)
     return "agrees" if after >= (1.0 + min_bone_gain) * before else "disagrees"

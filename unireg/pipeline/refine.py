@@ -319,21 +319,22 @@ def _level_map(to_moving: torch.Tensor, fixed_shape, fixed_level, moving_shape, 
 
 class _MovingReader:
     """Dense reads of a level's moving image at x + u(x), x a voxel of the fixed level: through
-    ``SpatialTransformer`` when both share a grid, else through ``to_moving`` into the moving scan's
-    own grid (the image is interpolated once, where the composed mapping lands)."""
+    ``SpatialTransformer`` when both share a grid, else through ``to_moving`` (4x4, on the images'
+    device and dtype) into the moving scan's own grid (the image is interpolated once, where the
+    composed mapping lands)."""
 
-    def __init__(self, warp, to_moving: torch.Tensor | None, shape, device):
-        self.warp, self.to_moving, self.shape, self.device = warp, to_moving, tuple(shape), device
+    def __init__(self, warp, to_moving: torch.Tensor | None, shape):
+        self.warp, self.to_moving, self.shape = warp, to_moving, tuple(shape)
         self.base = None      # A x over the level, made at the first dense read (sampled levels need none)
 
     def __call__(self, image: torch.Tensor, displacement: torch.Tensor) -> torch.Tensor:
         if self.to_moving is None:
             return self.warp(image, displacement)
-        linear = self.to_moving[:3, :3].float().to(self.device)
+        linear = self.to_moving[:3, :3]
         if self.base is None:
-            axes = [torch.arange(n, device=self.device, dtype=torch.float32) for n in self.shape]
+            axes = [torch.arange(n, device=linear.device, dtype=linear.dtype) for n in self.shape]
             grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1)                   # [D,H,W,3]
-            self.base = grid @ linear.T + self.to_moving[:3, 3].float().to(self.device)
+            self.base = grid @ linear.T + self.to_moving[:3, 3]
         moved = self.base + torch.einsum("ij,bjdhw->bdhwi", linear, displacement)         # A (x + u)
         size = torch.tensor([max(n - 1, 1) for n in image.shape[2:]], device=moved.device, dtype=moved.dtype)
         grid = (moved * 2 / size - 1).flip(-1)
@@ -521,9 +522,8 @@ def refine_velocity(fixed: torch.Tensor, moving: torch.Tensor, velocity: torch.T
         m_shape = shape if fixed_to_moving is None else level_shape(moving.shape[2:], int(factor))
         f_l, m_l = _resample(fixed, shape), _resample(moving, m_shape)
         to_moving = None if fixed_to_moving is None else \
-            _level_map(fixed_to_moving, fixed.shape[2:], shape, moving.shape[2:], m_shape)
-        moved = _MovingReader(warp, to_moving, shape, device)
-        to_moving = None if to_moving is None else to_moving.float().to(device)
+            _level_map(fixed_to_moving, fixed.shape[2:], shape, moving.shape[2:], m_shape).float().to(device)
+        moved = _MovingReader(warp, to_moving, shape)
         # A fixed mask, not one warped with the moving scan (warped, the optimiser could lower the loss
         # by pushing badly matching voxels out of it), eroded by the LNCC window (a window reaching past
         # the moving scan's edge sees its padding).
