@@ -185,6 +185,7 @@ def test_a_partial_field_of_view_is_masked_not_matched_to_air(model, fixed, monk
 
     masked, stage = worst_near_cut()
     assert 55 <= stage["moving_coverage_pct"] <= 65
+    assert stage["moving_grid"] == [SHAPE[0], SHAPE[1], cut.stop - cut.start][::-1]   # its own slices, read once
     real = register_module.coverage_tensor
     monkeypatch.setattr(register_module, "coverage_tensor", lambda img, *a, **k: real(img, *a, **k) * 0 + 1)
     unmasked, _ = worst_near_cut()

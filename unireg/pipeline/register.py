@@ -176,6 +176,8 @@ class RegistrationPipeline:
             fine = refinement_grid(grid, pair.fixed, device, self.refine_spacing_mm)
             fixed_f = scan_tensor(pair.fixed, fine, cfg, device)
             moving_f, fixed_to_moving = _moving_for_refinement(pair.fixed, pair.moving, fine, cfg, device, matrix)
+            # where refinement reads the moving scan: the fixed grid, or its own one (read once, through the map)
+            info["moving_grid"] = "fixed" if fixed_to_moving is None else list(moving_f.shape[2:])
             coverage = coverage_tensor(pair.moving, fine, device, matrix)
             fixed_coverage = coverage_tensor(pair.fixed, fine, device)
             if bool((coverage >= fixed_coverage).all()):
