@@ -305,16 +305,28 @@ def _warp_at(image: torch.Tensor, points: torch.Tensor, displacement: torch.Tens
     return trilinear_at_points(image, moved)
 
 
-def _level_map(to_moving: torch.Tensor, fixed_shape, fixed_level, moving_shape, moving_level) -> torch.Tensor:
-    """``to_moving`` (voxels of the full fixed grid -> voxels of the full moving grid) between two levels'
-    grids: voxel centres over the same extent (``_resample``'s area average, align_corners=False)."""
-    def centres(full, level):   # level voxel -> full voxel: x = (a + 0.5) * N / n - 0.5
-        scale = torch.tensor([n / m for n, m in zip(full, level)], dtype=torch.float64)
+def _pool_exact(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """Average over blocks of ``factor`` voxels, the last incomplete block of each axis left out: level
+    voxel a is exactly the mean of voxels factor * a .. factor * a + factor - 1 (an area resize to a
+    size the grid does not divide would average windows of uneven width, a jitter of up to half a voxel)."""
+    if factor == 1:
+        return x
+    keep = [max(factor, n - n % factor) for n in x.shape[2:]]
+    return F.avg_pool3d(x[..., :keep[0], :keep[1], :keep[2]].float(), factor)
+
+
+def _level_map(to_moving: torch.Tensor, fixed_shape, fixed_level, factor: int) -> torch.Tensor:
+    """``to_moving`` (voxels of the full fixed grid -> voxels of the full moving grid) between the fixed
+    level's grid (``_resample``: centres over the same extent, align_corners=False) and the moving
+    level's (``_pool_exact``: voxel a at full voxel factor * a + (factor - 1) / 2)."""
+    def centres(scale):   # level voxel -> full voxel: x = (a + 0.5) * scale - 0.5
+        scale = torch.as_tensor(scale, dtype=torch.float64)
         out = torch.eye(4, dtype=torch.float64)
         out[:3, :3] = torch.diag(scale)
         out[:3, 3] = 0.5 * scale - 0.5
         return out
-    return torch.linalg.inv(centres(moving_shape, moving_level)) @ to_moving @ centres(fixed_shape, fixed_level)
+    fixed_scale = [n / m for n, m in zip(fixed_shape, fixed_level)]
+    return torch.linalg.inv(centres([float(factor)] * 3)) @ to_moving @ centres(fixed_scale)
 
 
 class _MovingReader:
@@ -519,10 +531,12 @@ def refine_velocity(fixed: torch.Tensor, moving: torch.Tensor, velocity: torch.T
             continue
         start = time.perf_counter()
         vel_shape = vel_shapes[index]
-        m_shape = shape if fixed_to_moving is None else level_shape(moving.shape[2:], int(factor))
-        f_l, m_l = _resample(fixed, shape), _resample(moving, m_shape)
+        # The moving scan's own grid is pooled exactly (its size is the scan's, not a multiple of the factor).
+        moving_level = (lambda x: _resample(x, shape)) if fixed_to_moving is None else \
+            (lambda x: _pool_exact(x, int(factor)))
+        f_l, m_l = _resample(fixed, shape), moving_level(moving)
         to_moving = None if fixed_to_moving is None else \
-            _level_map(fixed_to_moving, fixed.shape[2:], shape, moving.shape[2:], m_shape).float().to(device)
+            _level_map(fixed_to_moving, fixed.shape[2:], shape, int(factor)).float().to(device)
         moved = _MovingReader(warp, to_moving, shape)
         # A fixed mask, not one warped with the moving scan (warped, the optimiser could lower the loss
         # by pushing badly matching voxels out of it), eroded by the LNCC window (a window reaching past
@@ -532,7 +546,7 @@ def refine_velocity(fixed: torch.Tensor, moving: torch.Tensor, velocity: torch.T
         if similarity in DESCRIPTORS:
             if features is None:
                 features = tuple(_descriptor(x, similarity) for x in (fixed, moving))
-            f_feat, m_feat = _resample(features[0], shape), _resample(features[1], m_shape)
+            f_feat, m_feat = _resample(features[0], shape), moving_level(features[1])
         # Any level voxel the region touches is in it (a small organ must not vanish at a coarse level).
         focus_l = None if focus is None else _resample(focus, shape) > 0
         if focus_l is not None and mask is not None:
