@@ -17,7 +17,8 @@ from unireg.io import InputError
 from unireg.metrics import jacobian_determinant
 from unireg.modeling.transform import SpatialTransformer, VelocityIntegrator, resize_field
 from unireg.organs import ORGAN_TO_ID
-from unireg.pipeline.refine import AUTO_BUDGET, _plan_steps, level_shape, refine_velocity, rigidity_penalty
+from unireg.pipeline.refine import (AUTO_BUDGET, _plan_steps, _pool_exact, level_shape, refine_velocity,
+                                    rigidity_penalty)
 from unireg.similarity import lncc_loss, local_variance
 from unireg.preprocessing import normalize_ct
 
@@ -344,6 +345,16 @@ def test_a_moving_scan_on_its_own_grid_is_read_through_the_voxel_map(similarity,
         assert abs(right - same) < 0.3 * spread and spread > 0.05 * abs(same), (itself, read_right, read_wrong)
     with pytest.raises(InputError, match="one grid"):
         refine_velocity(fixed, moving, None, smoothness=0.5, spacing_mm=SPACING, levels=(1,), steps=1)
+
+
+def test_a_moving_grid_is_pooled_in_whole_blocks():
+    """Level voxel a of the moving scan's own grid is the mean of voxels 4a .. 4a + 3 (the last partial
+    block left out), whatever the grid's size; a side thinner than a block is its edge repeated."""
+    x = torch.arange(3 * 10 * 17, dtype=torch.float32).reshape(1, 1, 3, 10, 17)
+    pooled = _pool_exact(x, 4)
+    assert pooled.shape == (1, 1, 1, 2, 4)
+    padded = torch.cat([x, x[:, :, -1:]], dim=2)                       # 3 slices -> 4, the last repeated
+    assert torch.allclose(pooled[0, 0, 0, 1, 2], padded[0, 0, 0:4, 4:8, 8:12].mean())
 
 
 def test_bad_arguments_are_named():

@@ -311,7 +311,10 @@ def _pool_exact(x: torch.Tensor, factor: int) -> torch.Tensor:
     size the grid does not divide would average windows of uneven width, a jitter of up to half a voxel)."""
     if factor == 1:
         return x
-    keep = [max(factor, n - n % factor) for n in x.shape[2:]]
+    short = [max(0, factor - n) for n in x.shape[2:]]     # a side thinner than one block: its edge repeated
+    if any(short):
+        x = F.pad(x.float(), (0, short[2], 0, short[1], 0, short[0]), mode="replicate")
+    keep = [n - n % factor for n in x.shape[2:]]
     return F.avg_pool3d(x[..., :keep[0], :keep[1], :keep[2]].float(), factor)
 
 
