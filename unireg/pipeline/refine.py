@@ -336,21 +336,16 @@ class _MovingReader:
     """Dense reads of a level's moving image at x + u(x), x a voxel of the fixed level: through
     ``SpatialTransformer`` when both share a grid, else through ``to_moving`` (4x4, on the images'
     device and dtype) into the moving scan's own grid (the image is interpolated once, where the
-    composed mapping lands)."""
+    composed mapping lands). The voxel grid x is the transformer's own cached one."""
 
-    def __init__(self, warp, to_moving: torch.Tensor | None, shape):
-        self.warp, self.to_moving, self.shape = warp, to_moving, tuple(shape)
-        self.base = None      # A x over the level, made at the first dense read (sampled levels need none)
+    def __init__(self, warp: SpatialTransformer, to_moving: torch.Tensor | None):
+        self.warp, self.to_moving = warp, to_moving
 
     def __call__(self, image: torch.Tensor, displacement: torch.Tensor) -> torch.Tensor:
         if self.to_moving is None:
             return self.warp(image, displacement)
-        linear = self.to_moving[:3, :3]
-        if self.base is None:
-            axes = [torch.arange(n, device=linear.device, dtype=linear.dtype) for n in self.shape]
-            grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1)                   # [D,H,W,3]
-            self.base = grid @ linear.T + self.to_moving[:3, 3]
-        moved = self.base + torch.einsum("ij,bjdhw->bdhwi", linear, displacement)         # A (x + u)
+        fixed_voxels = self.warp.linear.get_reference_grid(displacement) + displacement        # x + u
+        moved = torch.einsum("ij,bjdhw->bdhwi", self.to_moving[:3, :3], fixed_voxels) + self.to_moving[:3, 3]
         size = torch.tensor([max(n - 1, 1) for n in image.shape[2:]], device=moved.device, dtype=moved.dtype)
         grid = (moved * 2 / size - 1).flip(-1)
         return grid_sample(image, grid, mode="bilinear", padding_mode="border", align_corners=True)
@@ -540,7 +535,7 @@ def refine_velocity(fixed: torch.Tensor, moving: torch.Tensor, velocity: torch.T
         f_l, m_l = _resample(fixed, shape), moving_level(moving)
         to_moving = None if fixed_to_moving is None else \
             _level_map(fixed_to_moving, fixed.shape[2:], shape, int(factor)).float().to(device)
-        moved = _MovingReader(warp, to_moving, shape)
+        moved = _MovingReader(warp, to_moving)
         # A fixed mask, not one warped with the moving scan (warped, the optimiser could lower the loss
         # by pushing badly matching voxels out of it), eroded by the LNCC window (a window reaching past
         # the moving scan's edge sees its padding).
