@@ -20,13 +20,13 @@ from pathlib import Path
 import nibabel as nib
 
 from unireg.adapter import Adapter
+from unireg.hub import DEFAULT_MODEL
 from unireg.io import InputError, load_image, load_labels
 
 PIPELINES = ("network only", "fast", "full", "full + organ focus")
 #: What the Register tab starts with: the Python API's default (``register(..., refine="auto")``). With
 #: "network only" the example pair's pancreas Dice fell (0.620 -> 0.469 in the README's screenshot).
 DEFAULT_PIPELINE = "full"
-DEFAULT_MODEL = "unireg-tiny-phantom"
 FULL_PIPELINE_STEPS = 50  # test-time optimisation steps for "full" on a UniReg without the refine stage
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from .backend import DEFAULT_MODEL
+from unireg.hub import DEFAULT_MODEL
 
 
 def add_app_arguments(parser: argparse.ArgumentParser) -> None:

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from app.examples import example_pairs, write_pairs_csv
-from unireg.adapt import _reversed, adapt, add_adapt_arguments, mean_dice, prepare_pair, read_pair_list, run_adapt
+from unireg.adapt import _reversed, adapt, mean_dice, prepare_pair, read_pair_list, run_adapt
+from unireg.cli.adapt import add_arguments as add_adapt_arguments
 from unireg.adapter import Adapter, AdapterError, base_fingerprint
 from unireg.api import UniReg
 from unireg.io import InputError

@@ -17,7 +17,6 @@ Pairs are given as
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import csv
 import logging
@@ -416,25 +415,6 @@ def _training_summary(train, steps, lr, seed, batch_size, losses, dice_terms, se
 
 
 # ----------------------------------------------------------------------------------- command line
-def add_adapt_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--pairs", required=True,
-                        help="CSV with columns fixed,moving,fixed_labels,moving_labels, or a folder (pairs.csv or "
-                             "one sub-folder per pair with fixed/moving/fixed_labels/moving_labels.nii.gz)")
-    parser.add_argument("--prompt", required=True, help='the structure to adapt to, e.g. "inter | duodenum"')
-    parser.add_argument("--model", default="unireg-tiny-phantom", help="shipped name, model folder or hub id")
-    parser.add_argument("--steps", type=int, default=60, help="optimisation steps (default 60)")
-    parser.add_argument("--rank", type=int, default=DEFAULT_RANK,
-                        help="LoRA rank of the controller updates (default %(default)s: the prompt embedding alone)")
-    parser.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate (default 1e-2)")
-    parser.add_argument("--out", required=True, help="adapter file to write, e.g. duodenum.safetensors")
-    parser.add_argument("--held-out", help="CSV or folder of held-out labelled pairs to measure Dice on")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-validate", action="store_true",
-                        help="train all --steps steps; by default cross-validation over the pairs (one pair: "
-                             "measured reversed) chooses how many to keep, none when no count beats zero-shot")
-
-
 def run_adapt(args) -> int:
     import json
     from .api import UniReg
@@ -449,7 +429,7 @@ def run_adapt(args) -> int:
     model = UniReg.from_pretrained(args.model, device=device)
     if not getattr(model, "name_or_path", None):
         model.name_or_path = str(args.model)
-    adapter = adapt(model, args.pairs, args.prompt, steps=args.steps, rank=args.rank, lr=args.lr,
+    adapter = adapt(model, args.pairs, args.prompt, steps=args.steps, rank=DEFAULT_RANK if args.rank is None else args.rank, lr=args.lr,
                     held_out=args.held_out, seed=args.seed, progress=True, validate=not args.no_validate)
     adapter.save(out)
     print(json.dumps({"adapter": str(out), **adapter.summary()}, indent=2))
@@ -457,4 +437,4 @@ def run_adapt(args) -> int:
 
 
 __all__ = ["adapt", "Adapter", "AdapterError", "PairTensors", "prepare_pair", "read_pair_list", "mean_dice",
-           "add_adapt_arguments", "run_adapt"]
+           "run_adapt"]

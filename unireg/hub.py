@@ -16,6 +16,8 @@ WEIGHTS_NAME = "model.safetensors"
 PROMPT_CACHE_NAME = "prompt_cache.safetensors"
 
 SHIPPED_DIR = Path(__file__).parent / "checkpoints"
+#: The shipped model that the command line, the app and the demo use unless told otherwise.
+DEFAULT_MODEL = "unireg-tiny-phantom"
 
 
 def shipped_models() -> list[str]:

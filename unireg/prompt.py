@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .errors import UserError, shorten
 from .organs import ORGANS, known_names, resolve_organ

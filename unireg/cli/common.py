@@ -7,6 +7,7 @@ import logging
 import sys
 
 from ..errors import UserError
+from ..hub import DEFAULT_MODEL
 
 
 class Parser(argparse.ArgumentParser):
@@ -25,7 +26,7 @@ def add_verb(subparsers, name: str, help: str, run, long_running: bool = False) 
 
 
 def add_model_flags(parser: Parser) -> None:
-    parser.add_argument("--model", default="unireg-tiny-phantom",
+    parser.add_argument("--model", default=DEFAULT_MODEL,
                         help="shipped model name, save_pretrained folder or Hugging Face hub id")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
 
