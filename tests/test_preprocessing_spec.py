@@ -2,7 +2,6 @@
 the same input for the same scan, in the model's HU window, whatever spacing the shard was written at."""
 import logging
 
-import nibabel as nib
 import numpy as np
 import pytest
 import torch

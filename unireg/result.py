@@ -18,7 +18,7 @@ from .prompt import Prompt
 
 #: Files ``save`` writes; a folder holding anything else is not a previous UniReg output.
 OUTPUT_NAMES = ("warped.nii.gz", "displacement_itk.nii.gz", "warped_labels.nii.gz", "affine.mat", "metrics.json",
-                "overview.png")
+                "overview.png", "inverse_displacement_itk.nii.gz", "inverse_warped.nii.gz", "inverse_warped_labels.nii.gz")
 
 
 @dataclass
@@ -29,6 +29,11 @@ class RegistrationResult:
     grid, [X, Y, Z, 3]; ``affine_matrix`` is the pre-alignment alone (fixed world -> moving world).
     ``save`` writes the field for ITK / ANTs / Slicer (LPS vectors) as ``displacement_itk.nii.gz``
     and the affine as ITK's ``affine.mat``.
+
+    The other direction (``unireg.inverse``): ``moving_points_to_fixed`` carries moving-space points
+    back, ``inverse_displacement`` is the inverse mapping on the moving grid and ``warp_to_moving``
+    puts fixed-space images and label maps (``fixed_labels``: the ones given to ``register``) onto
+    the moving grid; ``save(..., inverse=True)`` writes them too.
     """
     fixed: nib.Nifti1Image
     moving: nib.Nifti1Image
@@ -39,7 +44,9 @@ class RegistrationResult:
     warped_labels: nib.Nifti1Image | None = None
     metrics: dict = field(default_factory=dict)
     affine_matrix: np.ndarray = field(default_factory=lambda: np.eye(4))
+    fixed_labels: nib.Nifti1Image | None = None
     _warped: nib.Nifti1Image | None = field(default=None, repr=False)
+    _inverse: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def affine(self) -> np.ndarray:
@@ -71,25 +78,73 @@ class RegistrationResult:
         moved = points + disp
         return moved[0] if np.ndim(points_mm) == 1 else moved
 
-    def save(self, out_dir: str | Path, overwrite: bool = True) -> dict[str, Path]:
+    # ------------------------------------------------------------------------------ inverse
+    def moving_points_to_fixed(self, points_mm) -> np.ndarray:
+        """Moving-space points (world mm, RAS, [N, 3] or one point [3]) -> the fixed-space points that map onto
+        them (``warp_points`` undone: a lesion or landmark found in the moving scan, located in the fixed one)."""
+        from .inverse import invert_points
+        self._check_invertible()
+        points = _points_array(points_mm)
+        fixed_points, stats = invert_points(self.displacement, self.affine, self.affine_matrix, points)
+        _check_inverse(stats)
+        return fixed_points[0] if np.ndim(points_mm) == 1 else fixed_points
+
+    @property
+    def inverse_displacement(self) -> np.ndarray:
+        """The inverse mapping on the moving grid, [X, Y, Z, 3] float32 mm (RAS): moving voxel y corresponds to
+        fixed point ``y + inverse_displacement(y)``. Made on first use (``unireg.inverse.inverse_field``);
+        ``metrics["inverse"]`` says how it converged."""
+        if self._inverse is None:
+            from .inverse import inverse_field
+            self._check_invertible()
+            self._inverse, stats = inverse_field(self.displacement, self.affine, self.affine_matrix,
+                                                 self.moving.shape[:3], self.moving.affine)
+            _check_inverse(stats)
+            self.metrics["inverse"] = stats.as_dict()
+        return self._inverse
+
+    def _check_invertible(self) -> None:
+        """A folded field (det J <= 0 somewhere) maps several fixed points onto one moving point: no inverse."""
+        folded = float((self.jacobian or {}).get("nonpositive_jacobian_pct") or 0.0)
+        if folded > 0:
+            raise UserError(f"the registration's field folds at {folded:.3g} % of its voxels (det J <= 0), so it has no "
+                            f"inverse there; register with a larger smooth= (or instance optimisation) for one")
+
+    def warp_to_moving(self, image, labels: bool | None = None) -> nib.Nifti1Image:
+        """Carry an image or label map of the fixed scan's grid onto the moving grid (planning contours onto the
+        day's scan, an atlas's labels onto a subject) through ``inverse_displacement``."""
+        img = load_labels(image, self.fixed, "labels to warp") if labels else load_image(image, "image to warp", self.affine)
+        if labels is None and np.issubdtype(img.get_data_dtype(), np.integer):
+            labels = True
+        if img.shape[:3] != self.fixed.shape[:3] or not np.allclose(img.affine, self.affine, atol=1e-3):
+            raise InputError("the image to carry onto the moving grid must lie on the fixed image's grid")
+        moving_affine = self.moving.affine
+        return nib.Nifti1Image(warp_volume(img, self.inverse_displacement, moving_affine, labels=bool(labels)),
+                               moving_affine)
+
+    # ------------------------------------------------------------------------------ writing
+    def save(self, out_dir: str | Path, overwrite: bool = True, inverse: bool = False) -> dict[str, Path]:
         """Write every output into a fresh temporary folder beside ``out_dir``, then move it into place.
 
         A previous run's files never mix with this one's; readers never see a half-written folder.
-        With ``overwrite=False`` an existing non-empty ``out_dir`` is refused.
+        With ``overwrite=False`` an existing non-empty ``out_dir`` is refused. ``inverse=True`` adds the
+        inverse field on the moving grid (``inverse_displacement_itk.nii.gz``), the fixed scan carried
+        onto that grid (``inverse_warped.nii.gz``) and, when ``register`` was given them, the fixed
+        labels there (``inverse_warped_labels.nii.gz``).
         """
         out = Path(out_dir)
         check_output_dir(out, overwrite)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
         try:
-            names = self._write(tmp)
+            names = self._write(tmp, inverse)
             _replace_dir(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return {key: out / name for key, name in names.items()}
 
-    def _write(self, folder: Path) -> dict[str, str]:
+    def _write(self, folder: Path, inverse: bool = False) -> dict[str, str]:
         names = {"warped": "warped.nii.gz", "displacement": "displacement_itk.nii.gz", "affine": "affine.mat",
                  "metrics": "metrics.json", "overview": "overview.png"}
         save_nifti(np.asarray(self.warped.dataobj, dtype=np.float32), self.affine, folder / names["warped"])
@@ -98,6 +153,14 @@ class RegistrationResult:
         if self.warped_labels is not None:
             names["warped_labels"] = "warped_labels.nii.gz"
             nib.save(self.warped_labels, str(folder / names["warped_labels"]))
+        if inverse:
+            names.update(inverse_displacement="inverse_displacement_itk.nii.gz", inverse_warped="inverse_warped.nii.gz")
+            write_itk_displacement(self.inverse_displacement, self.moving.affine, folder / names["inverse_displacement"])
+            save_nifti(np.asarray(self.warp_to_moving(self.fixed, labels=False).dataobj, dtype=np.float32),
+                       self.moving.affine, folder / names["inverse_warped"])
+            if self.fixed_labels is not None:
+                names["inverse_warped_labels"] = "inverse_warped_labels.nii.gz"
+                nib.save(self.warp_to_moving(self.fixed_labels, labels=True), str(folder / names["inverse_warped_labels"]))
         (folder / names["metrics"]).write_text(json.dumps(json_safe(self.summary()), indent=2, allow_nan=False) + "\n")
         from .visualize import overview_png
         overview_png(self, folder / names["overview"])
@@ -111,6 +174,13 @@ class RegistrationResult:
     def moving_in_fixed_grid(self) -> np.ndarray:
         """The moving image resampled into the fixed grid without deformation (for comparisons)."""
         return warp_volume(self.moving, None, self.affine, shape=self.displacement.shape[:3])
+
+
+def _check_inverse(stats) -> None:
+    """A mapping that cannot be inverted (folded) is an error, not a silently wrong answer."""
+    if stats.unconverged:
+        raise UserError(f"the registration's mapping could not be inverted at {stats.unconverged} of {stats.points} "
+                        f"points (largest residual {stats.max_residual_mm:.2f} mm): the field folds there")
 
 
 def max_norm(field: np.ndarray, slab: int = 16) -> float:

@@ -1,4 +1,5 @@
-"""`unireg register`: one pair of scans -> warped scan, ITK field, affine, labels, metrics, overview."""
+"""`unireg register`: one pair of scans -> warped scan, ITK field, affine, labels, metrics, overview (and, with
+--inverse, the inverse field and the fixed scan and labels on the moving grid)."""
 from __future__ import annotations
 
 import json
@@ -32,6 +33,10 @@ def add_parser(subparsers) -> None:
                         "--moving-labels): for organs that move unlike their surroundings (another subject, "
                         "sliding organs); costs accuracy where the whole scan moves smoothly")
     p.add_argument("--adapter", help="few-shot adapter (.safetensors) made by `unireg adapt`")
+    p.add_argument("--inverse", action="store_true",
+                   help="also the other direction: the inverse field on the moving grid "
+                        "(inverse_displacement_itk.nii.gz), the fixed scan on it (inverse_warped.nii.gz) and, with "
+                        "--fixed-labels, the fixed labels on it (inverse_warped_labels.nii.gz)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -49,7 +54,7 @@ def run(args) -> int:
                                 fixed_labels=args.fixed_labels, refine=refine,
                                 align=args.align, similarity=args.similarity, focus=args.focus, adapter=args.adapter,
                                 progress=progress)
-    paths = result.save(out, overwrite=args.overwrite)
+    paths = result.save(out, overwrite=args.overwrite, inverse=args.inverse)
     from ..result import json_safe
     print(json.dumps(json_safe({"outputs": {k: str(v) for k, v in paths.items()}, **result.summary()}), indent=2))
     return 0

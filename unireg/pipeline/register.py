@@ -136,7 +136,7 @@ class RegistrationPipeline:
             field_mm = total_displacement(displacement, field_grid, pair.fixed, matrix)
             jacobian = jacobian_stats(displacement.cpu())
         result = RegistrationResult(fixed=pair.fixed, moving=pair.moving, displacement=field_mm, prompt=prompt,
-                                    jacobian=jacobian, seconds=0.0, affine_matrix=matrix)
+                                    jacobian=jacobian, seconds=0.0, affine_matrix=matrix, fixed_labels=pair.fixed_labels)
         if pair.moving_labels is not None:
             with _stage(stages, "labels"):
                 result.warped_labels, dice = _warp_labels(pair, field_mm, prompt)
