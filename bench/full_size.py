@@ -1,12 +1,13 @@
 """Seconds and peak memory per stage for a clinical-size pair (512x512x400 int16 by default).
 
-    python bench/full_size.py [--size 512 512 400] [--threads 2] [--out DIR] [--data DIR]
+    python bench/full_size.py [--size 512 512 400] [--threads 2] [--out DIR] [--data DIR] [--full] [--inverse]
 
 A CT-like pair (two phantom subjects rendered coarse and upsampled to ``--size`` at
 0.8 x 0.8 x 1.0 mm, int16 HU, uint8 labels, ``.nii.gz``) is generated once into ``--data`` in a
 child process, so its memory and time count nowhere. This process then loads the shipped
 model, runs ``register`` with the network alone (``refine=False, align="none"`` where
-``register`` has them; ``--full``: its defaults) and ``result.save``, and prints a table.
+``register`` has them; ``--full``: its defaults) and ``result.save`` (``--inverse``: with the inverse
+field and the fixed scan and labels on the moving grid), and prints a table.
 
 Stages are timed by wrapping the io / network / visualisation functions wherever the package
 imported them (outermost call wins, so the slices the overview warps count as "overview").
@@ -137,11 +138,11 @@ def _replace_everywhere(original, replacement) -> None:
 def instrument(meter: StageMeter, model) -> None:
     import nibabel as nib
 
-    from unireg import io, visualize
+    from unireg import inverse, io, visualize
     for fn, stage in ((io.load_image, "load"), (io.load_labels, "load"), (io.field_on_grid, "map field back"),
                       (io.save_nifti, "write warped.nii.gz"),
                       (io.write_itk_displacement, "write displacement_itk.nii.gz"),
-                      (visualize.overview_png, "overview.png")):
+                      (visualize.overview_png, "overview.png"), (inverse.inverse_field, "inverse field")):
         _replace_everywhere(fn, meter.wrap(fn, stage))
     warp_params = list(inspect.signature(io.warp_volume).parameters)
 
@@ -155,7 +156,7 @@ def instrument(meter: StageMeter, model) -> None:
     model.forward = meter.wrap(model.forward, "network")
 
 
-def measure(paths: dict[str, Path], out: Path, full_pipeline: bool = False) -> None:
+def measure(paths: dict[str, Path], out: Path, full_pipeline: bool = False, with_inverse: bool = False) -> None:
     import torch
 
     from unireg import UniReg
@@ -179,7 +180,7 @@ def measure(paths: dict[str, Path], out: Path, full_pipeline: bool = False) -> N
     meter._note_rise("(other) register")
     meter.outside = "(other) save"
     start, cpu = time.perf_counter(), time.process_time()
-    result.save(out)
+    result.save(out, inverse=with_inverse)
     save_s, save_cpu = time.perf_counter() - start, time.process_time() - cpu
     meter._note_rise("(other) save")
     meter.stop()
@@ -215,6 +216,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     parser.add_argument("--data", type=Path, default=None, help="folder for the generated pair (reused)")
     parser.add_argument("--full", action="store_true", help="the default pipeline instead of the network alone")
+    parser.add_argument("--inverse", action="store_true", help="save the inverse outputs too (register --inverse)")
     parser.add_argument("--out", type=Path, default=None, help="folder for result.save (default: a temporary one)")
     args = parser.parse_args()
     size = tuple(args.size)
@@ -225,7 +227,7 @@ def main() -> None:
         import torch
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        measure(paths, args.out or Path(tmp) / "out", args.full)
+        measure(paths, args.out or Path(tmp) / "out", args.full, args.inverse)
 
 
 if __name__ == "__main__":
