@@ -46,7 +46,7 @@ class RegistrationResult:
     affine_matrix: np.ndarray = field(default_factory=lambda: np.eye(4))
     fixed_labels: nib.Nifti1Image | None = None
     _warped: nib.Nifti1Image | None = field(default=None, repr=False)
-    _inverse: np.ndarray | None = field(default=None, repr=False)
+    _inverse: "np.ndarray | object | None" = field(default=None, repr=False)   # array or inverse.LatticeField
 
     @property
     def affine(self) -> np.ndarray:
@@ -94,6 +94,10 @@ class RegistrationResult:
         """The inverse mapping on the moving grid, [X, Y, Z, 3] float32 mm (RAS): moving voxel y corresponds to
         fixed point ``y + inverse_displacement(y)``. Made on first use (``unireg.inverse.inverse_field``);
         ``metrics["inverse"]`` says how it converged."""
+        return np.asarray(self._inverse_field())
+
+    def _inverse_field(self):
+        """The inverse as found (an array, or a ``LatticeField`` read block by block), solved once."""
         if self._inverse is None:
             from .inverse import inverse_field
             self._check_invertible()
@@ -119,7 +123,7 @@ class RegistrationResult:
         if img.shape[:3] != self.fixed.shape[:3] or not np.allclose(img.affine, self.affine, atol=1e-3):
             raise InputError("the image to carry onto the moving grid must lie on the fixed image's grid")
         moving_affine = self.moving.affine
-        return nib.Nifti1Image(warp_volume(img, self.inverse_displacement, moving_affine, labels=bool(labels)),
+        return nib.Nifti1Image(warp_volume(img, self._inverse_field(), moving_affine, labels=bool(labels)),
                                moving_affine)
 
     # ------------------------------------------------------------------------------ writing
@@ -160,7 +164,7 @@ class RegistrationResult:
             nib.save(self.warped_labels, str(folder / names["warped_labels"]))
         if inverse:
             names.update(inverse_displacement="inverse_displacement_itk.nii.gz", inverse_warped="inverse_warped.nii.gz")
-            write_itk_displacement(self.inverse_displacement, self.moving.affine, folder / names["inverse_displacement"])
+            write_itk_displacement(self._inverse_field(), self.moving.affine, folder / names["inverse_displacement"])
             save_nifti(np.asarray(self.warp_to_moving(self.fixed, labels=False).dataobj, dtype=np.float32),
                        self.moving.affine, folder / names["inverse_warped"])
             if self.fixed_labels is not None:
