@@ -113,14 +113,20 @@ def test_steering_summary_splits_the_seen_organs_by_registration_type(tmp_path):
     """A prompt that steers breathing pairs and not inter-subject ones shows as two numbers, not one mean."""
     from unireg.steering import summarise_steering, write_steering_report
 
-    def pair(reg_type, gain, organs=("liver", "pancreas", "gallbladder")):
+    def pair(reg_type, gain, organs=("liver", "pancreas", "gallbladder"), smooth=0.1):
         rows = {o: {"named": 0.7 + gain, "whole_body": 0.7, "identity": 0.6, "field_change_mm": 1.0} for o in organs}
-        return {"key": "k", "type": reg_type, "organs": rows, "sd_log_jacobian": {0.0: 0.2, 1.0: 0.1}}
-    summary = summarise_steering([pair("intra", 0.10), pair("intra", 0.06), pair("inter", 0.0, ("liver",))],
-                                 zero_shot=("gallbladder",))
-    assert summary["by_type"]["intra"] == {"pairs": 2, "organs": 2, "mean_specificity_seen": pytest.approx(0.08)}
-    assert summary["by_type"]["inter"] == {"pairs": 1, "organs": 1, "mean_specificity_seen": pytest.approx(0.0)}
+        return {"key": "k", "type": reg_type, "organs": rows, "sd_log_jacobian": {0.0: 0.2, 0.5: 0.15, 1.0: smooth}}
+    summary = summarise_steering([pair("intra", 0.10), pair("intra", 0.06, smooth=0.12),
+                                  pair("inter", 0.0, ("liver",), smooth=0.11)], zero_shot=("gallbladder",))
+    assert summary["by_type"]["intra"] == {"pairs": 2, "organs": 2, "mean_specificity_seen": pytest.approx(0.08),
+                                           "sdlogj_ratio_mean": pytest.approx(0.55), "sdlogj_ratio_max": pytest.approx(0.6),
+                                           "pairs_at_most_half": 1}
+    assert summary["by_type"]["inter"] == {"pairs": 1, "organs": 1, "mean_specificity_seen": pytest.approx(0.0),
+                                           "sdlogj_ratio_mean": pytest.approx(0.55), "sdlogj_ratio_max": pytest.approx(0.55),
+                                           "pairs_at_most_half": 0}
     assert summary["mean_specificity_seen"] == pytest.approx((0.16 / 3 + 0.08) / 2)   # liver over 3 pairs, pancreas 2
     assert summary["mean_specificity_zero_shot"] == pytest.approx(0.08)
     text = write_steering_report(summary, tmp_path)["markdown"].read_text()
     assert "Seen organs by registration type: inter +0.000 (1 pairs, 1 organs); intra +0.080 (2 pairs, 2 organs)" in text
+    assert ("SDlogJ at smooth=1 over smooth=0, pair by pair: inter mean 0.55 (largest 0.55), 0 of 1 pairs at most 0.5; "
+            "intra mean 0.55 (largest 0.60), 1 of 2 pairs at most 0.5") in text

@@ -86,11 +86,30 @@ def summarise_steering(pairs: list[dict], zero_shot=()) -> dict:
                 if organ not in zero_shot:
                     per.setdefault(organ, []).append(r["named"] - r["whole_body"])
         by_type[reg_type] = {"pairs": len(of_type), "organs": len(per),
-                             "mean_specificity_seen": float(np.mean([np.mean(v) for v in per.values()])) if per else None}
+                             "mean_specificity_seen": float(np.mean([np.mean(v) for v in per.values()])) if per else None,
+                             **_smoothness_per_pair(of_type)}
     return {"pairs": len(pairs), "organs": organs, "sd_log_jacobian": sdlogj,
             "mean_specificity_seen": mean_spec(False), "mean_specificity_zero_shot": mean_spec(True),
             "by_type": by_type,
             "smoothness_monotonic": all(a >= b for a, b in zip(list(sdlogj.values()), list(sdlogj.values())[1:]))}
+
+
+#: The issue's bar for ``smooth=``: the largest λ gives at most this share of the smallest λ's SDlogJ, pair by pair.
+SMOOTHNESS_RATIO_GOAL = 0.5
+
+
+def _smoothness_per_pair(pairs: list[dict]) -> dict:
+    """SDlogJ at the largest λ over SDlogJ at the smallest, pair by pair: the mean and largest ratio and how many
+    pairs reach ``SMOOTHNESS_RATIO_GOAL`` (a mean over pairs hides the pairs that do not)."""
+    ratios = []
+    for p in pairs:
+        sd = p["sd_log_jacobian"]
+        if len(sd) >= 2 and sd[min(sd)] > 0:
+            ratios.append(sd[max(sd)] / sd[min(sd)])
+    if not ratios:
+        return {}
+    return {"sdlogj_ratio_mean": float(np.mean(ratios)), "sdlogj_ratio_max": float(np.max(ratios)),
+            "pairs_at_most_half": int(sum(r <= SMOOTHNESS_RATIO_GOAL for r in ratios))}
 
 
 def write_steering_report(summary: dict, out_dir: "str | Path") -> dict[str, Path]:
@@ -115,6 +134,12 @@ def write_steering_report(summary: dict, out_dir: "str | Path") -> dict[str, Pat
               "|---|" + "---|" * len(summary["sd_log_jacobian"]),
               "| SDlogJ | " + " | ".join(f"{v:.4f}" for v in summary["sd_log_jacobian"].values()) + " |", "",
               f"SDlogJ falls monotonically with λ: {'yes' if summary['smoothness_monotonic'] else 'no'}"]
+    ratios = {t: b for t, b in summary.get("by_type", {}).items() if "sdlogj_ratio_mean" in b}
+    if ratios and summary["sd_log_jacobian"]:
+        lams = list(summary["sd_log_jacobian"])
+        lines += ["", f"SDlogJ at smooth={max(lams):g} over smooth={min(lams):g}, pair by pair: " + "; ".join(
+            f"{t} mean {b['sdlogj_ratio_mean']:.2f} (largest {b['sdlogj_ratio_max']:.2f}), {b['pairs_at_most_half']} of "
+            f"{b['pairs']} pairs at most {SMOOTHNESS_RATIO_GOAL:g}" for t, b in ratios.items())]
     paths["markdown"].write_text("\n".join(lines) + "\n")
     with open(paths["csv"], "w", newline="") as f:
         writer = csv.writer(f)
