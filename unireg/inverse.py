@@ -15,8 +15,9 @@ Each step removes the linear part of the residual exactly, so the iteration cont
 the deformation's own Jacobian stays within 1 of the identity; points still off target after
 ``FIXED_POINT_STEPS`` take Newton steps with the local Jacobian of ``T`` (central differences),
 which converge wherever the mapping is invertible. It stops when every point lands within
-``tol_mm`` of its target. A point it cannot bring there (a folded field) is counted, never
-silently kept.
+``tol_mm`` of its target. A point it cannot bring there is counted, never silently kept (and
+``RegistrationResult`` refuses to invert a field that folds anywhere: a folded mapping sends
+several fixed points onto one moving point).
 
 ``D`` is read by trilinear interpolation straight from the stored field (a channels-last view, no
 copy), so a full-size inverse holds the field once plus one chunk of points.
