@@ -35,7 +35,8 @@ FEWSHOT_TRAIN_START, FEWSHOT_HELD_OUT = 0, 10
 FILE_HEIGHT = 120     # example pair indices (disjoint subjects)
 INTRO = """### UniReg: prompted deformable registration of 3-D CT
 Pick an example pair or upload a fixed and a moving scan (NIfTI, optionally with label maps on their grids),
-say what to align, and register. Results are shown on the fixed grid; downloads work in ITK, ANTs and 3D Slicer."""
+say what to align, and register. Results are shown on the fixed grid; downloads work in ITK, ANTs and 3D Slicer,
+and include the other direction: the fixed labels carried onto the moving scan and the inverse field."""
 FEWSHOT_INTRO = """### Few-shot: teach UniReg a new structure from a few labelled pairs
 Only a small adapter is trained (a learned prompt embedding for the new structure); the model itself
 is untouched. Upload pairs as `<pair>_fixed.nii.gz`, `<pair>_moving.nii.gz`, `<pair>_fixed_labels.nii.gz`,
@@ -107,7 +108,8 @@ def build_app(model: str = DEFAULT_MODEL, max_upload_mb: float = 512.0, device: 
         files = reg.files
         return (metrics_markdown(reg.metrics()), reg.metrics(), views, *images, *sliders,
                 str(files["warped"]), str(files["displacement"]),
-                str(files["warped_labels"]) if "warped_labels" in files else None, str(files["metrics"]))
+                str(files["warped_labels"]) if "warped_labels" in files else None, str(files["metrics"]),
+                *(str(files[k]) if k in files else None for k in ("inverse_warped_labels", "inverse_displacement")))
 
     @user_errors
     def run_adapt(source, k, uploads, structure, type_label, prompt, steps, model_name, progress=gr.Progress()):
@@ -215,6 +217,11 @@ def build_app(model: str = DEFAULT_MODEL, max_upload_mb: float = 512.0, device: 
                 field_file = gr.File(label="ITK displacement field", height=FILE_HEIGHT, elem_id="field-download")
                 labels_file = gr.File(label="Warped labels", height=FILE_HEIGHT, elem_id="labels-download")
                 metrics_file = gr.File(label="metrics.json", height=FILE_HEIGHT, elem_id="metrics-download")
+            with gr.Row():   # the other direction: fixed-space contours onto the moving scan
+                inverse_labels_file = gr.File(label="Fixed labels on the moving scan", height=FILE_HEIGHT,
+                                              elem_id="inverse-labels-download")
+                inverse_field_file = gr.File(label="Inverse ITK field (moving grid)", height=FILE_HEIGHT,
+                                             elem_id="inverse-field-download")
             with gr.Accordion("Metrics (JSON)", open=False):
                 metrics_json = gr.JSON()
 
@@ -271,7 +278,7 @@ def build_app(model: str = DEFAULT_MODEL, max_upload_mb: float = 512.0, device: 
             trigger.change(compose_prompt, [reg_type, organs, custom_smooth, smooth], prompt, api_visibility="private")
         run.click(run_register, [fixed, moving, fixed_labels, moving_labels, prompt, pipeline, model_box, view, overlay],
                   [metrics_md, metrics_json, views_state, *images, *sliders, warped_file, field_file, labels_file,
-                   metrics_file], api_name="register", concurrency_limit=1)
+                   metrics_file, inverse_labels_file, inverse_field_file], api_name="register", concurrency_limit=1)
         for trigger in (view, overlay):
             trigger.change(render_all, [views_state, view, overlay, *sliders], images, api_visibility="private",
                            show_progress="hidden")

@@ -152,6 +152,15 @@ def test_register_example_with_composed_prompt(page, server, tmp_path):
     assert np.isfinite(values).all() and np.abs(values).max() > 0.5       # a real deformation, in mm
     labels = download(page, "labels-download", tmp_path)
     assert sitk.ReadImage(str(labels)).GetSize() == fixed.GetSize()
+    # the other direction: the fixed labels on the moving scan's grid, overlapping its own labels
+    carried = sitk.ReadImage(str(download(page, "inverse-labels-download", tmp_path)))
+    moving_labels = sitk.ReadImage(str(next(server["cache"].rglob("subject41_*_labels.nii.gz"))))
+    assert carried.GetSize() == moving_labels.GetSize()
+    assert np.allclose(carried.GetOrigin(), moving_labels.GetOrigin())
+    a, b = sitk.GetArrayFromImage(carried), sitk.GetArrayFromImage(moving_labels)
+    liver = 5                                                     # unireg.organs.ORGAN_TO_ID["liver"]
+    assert 2 * ((a == liver) & (b == liver)).sum() / ((a == liver).sum() + (b == liver).sum()) > 0.8
+    assert download(page, "inverse-field-download", tmp_path).name == "inverse_displacement_itk.nii.gz"
 
 
 def test_bad_upload_shows_an_error_and_the_app_keeps_working(page, tmp_path):
