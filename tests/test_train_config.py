@@ -65,6 +65,8 @@ def _write(tmp_path, data):
     ({"run": {"max_minutes": 0}}, "run.max_minutes must be > 0"),
     ({"model": {"controller_gain": -1.0}}, "model.controller_gain must be > 0"),
     ({"loss": {"lncc_eps": 0.0}}, "loss.lncc_eps must be > 0"),
+    ({"loss": {"smoothness_range": [10.0, 1.0]}}, r"loss.smoothness_range must be two weights \[low, high\]"),
+    ({"loss": {"smoothness_range": [0.1]}}, "loss.smoothness_range must be two weights"),
     ({"run": {"steps": "four"}}, r"run.steps: expected an integer, got 'four' \(str\)"),
     ({"run": {"eval_hd95": 1}}, "run.eval_hd95: expected true or false"),
     ({"run": {"task": "intra | lvr"}}, "run.task: unknown organ 'lvr'"),

@@ -32,9 +32,9 @@ def gradient_l2(field: torch.Tensor) -> torch.Tensor:
     return sum(terms) / 3.0
 
 
-def smoothness_weight(lam: torch.Tensor) -> torch.Tensor:
-    """λ in [0, 1] -> regulariser weight, log-linear over SMOOTHNESS_RANGE."""
-    lo, hi = SMOOTHNESS_RANGE
+def smoothness_weight(lam: torch.Tensor, weight_range=None) -> torch.Tensor:
+    """λ in [0, 1] -> regulariser weight, log-linear over ``weight_range`` (default SMOOTHNESS_RANGE)."""
+    lo, hi = SMOOTHNESS_RANGE if weight_range is None else weight_range
     return lo * (hi / lo) ** lam.clamp(0.0, 1.0)
 
 
@@ -53,13 +53,17 @@ class RegistrationLoss(nn.Module):
 
     def __init__(self, lncc_kernel: int = 9, similarity_weight: float = 1.0, dice_weight: float = 1.0,
                  smoothness_scale: float = 1.0, global_weight: float = 0.25, focus_dilation: int = 2,
-                 lncc_eps: float = LNCC_EPS):
+                 lncc_eps: float = LNCC_EPS, smoothness_range=SMOOTHNESS_RANGE):
         super().__init__()
         self.lncc_kernel, self.lncc_eps = lncc_kernel, lncc_eps
         self.dice = DiceLoss(reduction="none", smooth_nr=1e-5, smooth_dr=1e-5)
         self.similarity_weight = similarity_weight
         self.dice_weight = dice_weight
         self.smoothness_scale = smoothness_scale
+        lo, hi = (float(v) for v in smoothness_range)
+        if not 0 < lo < hi:
+            raise ValueError(f"loss.smoothness_range must be two weights 0 < low < high, got {list(smoothness_range)}")
+        self.smoothness_range = (lo, hi)
         self.global_weight = global_weight
         self.focus_dilation = focus_dilation
 
@@ -78,7 +82,8 @@ class RegistrationLoss(nn.Module):
             similarity = ((per_voxel * weight).flatten(1).sum(1) / weight.flatten(1).sum(1)).mean()
         else:
             similarity = per_voxel.mean()
-        smooth = (gradient_l2(velocity.float()) * smoothness_weight(smoothness.float()) * self.smoothness_scale).mean()
+        smooth = (gradient_l2(velocity.float()) * smoothness_weight(smoothness.float(), self.smoothness_range)
+                  * self.smoothness_scale).mean()
         total = self.similarity_weight * similarity + smooth
         out = {"similarity": similarity.detach(), "smoothness": smooth.detach()}
         if has_masks:

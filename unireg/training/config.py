@@ -63,6 +63,9 @@ class LossSection:
     similarity_weight: float = 1.0
     dice_weight: float = 1.0
     smoothness_scale: float = 1.0
+    # regulariser weight at λ = 0 and λ = 1 (times smoothness_scale), log-linear in between; the shipped
+    # tiny model's last stage widened the top to 30 so smooth=1 halves SDlogJ between subjects too
+    smoothness_range: list = field(default_factory=lambda: [0.1, 10.0])
     global_weight: float = 0.25          # similarity weight outside the named organs (1 + this inside)
     focus_dilation: int = 2              # voxels the named organs' mask grows by for the similarity focus
     lncc_eps: float = 1e-8               # LNCC stabiliser (unireg.similarity.LNCC_EPS explains the value)
@@ -173,6 +176,10 @@ class TrainConfig:
         for key in ("similarity_weight", "dice_weight", "smoothness_scale", "global_weight"):
             if getattr(loss, key) < 0:
                 raise ConfigError(f"loss.{key} must be >= 0, got {getattr(loss, key)}")
+        weights = loss.smoothness_range
+        if not (isinstance(weights, (list, tuple)) and len(weights) == 2
+                and all(isinstance(v, (int, float)) for v in weights) and 0 < weights[0] < weights[1]):
+            raise ConfigError(f"loss.smoothness_range must be two weights [low, high] with 0 < low < high, got {weights}")
         for key in ("steps", "log_every", "checkpoint_every", "keep_last", "eval_pairs"):
             if getattr(r, key) < 1:
                 raise ConfigError(f"run.{key} must be >= 1, got {getattr(r, key)}")
