@@ -101,6 +101,18 @@ def test_smoothness_weight_spans_two_orders_of_magnitude_monotonically():
     assert torch.all(w[1:] > w[:-1]) and w[-1] / w[0] >= 100
 
 
+def test_a_wider_smoothness_range_stiffens_smooth_1_and_leaves_smooth_0():
+    """loss.smoothness_range (the shipped model's stage 5: [0.1, 30]) sets the regulariser's weight at both ends."""
+    image, velocity = torch.rand(2, 1, 16, 16, 16), torch.randn(2, 3, 8, 8, 8)
+    lam = torch.tensor([0.0, 1.0])
+    terms = [RegistrationLoss(lncc_kernel=5, smoothness_range=r)(image, image, velocity, lam[i:i + 1].repeat(2))
+             ["smoothness"] for r in ((0.1, 10.0), (0.1, 30.0)) for i in (0, 1)]
+    at0_default, at1_default, at0_wide, at1_wide = (float(t) for t in terms)
+    assert at0_wide == pytest.approx(at0_default) and at1_wide == pytest.approx(3 * at1_default)
+    with pytest.raises(ValueError, match="smoothness_range must be two weights"):
+        RegistrationLoss(smoothness_range=(1.0, 0.5))
+
+
 @pytest.mark.slow
 def test_tiny_model_learns_to_follow_the_prompt():
     """Trained a few hundred steps on pairs whose two organs move in opposite directions, the model
