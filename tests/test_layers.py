@@ -9,7 +9,7 @@ LAYERS = [  # lowest first; a module may import its own layer and the ones below
     ("base", ["errors", "organs", "organ_presence", "config", "preprocessing", "prompt", "hub", "io", "metrics",
               "similarity", "losses", "sampling", "memory"]),
     ("network", ["modeling"]),
-    ("pipeline", ["pipeline", "result", "visualize", "adapter"]),
+    ("pipeline", ["pipeline", "result", "inverse", "visualize", "adapter"]),
     ("api", ["api", "data", "evaluation", "steering", "demo"]),
     ("training", ["training", "adapt"]),
     ("cli", ["cli"]),
