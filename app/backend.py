@@ -183,7 +183,7 @@ def register_pair(model, fixed, moving, fixed_labels=None, moving_labels=None, p
 def invertible(result) -> bool:
     """The downloads include the inverse (the fixed labels on the moving scan, the inverse field) unless the field
     folds somewhere (then it has none; the registration's own outputs are written as always)."""
-    return hasattr(result, "moving_points_to_fixed") and not result.jacobian.get("nonpositive_jacobian_pct")
+    return not result.jacobian.get("nonpositive_jacobian_pct")
 
 
 # ------------------------------------------------------------------------------------------ adapt
