@@ -5,8 +5,8 @@ towards the named organs (a dilated mask of them plus a smaller global weight), 
 named organs carries a weight that makes them win over the rest of the image, and the
 whole-body prompt keeps the global objective (every organ's Dice, uniform similarity). The
 smoothness weight is a per-sample condition (HyperMorph-style): λ ∈ [0, 1] maps log-linearly
-onto ``smoothness_scale · [SMOOTHNESS_RANGE]`` so ``smooth=`` changes regularity monotonically over
-two orders of magnitude. MONAI provides soft Dice; LNCC is the box-filtered one instance optimisation
+onto ``smoothness_scale · [SMOOTHNESS_RANGE]`` (or a config's ``loss.smoothness_range``) so ``smooth=``
+changes regularity monotonically over two orders of magnitude or more. MONAI provides soft Dice; LNCC is the box-filtered one instance optimisation
 uses (``unireg.similarity.lncc_map``): MONAI's has no clamp, and at the small stabiliser
 soft tissue needs its float32 cancellation gave losses of -9 where [-1, 0] is the range.
 """
