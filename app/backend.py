@@ -176,14 +176,10 @@ def register_pair(model, fixed, moving, fixed_labels=None, moving_labels=None, p
                                 fixed_labels=fixed_lab, **kwargs)
     files = {}
     if out_dir is not None:
-        files = {k: Path(v) for k, v in result.save(out_dir, inverse=invertible(result)).items()}
+        # The downloads include the inverse (the fixed labels on the moving scan, the inverse field) unless the
+        # field folds somewhere (then it has none; the registration's own outputs are written as always).
+        files = {k: Path(v) for k, v in result.save(out_dir, inverse=result.invertible).items()}
     return Registration(result, files, fixed_lab, moving_lab)
-
-
-def invertible(result) -> bool:
-    """The downloads include the inverse (the fixed labels on the moving scan, the inverse field) unless the field
-    folds somewhere (then it has none; the registration's own outputs are written as always)."""
-    return not result.jacobian.get("nonpositive_jacobian_pct")
 
 
 # ------------------------------------------------------------------------------------------ adapt

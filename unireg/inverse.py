@@ -72,9 +72,9 @@ class InverseMapping:
         self.voxel_offset = torch.from_numpy(world_to_voxel[:3, 3].astype(np.float32))
         matrix = np.eye(4) if matrix is None else np.asarray(matrix, dtype=np.float64)
         inverse = np.linalg.inv(matrix)
-        self.start_linear = torch.from_numpy(inverse[:3, :3].T.astype(np.float32))
-        self.start_offset = torch.from_numpy(inverse[:3, 3].astype(np.float32))
-        self.precondition = self.start_linear                                  # A^-1, as a right factor
+        # M^-1 as a right factor and an offset: the start x = M^-1 y, and its linear part A^-1 preconditions
+        self.undo_linear = torch.from_numpy(inverse[:3, :3].T.astype(np.float32))
+        self.undo_offset = torch.from_numpy(inverse[:3, 3].astype(np.float32))
         self.half_voxel = torch.from_numpy((0.5 * np.linalg.norm(affine[:3, :3], axis=0)).astype(np.float32))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -95,7 +95,7 @@ class InverseMapping:
         """Moving world points [N,3] -> (fixed world points [N,3], residual mm [N], steps taken)."""
         y = points_mm.float()
         with torch.no_grad():
-            x = y @ self.start_linear + self.start_offset
+            x = y @ self.undo_linear + self.undo_offset
             residual = torch.zeros(len(y))
             active = torch.arange(len(y))
             steps = 0
@@ -108,7 +108,7 @@ class InverseMapping:
                 if len(active) == 0:
                     break
                 if steps <= FIXED_POINT_STEPS:
-                    x[active] += error @ self.precondition
+                    x[active] += error @ self.undo_linear
                 else:
                     x[active] = self._newton_step(x[active], y[active], error)
             if len(active):                                  # the residual of where they were left
@@ -119,7 +119,7 @@ class InverseMapping:
         """x + J^-1 (y - T(x)), halved (up to four times) where the full step would not lower the error."""
         jac = self.jacobian(x)
         solvable = torch.linalg.det(jac).abs() > 1e-6
-        step = error @ self.precondition                              # the plain step where J is singular
+        step = error @ self.undo_linear                               # the plain step where J is singular
         if bool(solvable.any()):
             step[solvable] = torch.linalg.solve(jac[solvable], error[solvable].unsqueeze(-1)).squeeze(-1)
         before = error.norm(dim=1)

@@ -60,12 +60,8 @@ class RegistrationResult:
 
     def warp(self, image, labels: bool | None = None) -> nib.Nifti1Image:
         """Warp another image or label map of the moving scan's grid into the fixed grid."""
-        img = load_labels(image, self.moving, "labels to warp") if labels else load_image(image, "image to warp", self.moving.affine)
-        if labels is None and np.issubdtype(img.get_data_dtype(), np.integer):
-            labels = True
-        if img.shape[:3] != self.moving.shape[:3] or not np.allclose(img.affine, self.moving.affine, atol=1e-3):
-            raise InputError("the image to warp must lie on the moving image's grid")
-        return nib.Nifti1Image(warp_volume(img, self.displacement, self.affine, labels=bool(labels)), self.affine)
+        img, labels = _load_on(image, labels, self.moving, "the image to warp must lie on the moving image's grid")
+        return nib.Nifti1Image(warp_volume(img, self.displacement, self.affine, labels=labels), self.affine)
 
     def warp_points(self, points_mm) -> np.ndarray:
         """Fixed-space points (world mm, RAS, [N, 3] or one point [3]) -> moving-space points."""
@@ -108,24 +104,24 @@ class RegistrationResult:
             self.metrics["inverse"] = stats.as_dict()
         return self._inverse
 
+    @property
+    def invertible(self) -> bool:
+        """False when the field folds (det J <= 0 somewhere): it maps several fixed points onto one moving point."""
+        return not float((self.jacobian or {}).get("nonpositive_jacobian_pct") or 0.0) > 0
+
     def _check_invertible(self) -> None:
-        """A folded field (det J <= 0 somewhere) maps several fixed points onto one moving point: no inverse."""
-        folded = float((self.jacobian or {}).get("nonpositive_jacobian_pct") or 0.0)
-        if folded > 0:
+        if not self.invertible:
+            folded = float(self.jacobian["nonpositive_jacobian_pct"])
             raise UserError(f"the registration's field folds at {folded:.3g} % of its voxels (det J <= 0), so it has no "
                             f"inverse there; register with a larger smooth= (or instance optimisation) for one")
 
     def warp_to_moving(self, image, labels: bool | None = None) -> nib.Nifti1Image:
         """Carry an image or label map of the fixed scan's grid onto the moving grid (planning contours onto the
         day's scan, an atlas's labels onto a subject) through ``inverse_displacement``."""
-        img = load_labels(image, self.fixed, "labels to warp") if labels else load_image(image, "image to warp", self.affine)
-        if labels is None and np.issubdtype(img.get_data_dtype(), np.integer):
-            labels = True
-        if img.shape[:3] != self.fixed.shape[:3] or not np.allclose(img.affine, self.affine, atol=1e-3):
-            raise InputError("the image to carry onto the moving grid must lie on the fixed image's grid")
+        img, labels = _load_on(image, labels, self.fixed,
+                               "the image to carry onto the moving grid must lie on the fixed image's grid")
         moving_affine = self.moving.affine
-        return nib.Nifti1Image(warp_volume(img, self._inverse_field(), moving_affine, labels=bool(labels)),
-                               moving_affine)
+        return nib.Nifti1Image(warp_volume(img, self._inverse_field(), moving_affine, labels=labels), moving_affine)
 
     # ------------------------------------------------------------------------------ writing
     def save(self, out_dir: str | Path, overwrite: bool = True, inverse: bool = False) -> dict[str, Path]:
@@ -184,6 +180,16 @@ class RegistrationResult:
     def moving_in_fixed_grid(self) -> np.ndarray:
         """The moving image resampled into the fixed grid without deformation (for comparisons)."""
         return warp_volume(self.moving, None, self.affine, shape=self.displacement.shape[:3])
+
+
+def _load_on(image, labels: bool | None, grid: nib.Nifti1Image, off_grid: str) -> tuple[nib.Nifti1Image, bool]:
+    """An image or label map (integer types count as labels unless ``labels`` says) that must lie on ``grid``."""
+    img = load_labels(image, grid, "labels to warp") if labels else load_image(image, "image to warp", grid.affine)
+    if labels is None and np.issubdtype(img.get_data_dtype(), np.integer):
+        labels = True
+    if img.shape[:3] != grid.shape[:3] or not np.allclose(img.affine, grid.affine, atol=1e-3):
+        raise InputError(off_grid)
+    return img, bool(labels)
 
 
 def _check_inverse(stats) -> None:
