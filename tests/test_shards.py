@@ -142,6 +142,52 @@ def test_identity_pairs_make_moving_the_fixed_scan(shards):
     assert not any(bool((b["moving"] == b["fixed"]).all()) for b in plain)
 
 
+def _centroid(mask) -> np.ndarray:
+    return np.argwhere(np.asarray(mask)).mean(0)
+
+
+def test_rigid_motion_moves_the_moving_scan_and_its_labels_together():
+    """A shift moves image and labels by the same vector, within the peak; a rotation keeps an object's
+    size and its distance from the rotation centre; the fixed scan is never touched."""
+    from unireg.data import RigidMotion
+    grid = np.indices((32, 32, 32)).transpose(1, 2, 3, 0)
+    box = np.all(np.abs(grid - [12, 16, 18]) <= [5, 3, 2], axis=-1)             # an off-centre, asymmetric block
+    hu = np.where(box, 300, -1000).astype(np.int16)
+    arrays = {"fixed": hu.copy(), "moving": hu.copy(), "fixed_seg": box.astype(np.uint8),
+              "moving_seg": box.astype(np.uint8)}
+    shifts = []
+    for seed in range(6):
+        out = RigidMotion(1.0, rotation_deg=0.0, translation_mm=12.0).apply(arrays, 4.0, np.random.default_rng(seed))
+        assert np.array_equal(out["fixed"], arrays["fixed"]) and np.array_equal(out["fixed_seg"], arrays["fixed_seg"])
+        moved_labels = _centroid(out["moving_seg"] > 0) - _centroid(box)
+        moved_image = _centroid(out["moving"] > -350) - _centroid(box)
+        assert np.linalg.norm(moved_labels - moved_image) <= 0.75          # labels: nearest voxel, image: trilinear
+        assert np.linalg.norm(moved_image) <= 12.0 / 4.0 + 0.25
+        shifts.append(np.linalg.norm(moved_image))
+    assert max(shifts) > 1.0                                               # not a no-op
+    turned = RigidMotion(1.0, rotation_deg=90.0, translation_mm=0.0, centre_jitter=0.0).apply(
+        arrays, 4.0, np.random.default_rng(3))
+    seg = turned["moving_seg"] > 0
+    assert abs(int(seg.sum()) - int(box.sum())) <= 0.1 * box.sum()
+    assert not np.array_equal(seg, box)
+    centre = np.full(3, 15.5)
+    assert np.linalg.norm(_centroid(seg) - centre) == pytest.approx(np.linalg.norm(_centroid(box) - centre), abs=0.6)
+
+
+def test_rigid_motion_off_leaves_the_training_stream_as_it_was(shards):
+    """``rigid_motion_prob`` 0 draws nothing: every pair, prompt and λ is the one a run without it sees."""
+    from unireg.data import RigidMotion, prepare_pair
+    out, _ = shards
+    for sample in iterate_pairs(sorted(str(p) for p in out.glob("*.tar"))):
+        plain = prepare_pair(sample, None, 0, 1, True, (0.0, 1.0), True, spec=SPEC)
+        off = prepare_pair(sample, None, 0, 1, True, (0.0, 1.0), True, spec=SPEC, rigid_motion=RigidMotion(0.0))
+        moved = prepare_pair(sample, None, 0, 1, True, (0.0, 1.0), True, spec=SPEC, rigid_motion=RigidMotion(1.0))
+        for k in ("fixed", "moving", "fixed_seg", "moving_seg"):
+            assert torch.equal(plain[k], off[k]), k
+        assert plain["prompt"] == off["prompt"] and torch.equal(plain["fixed_seg"], moved["fixed_seg"])
+        assert not torch.equal(plain["moving"], moved["moving"])
+
+
 def test_phantom_folder_feeds_shards_with_the_same_pairs(tmp_path):
     """`prepare phantom` writes a pairs.json that `prepare shards --from-pairs` reads, splits and all."""
     from data_tools.phantom import make_intra_pair, make_subject, phase_seed, subject_seed, write_phantom_dataset

@@ -52,6 +52,8 @@ class DataSection:
     smoothness: list | None = field(default_factory=lambda: [0.0, 1.0])
     augment: bool = True
     identity_prob: float = 0.0           # share of pairs turned into (fixed, fixed): teaches 'no motion -> no field'
+    rigid_motion_prob: float = 0.0       # share of pairs whose moving scan is also moved rigidly (repositioning)
+    rigid_motion: list = field(default_factory=lambda: [5.0, 10.0])   # its peak rotation (deg) and shift (mm)
     whole_body_prob: float = 0.25        # share of prompts naming no organ (the global objective)
     group_prob: float = 0.35             # share of organ prompts naming 2-3 organs instead of one
     zero_shot_organs: list = field(default_factory=list)  # never named in training; eval measures them by text alone
@@ -171,6 +173,13 @@ class TrainConfig:
             raise ConfigError(f"loss.focus_dilation must be >= 0, got {loss.focus_dilation}")
         if not 0 <= d.identity_prob < 1:
             raise ConfigError(f"data.identity_prob must be in [0, 1), got {d.identity_prob}")
+        if not 0 <= d.rigid_motion_prob <= 1:
+            raise ConfigError(f"data.rigid_motion_prob must be in [0, 1], got {d.rigid_motion_prob}")
+        motion = d.rigid_motion
+        if not (isinstance(motion, (list, tuple)) and len(motion) == 2
+                and all(isinstance(v, (int, float)) and v >= 0 for v in motion)):
+            raise ConfigError(f"data.rigid_motion must be [peak rotation in degrees, peak shift in mm], both >= 0, "
+                              f"got {motion}")
         if loss.lncc_kernel < 3 or loss.lncc_kernel % 2 == 0:
             raise ConfigError(f"loss.lncc_kernel must be an odd number >= 3, got {loss.lncc_kernel}")
         for key in ("similarity_weight", "dice_weight", "smoothness_scale", "global_weight"):

@@ -116,7 +116,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------ data
     def _loader(self, epoch: int):
-        from ..data import PromptSampling, make_loader
+        from ..data import PromptSampling, RigidMotion, make_loader
         d = self.config.data
         return make_loader(self.train_urls, batch_size=self.batch_size,
                            patch_size=tuple(d.patch_size) if d.patch_size else None, seed=self.run.seed,
@@ -124,7 +124,8 @@ class Trainer:
                            prompt_sampling=PromptSampling(d.prompt_sampling, d.whole_body_prob, d.group_prob,
                                                           zero_shot=tuple(d.zero_shot_organs)),
                            smoothness=tuple(d.smoothness) if d.smoothness else None, augment=d.augment,
-                           identity_prob=d.identity_prob, spec=self.model.config.preprocessing)
+                           identity_prob=d.identity_prob, spec=self.model.config.preprocessing,
+                           rigid_motion=RigidMotion(d.rigid_motion_prob, *d.rigid_motion))
 
     def _batches(self):
         """Endless (epoch, batch) stream, starting where the last run stopped."""
