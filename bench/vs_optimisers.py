@@ -23,6 +23,7 @@ Cases (see ``known_deformation`` for how the truth is made and ``real_ct`` for t
 * ``chest_crop``: the moving scan covers the central 70 % cranio-caudally (partial field of view);
 * ``chest_large``: a larger rigid offset, 10 deg + 15 mm (plus the 7 mm field);
 * ``chest_still``: the patient did not move: the 7 mm field alone, no rigid part;
+* ``chest_rigid``: the rigid 3 deg + 4 mm alone, no field (what a network that never saw repositioning misses);
 * ``abdomen_native``: a real abdomen-pelvis CT at its 3 mm, with 61 labelled structures.
 
 The real scans are TotalSegmentator 2.18.0's test CTs (PyPI source distribution, Apache-2.0,
@@ -119,6 +120,7 @@ CASES = {
     "chest_crop": lambda seed, n: real_pair("chest_crop", "chest", seed, n, crop=((0, 1), (0, 1), (0.15, 0.85))),
     "chest_large": lambda seed, n: real_pair("chest_large", "chest", seed, n, rotation_deg=10.0, translation_mm=15.0),
     "chest_still": lambda seed, n: real_pair("chest_still", "chest", seed, n, rotation_deg=0.0, translation_mm=0.0),
+    "chest_rigid": lambda seed, n: real_pair("chest_rigid", "chest", seed, n, field_mm=0.0),
     "abdomen_native": lambda seed, n: real_pair("abdomen_native", "abdomen", seed, n, spacing_mm=None),
 }
 QUICK_CASES = ("phantom_inter", "phantom_intra", "chest_2mm")
