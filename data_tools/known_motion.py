@@ -27,8 +27,8 @@ from typing import Iterator
 import nibabel as nib
 import numpy as np
 import torch
-from scipy.spatial.transform import Rotation
 
+from unireg.data import random_rigid
 from unireg.io import ijk_to_tensor_order
 from unireg.organ_presence import organs_in_both
 from unireg.preprocessing import HU_OUTSIDE, to_stored_hu
@@ -69,19 +69,15 @@ def known_motion_pair(hu: np.ndarray, labels: np.ndarray | None, spacing, seed: 
                              replace(SynthConfig(), max_displacement_mm=cfg.field_mm,
                                      deformation_scale_mm=cfg.field_scale_mm))       # [3, D, H, W] voxels
 
-    axis = rng.normal(size=3)
-    rotation = Rotation.from_rotvec(np.deg2rad(rng.uniform(0, cfg.rotation_deg)) * axis / np.linalg.norm(axis))
-    direction = rng.normal(size=3)
-    translation = rng.uniform(0, cfg.translation_mm) * direction / np.linalg.norm(direction)
-    extent = (np.array(shape) - 1) * spacing
-    centre = extent / 2 + rng.uniform(-cfg.centre_jitter, cfg.centre_jitter, 3) * extent
+    rotation, translation, centre = random_rigid(rng, cfg.rotation_deg, cfg.translation_mm,
+                                                 (np.array(shape) - 1) * spacing, cfg.centre_jitter)   # mm
 
     def mm(vector):
         return torch.tensor(vector, dtype=torch.float32).view(3, 1, 1, 1)
 
     identity = _identity(shape)
     bent = (identity + smooth) * mm(spacing) - mm(centre)
-    matrix = torch.tensor(rotation.as_matrix(), dtype=torch.float32)
+    matrix = torch.tensor(rotation, dtype=torch.float32)
     coords = (torch.einsum("ij,jdhw->idhw", matrix, bent) + mm(centre + translation)) / mm(spacing)  # phi, voxels
     displacement = coords - identity
 

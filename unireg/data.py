@@ -187,6 +187,21 @@ class PromptSampling:
         return sorted(rng.choice(candidates, size=k, replace=False).tolist(), key=candidates.index)
 
 
+def random_rigid(rng: np.random.Generator, rotation_deg: float, shift: float, extent, centre_jitter: float):
+    """A random rigid motion: a rotation matrix R of up to ``rotation_deg`` about a random axis, a shift t of up to
+    ``shift`` in a random direction and the rotation's centre c, ``extent`` / 2 +- ``centre_jitter`` x ``extent``
+    (t, c and ``extent`` in one unit: mm or voxels). Shared by training's :class:`RigidMotion` and the
+    known-motion pairs of ``data_tools.known_motion`` (whose pairs depend on this draw order)."""
+    from scipy.spatial.transform import Rotation
+    axis = rng.normal(size=3)
+    rotation = Rotation.from_rotvec(np.deg2rad(rng.uniform(0, rotation_deg)) * axis / np.linalg.norm(axis))
+    direction = rng.normal(size=3)
+    translation = rng.uniform(0, shift) * direction / np.linalg.norm(direction)
+    extent = np.asarray(extent, dtype=np.float64)
+    centre = extent / 2 + rng.uniform(-centre_jitter, centre_jitter, 3) * extent
+    return rotation.as_matrix(), translation, centre
+
+
 @dataclass(frozen=True)
 class RigidMotion:
     """Patient repositioning between a pair's two scans, added in training: with probability ``prob`` the
@@ -209,15 +224,9 @@ class RigidMotion:
         if not self.prob or rng.random() >= self.prob:
             return arrays
         from scipy.ndimage import affine_transform
-        from scipy.spatial.transform import Rotation
-
-        def unit():
-            v = rng.normal(size=3)
-            return v / max(float(np.linalg.norm(v)), 1e-8)
-        rotation = Rotation.from_rotvec(np.deg2rad(rng.uniform(0, self.rotation_deg)) * unit()).as_matrix()
-        shift = unit() * rng.uniform(0, self.translation_mm) / float(spacing_mm)     # voxels
-        shape = np.array(arrays["moving"].shape, dtype=np.float64)
-        centre = (shape - 1) / 2 + rng.uniform(-self.centre_jitter, self.centre_jitter, 3) * shape
+        extent = np.array(arrays["moving"].shape, dtype=np.float64) - 1                  # voxels
+        rotation, shift, centre = random_rigid(rng, self.rotation_deg, self.translation_mm / float(spacing_mm),
+                                               extent, self.centre_jitter)
         offset = centre - rotation @ centre + shift          # moved(x) = moving(R x + offset)
         out = dict(arrays)
         out["moving"] = affine_transform(arrays["moving"].astype(np.float32), rotation, offset, order=1,
