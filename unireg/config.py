@@ -45,6 +45,9 @@ class UniRegConfig:
     # Gain of the condition-dependent part of the generated kernels; None: 1 / controller_hidden
     # (the first models). See unireg.modeling.controller for why it matters to steering.
     controller_gain: float | None = None
+    # A global affine, fitted at the coarsest level before the dynamic heads (unireg.modeling.affine_head):
+    # repositioning is then not drawn into the prompt-steered velocity. Off in the first models.
+    affine_head: bool = False
     # Transform.
     integration_steps: int = 7
     # Preprocessing (see ``preprocessing``): the fixed image's field of view resampled to isotropic

@@ -2,8 +2,10 @@
 
     fixed, moving [B,1,D,H,W] in [0,1]
       -> SAM slice backbone (shared) + 3-D stem (shared)
+      -> (optional) a global affine fitted to keypoints of each scan's coarsest features; the moving features move by it
       -> coarse-to-fine fusion levels, each with a controller-generated dynamic head
-      -> stationary velocity at the finest level -> scaling and squaring -> displacement
+      -> stationary velocity at the finest level -> scaling and squaring -> deformation
+      -> displacement = the deformation, then the affine
 
 All fields are in voxels of the input grid, channels in (d, h, w) order. Weights follow the
 Hugging Face layout (``from_pretrained`` / ``save_pretrained``: config.json + model.safetensors +
@@ -24,6 +26,8 @@ from ..hub import (CONFIG_NAME, PROMPT_CACHE_NAME, WEIGHTS_NAME, read_config_dic
                    resolve_model_dir)
 from ..organs import ORGANS, organ_phrase
 from ..prompt import Prompt, parse_prompt
+from . import affine_head
+from .affine_head import AffineHead
 from .backbone import SliceBackbone
 from .condition import ConditionEncoder
 from .controller import Controller
@@ -39,7 +43,11 @@ CORRELATION_CHANNELS = 27  # local_correlation with radius 1
 @dataclass
 class FieldOutput:
     velocity: torch.Tensor       # [B,3,...] at the finest level, voxels of that level
-    displacement: torch.Tensor   # [B,3,D,H,W] voxels of the input grid
+    displacement: torch.Tensor   # [B,3,D,H,W] voxels of the input grid: the whole mapping
+    #: with an affine head: the affine [B,3,4] (normalised coordinates, unireg.modeling.affine_head) and the
+    #: deformation exp(velocity) [B,3,D,H,W] that acts before it; without one, None and ``displacement``
+    affine: torch.Tensor | None = None
+    deformation: torch.Tensor | None = None
 
 
 class UniRegModel(nn.Module):
@@ -60,6 +68,7 @@ class UniRegModel(nn.Module):
             previous = channels
         self.levels = nn.ModuleList(levels)
         self.controllers = nn.ModuleList(controllers)
+        self.affine = AffineHead(self._affine_channels()) if config.affine_head else None
         self.integrate = VelocityIntegrator(config.integration_steps)
         self.transformer = SpatialTransformer()
 
@@ -109,6 +118,17 @@ class UniRegModel(nn.Module):
         save_file({k: v.contiguous() for k, v in self.embedder.cache.items()}, str(folder / PROMPT_CACHE_NAME))
         return folder
 
+    def add_affine_head(self) -> None:
+        """Give a model without one a (zero-initialised, so output-preserving) affine head to fine-tune."""
+        if self.affine is None:
+            ref = next(self.levels[0].parameters())
+            self.affine = AffineHead(self._affine_channels()).to(device=ref.device, dtype=ref.dtype)
+            self.config.affine_head = True
+
+    def _affine_channels(self) -> int:
+        """The affine head reads the coarsest stem features and the SAM features of each scan."""
+        return self.stem.channels[self.config.level_strides[0]] + self.config.vit_out_chans
+
     def load_sam_checkpoint(self, path: "str | Path"):
         """Initialise the backbone from an official SAM file (``sam_vit_b_01ec64.pth`` etc.)."""
         from .sam_checkpoint import load_sam_image_encoder
@@ -128,23 +148,38 @@ class UniRegModel(nn.Module):
         sam_fixed, sam_moving = self.backbone(both).chunk(2)
         stem = {s: f.chunk(2) for s, f in zip(self.stem.strides, self.stem(both))}
 
+        affine = None
+        if self.affine is not None:   # the global part first; the moving features move by it
+            stem_fixed, stem_moving = stem[self.config.level_strides[0]]
+            affine = self.affine(torch.cat([stem_fixed, sam_fixed], 1), torch.cat([stem_moving, sam_moving], 1))
+            stem[self.config.level_strides[0]] = (stem_fixed, self.transformer(
+                stem_moving, affine_head.displacement(affine, stem_moving.shape[2:])))
+            sam_moving = self.transformer(sam_moving, affine_head.displacement(affine, sam_moving.shape[2:]))
+
         velocity, features = None, None
         for level, stride in enumerate(self.config.level_strides):
             stem_fixed, stem_moving = stem[stride]
-            if velocity is None:  # coarsest level: nothing to warp yet
+            if velocity is None:  # coarsest level: nothing to warp yet (but by the affine)
                 velocity = stem_fixed.new_zeros(batch, 3, *stem_fixed.shape[2:])
                 features = self.levels[level](stem_fixed, stem_moving, local_correlation(stem_fixed, stem_moving),
                                               sam_fixed, sam_moving)
             else:
                 velocity = resize_field(velocity, stem_fixed.shape[2:])
-                warped = self.transformer(stem_moving, self.integrate(velocity))
+                warped = self.transformer(stem_moving, self._mapping(affine, self.integrate(velocity)))
                 coarser = F.interpolate(features, size=stem_fixed.shape[2:], mode="trilinear", align_corners=False)
                 features = self.levels[level](stem_fixed, warped, local_correlation(stem_fixed, warped), coarser)
             params = self.controllers[level](condition, features)
             velocity = velocity + self.heads[level](features, params)
 
-        displacement = resize_field(self.integrate(velocity), fixed.shape[2:])
-        return FieldOutput(velocity=velocity, displacement=displacement)
+        deformation = resize_field(self.integrate(velocity), fixed.shape[2:])
+        if affine is None:
+            return FieldOutput(velocity=velocity, displacement=deformation)
+        return FieldOutput(velocity=velocity, displacement=self._mapping(affine, deformation), affine=affine,
+                           deformation=deformation)
+
+    @staticmethod
+    def _mapping(affine: torch.Tensor | None, deformation: torch.Tensor) -> torch.Tensor:
+        return deformation if affine is None else affine_head.compose(affine, deformation)
 
     def warp(self, image: torch.Tensor, displacement: torch.Tensor, nearest: bool = False) -> torch.Tensor:
         return self.transformer(image, displacement, nearest=nearest)

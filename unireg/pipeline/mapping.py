@@ -21,3 +21,13 @@ def total_displacement(displacement: torch.Tensor, grid: WorkingGrid, fixed: nib
         matrix = None
     return field_on_grid(world, grid.affine, fixed.shape[:3], fixed.affine, matrix=matrix,
                          device=displacement.device)
+
+
+def network_affine_matrix(affine: torch.Tensor, grid: WorkingGrid, matrix: np.ndarray) -> np.ndarray:
+    """The network's affine (``[3,4]`` on ``grid``'s normalised coordinates, the moving scan already seen
+    through the pre-alignment ``matrix``) composed into that matrix: fixed world -> moving world."""
+    from ..modeling.affine_head import index_matrix
+    from .grids import tensor_affine
+    to_world = tensor_affine(grid)
+    on_indices = index_matrix(affine, grid.shape).numpy()
+    return matrix @ to_world @ on_indices @ np.linalg.inv(to_world)

@@ -31,7 +31,7 @@ from ..result import RegistrationResult
 from .grids import (coverage_tensor, label_tensor, lattice_grid, lattice_offset, refinement_grid, scan_tensor,
                     tensor_affine, working_grid)
 from .inputs import ScanPair, load_pair
-from .mapping import total_displacement
+from .mapping import network_affine_matrix, total_displacement
 from .network import predict_field
 from .refine import STEP_PRESETS, refine_velocity, step_preset
 
@@ -126,7 +126,11 @@ class RegistrationPipeline:
                 out = predict_field(self.model, fixed_t.to(dtype), moving_t.to(dtype), prompt)
             info["grid"] = list(grid.shape)
             info["spacing_mm"] = round(grid.spacing, 3)
-        displacement, field_grid = out.displacement.float(), grid
+            displacement, field_grid = out.displacement.float(), grid
+            if out.affine is not None:   # the network's own affine joins the pre-alignment's: one matrix
+                matrix = network_affine_matrix(out.affine[0], grid, matrix)
+                displacement = out.deformation.float()
+                info["affine"] = np.round(matrix, 6).tolist()
 
         if refine_steps != 0:
             displacement, field_grid = self._refine(pair, grid, out.velocity.float(), matrix, prompt,

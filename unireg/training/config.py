@@ -40,6 +40,7 @@ class ModelSection:
     activation_checkpointing: bool = False
     controller_gain: float | None = None  # from_pretrained: re-scale the controllers (same outputs, faster condition learning)
     prompt_cache: str | None = None      # phrase embeddings made ahead: a prompt_cache.safetensors or a model (name, folder) holding one
+    affine_head: bool = False            # from_pretrained: add a zero-initialised affine head (same outputs at step 0)
 
 
 @dataclass

@@ -66,6 +66,8 @@ def build_model(config: TrainConfig) -> UniReg:
         for controller in model.controllers:
             controller.set_gain(section.controller_gain)
         model.config.controller_gain = section.controller_gain
+    if section.affine_head:
+        model.add_affine_head()
     if section.sam_checkpoint:
         report = model.load_sam_checkpoint(config.resolve(section.sam_checkpoint))
         logger.info("%s", report)

@@ -1,0 +1,159 @@
+"""The network's affine head: its algebra, a model that gains one, and the pipeline's single matrix."""
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from data_tools.phantom import make_subject
+from unireg import UniReg
+from unireg.io import ijk_to_tensor_order
+from unireg.modeling import affine_head
+from unireg.modeling.affine_head import AffineHead
+from unireg.pipeline.grids import scan_tensor, working_grid
+from unireg.pipeline.mapping import total_displacement
+
+#: a rotation of ~6 deg about the first axis, 3 % scaling along the last, and a shift (normalised units)
+KNOWN = torch.tensor([[[1.0, 0.0, 0.0, 0.06],
+                       [0.0, 0.995, -0.105, -0.04],
+                       [0.0, 0.105, 1.025, 0.03]]])
+
+
+def _smooth_volume(shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.rand(1, 1, *[n // 4 for n in shape], generator=g)
+    return torch.nn.functional.interpolate(noise, size=shape, mode="trilinear", align_corners=False)
+
+
+def test_composed_mapping_is_the_deformation_then_the_affine():
+    """compose(A, u) sends voxel x to A(x + u(x)): u acts in the fixed frame, the affine after it; the
+    same affine as a 4x4 matrix on voxel indices (what the pipeline composes with) agrees."""
+    shape = (24, 28, 20)
+    u = 6 * (_smooth_volume(shape, 1).repeat(1, 3, 1, 1, 1) - 0.5)
+    composed = affine_head.compose(KNOWN, u)[0].double()
+    matrix = affine_head.index_matrix(KNOWN[0], shape)
+    g = torch.Generator().manual_seed(2)
+    for _ in range(20):
+        x = [int(torch.randint(0, n, (1,), generator=g)) for n in shape]
+        moved = torch.tensor(x, dtype=torch.float64) + u[0, :, x[0], x[1], x[2]].double()
+        expected = (matrix @ torch.cat([moved, torch.ones(1, dtype=torch.float64)]))[:3] - torch.tensor(x).double()
+        assert torch.allclose(composed[:, x[0], x[1], x[2]], expected, atol=1e-4)
+    affine_only = affine_head.displacement(KNOWN, shape)[0].double()
+    assert torch.allclose(affine_head.compose(KNOWN, torch.zeros_like(u))[0].double(), affine_only, atol=1e-5)
+    assert (composed - affine_only - u[0]).abs().max() > 0.1      # the linear part acts on u: not a plain sum
+
+
+def test_the_head_fits_the_affine_its_keypoints_describe():
+    """Keypoints of the moving scan that are the fixed scan's moved by a known affine give that affine;
+    a new head (flat heatmaps) gives the identity; the keypoints follow a shifted scan."""
+    head = AffineHead(channels=5)
+    g = torch.Generator().manual_seed(0)
+    source = torch.rand(1, affine_head.KEYPOINTS, 3, generator=g) * 1.6 - 0.8
+    target = source @ KNOWN[0, :, :3].T + KNOWN[0, :, 3]
+    head.keypoints = lambda features: source if features is fixed else target
+    fixed, moving = torch.zeros(1, 5, 4, 4, 4), torch.ones(1, 5, 4, 4, 4)
+    assert torch.allclose(head(fixed, moving), KNOWN, atol=0.01)
+    new = AffineHead(channels=5)
+    features = torch.randn(2, 5, 6, 8, 7, generator=g)
+    assert torch.allclose(new(features, torch.randn(2, 5, 6, 8, 7, generator=g)), torch.eye(3, 4).expand(2, 3, 4),
+                          atol=1e-6)
+    with torch.no_grad():
+        new.heatmaps[-1].weight.normal_(generator=g)
+    shifted = torch.roll(features, shifts=2, dims=3)           # moved by 2 voxels along h, away from the edges
+    shifted[:, :, :, :2] = features[:, :, :, :2].mean()
+    moved = new.keypoints(shifted) - new.keypoints(features)
+    assert moved[..., 1].mean() > 0.1 and moved[..., 0].abs().mean() < moved[..., 1].mean()
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return UniReg.from_pretrained("unireg-tiny-phantom")
+
+
+@pytest.fixture(scope="module")
+def pair():
+    spacing = 6.0
+    shape = (40, 40, 40)
+    affine = np.diag([spacing, spacing, spacing, 1.0])
+    affine[:3, 3] = -spacing * (np.array(shape) - 1) / 2
+    fixed = make_subject(3, shape=shape, spacing_mm=(spacing,) * 3)
+    moving = make_subject(4, shape=shape, spacing_mm=(spacing,) * 3)
+    return fixed.image.astype(np.float32), moving.image.astype(np.float32), affine
+
+
+def test_a_new_head_leaves_a_pretrained_model_as_it_was_and_round_trips(shipped, pair, tmp_path):
+    fixed, moving, _ = pair
+    f = torch.from_numpy(ijk_to_tensor_order(fixed)).clamp(-1000, 1000)[None, None] / 2000 + 0.5
+    m = torch.from_numpy(ijk_to_tensor_order(moving)).clamp(-1000, 1000)[None, None] / 2000 + 0.5
+    with torch.no_grad():
+        before = shipped(f, m, "inter-subject | liver").displacement
+        model = UniReg.from_pretrained("unireg-tiny-phantom")
+        model.add_affine_head()
+        after = model(f, m, "inter-subject | liver")
+    assert after.affine is not None and torch.allclose(after.affine[0], torch.eye(3, 4), atol=1e-6)
+    assert torch.allclose(after.displacement, before, atol=1e-4)
+    with torch.no_grad():
+        model.affine.heatmaps[-1].weight.normal_()                      # some affine
+        moved = model(f, m, "inter-subject | liver")
+        loaded = UniReg.from_pretrained(model.save_pretrained(tmp_path / "with_affine"))(f, m, "inter-subject | liver")
+    assert loaded.affine is not None and torch.allclose(loaded.displacement, moved.displacement, atol=1e-5)
+    assert not torch.allclose(moved.displacement, before, atol=0.1)
+
+
+def test_register_carries_the_networks_affine_in_its_matrix(pair):
+    """refine=False: the result's mm field is the network's own whole mapping, with the affine in
+    ``affine_matrix`` (so ``affine.mat`` and the inverse use it) and the deformation on the working grid."""
+    fixed, moving, affine = pair
+    model = UniReg.from_pretrained("unireg-tiny-phantom")
+    model.add_affine_head()
+    model.affine.forward = lambda fixed, moving: KNOWN.to(fixed.dtype)
+    fixed_img = nib.Nifti1Image(fixed, affine)
+    result = model.register(fixed_img, nib.Nifti1Image(moving, affine), "inter-subject", refine=False, align="none")
+    assert not np.allclose(result.affine_matrix, np.eye(4))
+
+    grid = working_grid(fixed_img, model.config)
+    f = scan_tensor(fixed_img, grid, model.config, "cpu")
+    m = scan_tensor(nib.Nifti1Image(moving, affine), grid, model.config, "cpu")
+    with torch.no_grad():
+        whole = model(f, m, "inter-subject").displacement
+    expected = total_displacement(whole, grid, fixed_img)
+    inner = (slice(6, -6),) * 3
+    err = np.linalg.norm(result.displacement[inner] - expected[inner], axis=-1)
+    assert np.abs(expected[inner]).max() > 10          # the affine moves points by centimetres
+    assert err.max() < 0.1, err.max()
+
+
+@pytest.mark.slow
+def test_a_model_with_the_head_learns_repositioning_from_the_similarity_alone():
+    """A small fresh model, trained 250 steps on pairs whose moving scan is the fixed one shifted
+    by a random few voxels, puts that shift in its affine on a shift it has not seen."""
+    from unireg.config import UniRegConfig
+    from unireg.modeling.model import UniRegModel
+    torch.manual_seed(0)
+    config = UniRegConfig.from_preset("tiny", vit_img_size=64, vit_depth=1, working_spacing_mm=12.0,
+                                      affine_head=True)
+    model = UniRegModel(config)
+    subject = make_subject(5, shape=(32, 32, 32), spacing_mm=(12.0,) * 3)
+    fixed = torch.from_numpy(ijk_to_tensor_order(subject.image)).float().clamp(-1000, 1000)[None, None] / 2000 + 0.5
+    shape = fixed.shape[2:]
+
+    def shifted(shift_voxels):
+        t = torch.zeros(1, 3, 4)
+        t[0, :, :3] = torch.eye(3)
+        t[0, :, 3] = torch.tensor(shift_voxels) * 2 / torch.tensor([float(n) for n in shape])
+        return model.warp(fixed, affine_head.displacement(t, shape)), t
+
+    optimiser = torch.optim.Adam(model.parameters(), lr=2e-3)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(250):
+        moving, _ = shifted((torch.rand(3, generator=g) * 6 - 3).tolist())
+        out = model(fixed, moving, "intra-subject")
+        loss = (model.warp(moving, out.displacement) - fixed).pow(2).mean()
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    with torch.no_grad():
+        moving, truth = shifted([2.0, -1.5, 1.0])
+        out = model.eval()(fixed, moving, "intra-subject")
+    # the moving scan is the fixed one moved by -shift: the mapping found must undo it (x -> x - shift)
+    found = out.affine[0, :, 3] * torch.tensor([n / 2 for n in shape])
+    assert torch.allclose(found, -torch.tensor([2.0, -1.5, 1.0]), atol=0.6), found
