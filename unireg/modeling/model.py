@@ -135,7 +135,9 @@ class UniRegModel(nn.Module):
         return load_sam_image_encoder(self.backbone.image_encoder, path)
 
     def forward(self, fixed: torch.Tensor, moving: torch.Tensor,
-                prompts: "list[str | Prompt] | str | Prompt") -> FieldOutput:
+                prompts: "list[str | Prompt] | str | Prompt", with_affine: bool = True) -> FieldOutput:
+        """``with_affine=False`` leaves a model's affine head out (the identity in its place): for pairs an
+        intensity pre-alignment has already aligned more precisely than the head can."""
         self._check_inputs(fixed, moving)
         batch = fixed.shape[0]
         if isinstance(prompts, (str, Prompt)):
@@ -149,7 +151,7 @@ class UniRegModel(nn.Module):
         stem = {s: f.chunk(2) for s, f in zip(self.stem.strides, self.stem(both))}
 
         affine = None
-        if self.affine is not None:   # the global part first; the moving features move by it
+        if self.affine is not None and with_affine:   # the global part first; the moving features move by it
             stem_fixed, stem_moving = stem[self.config.level_strides[0]]
             affine = self.affine(torch.cat([stem_fixed, sam_fixed], 1), torch.cat([stem_moving, sam_moving], 1))
             stem[self.config.level_strides[0]] = (stem_fixed, self.transformer(

@@ -8,11 +8,12 @@ from ..prompt import Prompt
 
 
 @torch.no_grad()
-def predict_field(model: UniRegModel, fixed: torch.Tensor, moving: torch.Tensor, prompt: Prompt) -> FieldOutput:
+def predict_field(model: UniRegModel, fixed: torch.Tensor, moving: torch.Tensor, prompt: Prompt,
+                  with_affine: bool = True) -> FieldOutput:
     """One forward pass in eval mode (the model's mode is restored afterwards)."""
     was_training = model.training
     model.eval()
     try:
-        return model(fixed, moving, [prompt])
+        return model(fixed, moving, [prompt], with_affine=with_affine)
     finally:
         model.train(was_training)

@@ -123,7 +123,10 @@ class RegistrationPipeline:
         with _stage(stages, "network") as info:
             moving_t = scan_tensor(pair.moving, grid, cfg, device, matrix=matrix)
             with _adapter_applied(adapter, self.model):
-                out = predict_field(self.model, fixed_t.to(dtype), moving_t.to(dtype), prompt)
+                # the network's own affine (a model with an affine head) only where the pre-alignment moved nothing:
+                # its intensity optimisation is the more precise of the two
+                out = predict_field(self.model, fixed_t.to(dtype), moving_t.to(dtype), prompt,
+                                    with_affine=align_info["mode"] == "none")
             info["grid"] = list(grid.shape)
             info["spacing_mm"] = round(grid.spacing, 3)
             displacement, field_grid = out.displacement.float(), grid
