@@ -64,6 +64,9 @@ def _write(tmp_path, data):
     ({"run": {"steps": 0}}, "run.steps must be >= 1"),
     ({"run": {"max_minutes": 0}}, "run.max_minutes must be > 0"),
     ({"model": {"controller_gain": -1.0}}, "model.controller_gain must be > 0"),
+    ({"model": {"train_only": "affine"}}, r"model.train_only: expected a list or null, got .affine. \(str\)"),
+    ({"model": {"train_only": [""]}}, "model.train_only must be a non-empty list of parameter-name prefixes"),
+    ({"model": {"train_only": []}}, "model.train_only must be a non-empty list"),
     ({"loss": {"lncc_eps": 0.0}}, "loss.lncc_eps must be > 0"),
     ({"loss": {"smoothness_range": [10.0, 1.0]}}, r"loss.smoothness_range must be two weights \[low, high\]"),
     ({"loss": {"smoothness_range": [0.1]}}, "loss.smoothness_range must be two weights"),
@@ -155,3 +158,15 @@ def test_prompt_cache_is_a_file_or_a_model_that_holds_one(tmp_path):
     missing = TrainConfig.from_yaml(_write(tmp_path, {"model": {"prompt_cache": "no_such_cache.safetensors"}}))
     with pytest.raises(ConfigError, match="model.prompt_cache: 'no_such_cache.safetensors' is neither a file nor a model"):
         missing.prompt_cache_file()
+
+
+def test_train_only_freezes_the_rest_and_names_a_prefix_that_matches_nothing(tmp_path):
+    from unireg.training.trainer import build_model
+    config = TrainConfig.from_yaml(_write(tmp_path, {"model": {"from_pretrained": "unireg-tiny-phantom",
+                                                               "affine_head": True, "train_only": ["affine"]}}))
+    model = build_model(config)
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained and all(n.startswith("affine.") for n in trained) and model.config.affine_head
+    config.model.train_only = ["afine"]
+    with pytest.raises(ConfigError, match=r"model.train_only: no parameter starts with \['afine'\]; .*'affine'"):
+        build_model(config)

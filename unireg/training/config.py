@@ -41,6 +41,7 @@ class ModelSection:
     controller_gain: float | None = None  # from_pretrained: re-scale the controllers (same outputs, faster condition learning)
     prompt_cache: str | None = None      # phrase embeddings made ahead: a prompt_cache.safetensors or a model (name, folder) holding one
     affine_head: bool = False            # from_pretrained: add a zero-initialised affine head (same outputs at step 0)
+    train_only: list | None = None       # parameter-name prefixes to train (e.g. [affine]); the rest stays frozen
 
 
 @dataclass
@@ -197,6 +198,10 @@ class TrainConfig:
             raise ConfigError(f"run.max_minutes must be > 0 (or null: no time box), got {r.max_minutes}")
         if self.model.controller_gain is not None and not self.model.controller_gain > 0:
             raise ConfigError(f"model.controller_gain must be > 0, got {self.model.controller_gain}")
+        only = self.model.train_only
+        if only is not None and (not isinstance(only, list) or not only
+                                 or not all(isinstance(p, str) and p for p in only)):
+            raise ConfigError(f"model.train_only must be a non-empty list of parameter-name prefixes, got {only!r}")
         if not loss.lncc_eps > 0:
             raise ConfigError(f"loss.lncc_eps must be > 0, got {loss.lncc_eps}")
         if r.eval_every < 0:

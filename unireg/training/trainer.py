@@ -68,6 +68,8 @@ def build_model(config: TrainConfig) -> UniReg:
         model.config.controller_gain = section.controller_gain
     if section.affine_head:
         model.add_affine_head()
+    if section.train_only:
+        _train_only(model, section.train_only)
     if section.sam_checkpoint:
         report = model.load_sam_checkpoint(config.resolve(section.sam_checkpoint))
         logger.info("%s", report)
@@ -78,6 +80,20 @@ def build_model(config: TrainConfig) -> UniReg:
     # Cache the vocabulary once so training never waits on the text model mid-run.
     model.embedder.embed([organ_phrase(o) for o in ORGANS] + [WHOLE_BODY])
     return model.train()
+
+
+def _train_only(model: UniReg, prefixes: list[str]) -> None:
+    """Freeze every parameter whose name starts with none of ``prefixes`` (a head fine-tuned alone)."""
+    names = [name for name, _ in model.named_parameters()]
+    unmatched = [p for p in prefixes if not any(n.startswith(p) for n in names)]
+    if unmatched:
+        tops = sorted({n.split(".")[0] for n in names})
+        raise ConfigError(f"model.train_only: no parameter starts with {unmatched}; the model's parts are {tops}")
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(any(name.startswith(p) for p in prefixes))
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    logger.info("training %d of %d parameters (model.train_only %s)", trained,
+                sum(p.numel() for p in model.parameters()), prefixes)
 
 
 class Trainer:
@@ -101,7 +117,7 @@ class Trainer:
         ds_config = config.deepspeed_dict()
         if on_cpu():  # DeepSpeed's fused Adam is a GPU kernel: torch's AdamW on the CPU accelerator
             ds_config["optimizer"].setdefault("params", {}).setdefault("torch_adam", True)
-        self.engine, _, _, _ = deepspeed.initialize(model=self.model, model_parameters=self.model.parameters(),
+        self.engine, _, _, _ = deepspeed.initialize(model=self.model, model_parameters=[p for p in self.model.parameters() if p.requires_grad],
                                                     config=ds_config)
         self.batch_size = self.engine.train_micro_batch_size_per_gpu()
         self.grad_accum = self.engine.gradient_accumulation_steps()
