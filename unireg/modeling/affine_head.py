@@ -4,7 +4,7 @@ A patient lies a few degrees and millimetres differently at every scan. Left to 
 that global motion has to be drawn voxel by voxel into the velocity, by kernels that the prompt is
 meant to spend on organs: trained with repositioned pairs, the tiny model learned the motion but lost
 most of its prompt specificity (docs/experiments/rigid_motion/). This head takes the global part out
-of their hands, the KeyMorph way (Yung-Chieh et al. 2021): the same small network turns each scan's
+of their hands, the KeyMorph way (Yu et al., MIDL 2021): the same small network turns each scan's
 coarsest features into K heatmaps, each heatmap's centre of mass is a keypoint, and the affine is the
 least-squares fit of the fixed scan's keypoints onto the moving scan's (closed form, differentiable,
 and exact for any motion the heatmaps follow, however large). The dynamic heads then explain what is
@@ -23,6 +23,11 @@ import torch.nn as nn
 #: Keypoints per scan, and the hidden width of the per-voxel network that draws their heatmaps.
 KEYPOINTS = 16
 HIDDEN = 32
+#: Heatmap logits are the last layer's output times this. Adam moves a zero-initialised weight by about
+#: the learning rate a step, so without a gain the logits of a head trained alone on frozen features
+#: stayed within about +-0.2 over 2459 steps: flat heatmaps, keypoints at the centre, an affine of 0.06 mm
+#: for a 12 mm shift (docs/experiments/affine_head/, round 3; rounds 1-3 were measured without it).
+HEATMAP_GAIN = 10.0
 #: Ridge towards the identity's linear part, per keypoint, in normalised units squared: keypoints spread
 #: over less than ~0.1 of the extent (a new head's all sit at the centre) cannot tell a rotation or a
 #: scale, and then the fit keeps the identity's linear part and only translates.
@@ -46,7 +51,7 @@ class AffineHead(nn.Module):
 
     def keypoints(self, features: torch.Tensor) -> torch.Tensor:
         """[B,C,d,h,w] -> [B,K,3]: each heatmap's centre of mass (a softmax over the grid)."""
-        logits = self.heatmaps(features).float().flatten(2)                                 # [B,K,N]
+        logits = self.heatmaps(features).float().flatten(2) * HEATMAP_GAIN                  # [B,K,N]
         points = normalised_points(features.shape[2:], features.device)                     # [1,N,3]
         return torch.softmax(logits, dim=-1) @ points[0]
 
