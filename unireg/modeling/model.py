@@ -154,9 +154,9 @@ class UniRegModel(nn.Module):
         if self.affine is not None and with_affine:   # the global part first; the moving features move by it
             stem_fixed, stem_moving = stem[self.config.level_strides[0]]
             affine = self.affine(torch.cat([stem_fixed, sam_fixed], 1), torch.cat([stem_moving, sam_moving], 1))
-            stem[self.config.level_strides[0]] = (stem_fixed, self.transformer(
-                stem_moving, affine_head.displacement(affine, stem_moving.shape[2:])))
-            sam_moving = self.transformer(sam_moving, affine_head.displacement(affine, sam_moving.shape[2:]))
+            moved = affine_head.displacement(affine, stem_moving.shape[2:])   # SAM features share this grid
+            stem[self.config.level_strides[0]] = (stem_fixed, self.transformer(stem_moving, moved))
+            sam_moving = self.transformer(sam_moving, moved)
 
         velocity, features = None, None
         for level, stride in enumerate(self.config.level_strides):
