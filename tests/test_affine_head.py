@@ -118,6 +118,63 @@ def test_register_carries_the_networks_affine_in_its_matrix(pair):
     assert err.max() < 0.1, err.max()
 
 
+def test_point_error_is_the_distance_the_two_affines_put_between_points():
+    """A shift of s voxels between two affines is an error of |s|; a rotation weighs by how far it moves points."""
+    shape = (20, 40, 30)
+    shifted = torch.eye(3, 4)[None].clone()
+    shifted[0, :, 3] = torch.tensor([3.0, 0.0, -4.0]) * 2 / torch.tensor([20.0, 40.0, 30.0])
+    identity = torch.eye(3, 4)[None]
+    assert affine_head.point_error(shifted, identity, shape).item() == pytest.approx(5.0, rel=1e-5)
+    assert affine_head.point_error(identity, identity, shape).item() == 0
+    small, large = KNOWN.clone(), KNOWN.clone()
+    small[0, :, 3] = large[0, :, 3] = 0
+    large[0, :, :3] = small[0, :, :3] @ small[0, :, :3]                 # the same rotation twice
+    assert affine_head.point_error(large, identity, shape) > 1.5 * affine_head.point_error(small, identity, shape)
+
+
+@pytest.mark.slow
+def test_a_head_trained_alone_on_frozen_features_learns_a_known_motion():
+    """The head alone, on a small fresh model's frozen features and taught by the known motion (the loss's
+    ``affine_weight`` term, as training uses it), finds a shift it has not seen: what the similarity alone
+    could not teach a head on frozen features (docs/experiments/affine_head/, rounds 3-4)."""
+    from unireg.config import UniRegConfig
+    from unireg.losses import RegistrationLoss
+    from unireg.modeling.model import UniRegModel
+    torch.manual_seed(0)
+    model = UniRegModel(UniRegConfig.from_preset("tiny", vit_img_size=64, vit_depth=1, working_spacing_mm=12.0,
+                                                 affine_head=True))
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(name.startswith("affine."))
+    subject = make_subject(5, shape=(32, 32, 32), spacing_mm=(12.0,) * 3)
+    fixed = torch.from_numpy(ijk_to_tensor_order(subject.image)).float().clamp(-1000, 1000)[None, None] / 2000 + 0.5
+    shape = fixed.shape[2:]
+    loss_fn = RegistrationLoss(similarity_weight=0.0, affine_weight=1.0)
+
+    def moved(shift_voxels):
+        """The fixed scan moved by ``shift`` and the motion a head must find (fixed point -> moved point)."""
+        t = torch.eye(3, 4)[None].clone()
+        t[0, :, 3] = torch.tensor(shift_voxels) * 2 / torch.tensor([float(n) for n in shape])
+        truth = t.clone()
+        truth[0, :, 3] = -t[0, :, 3]
+        return model.warp(fixed, affine_head.displacement(t, shape)), truth
+
+    optimiser = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(150):
+        moving, truth = moved((torch.rand(3, generator=g) * 6 - 3).tolist())
+        out = model(fixed, moving, "intra-subject")
+        lam = torch.zeros(1)
+        loss = loss_fn(fixed, model.warp(moving, out.displacement), out.velocity, lam, affine=out.affine,
+                       affine_target=truth)["loss"]
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    with torch.no_grad():
+        moving, truth = moved([2.0, -1.5, 1.0])
+        out = model.eval()(fixed, moving, "intra-subject")
+    assert affine_head.point_error(out.affine, truth, shape).item() < 0.6 * 2.69   # |shift| = 2.69 voxels
+
+
 @pytest.mark.slow
 def test_a_model_with_the_head_learns_repositioning_from_the_similarity_alone():
     """A small fresh model, trained 250 steps on pairs whose moving scan is the fixed one shifted

@@ -157,7 +157,7 @@ def test_rigid_motion_moves_the_moving_scan_and_its_labels_together():
               "moving_seg": box.astype(np.uint8)}
     shifts = []
     for seed in range(6):
-        out = RigidMotion(1.0, rotation_deg=0.0, translation_mm=12.0).apply(arrays, 4.0, np.random.default_rng(seed))
+        out, _ = RigidMotion(1.0, rotation_deg=0.0, translation_mm=12.0).apply(arrays, 4.0, np.random.default_rng(seed))
         assert np.array_equal(out["fixed"], arrays["fixed"]) and np.array_equal(out["fixed_seg"], arrays["fixed_seg"])
         moved_labels = _centroid(out["moving_seg"] > 0) - _centroid(box)
         moved_image = _centroid(out["moving"] > -350) - _centroid(box)
@@ -165,13 +165,39 @@ def test_rigid_motion_moves_the_moving_scan_and_its_labels_together():
         assert np.linalg.norm(moved_image) <= 12.0 / 4.0 + 0.25
         shifts.append(np.linalg.norm(moved_image))
     assert max(shifts) > 1.0                                               # not a no-op
-    turned = RigidMotion(1.0, rotation_deg=90.0, translation_mm=0.0, centre_jitter=0.0).apply(
+    turned, _ = RigidMotion(1.0, rotation_deg=90.0, translation_mm=0.0, centre_jitter=0.0).apply(
         arrays, 4.0, np.random.default_rng(3))
     seg = turned["moving_seg"] > 0
     assert abs(int(seg.sum()) - int(box.sum())) <= 0.1 * box.sum()
     assert not np.array_equal(seg, box)
     centre = np.full(3, 15.5)
     assert np.linalg.norm(_centroid(seg) - centre) == pytest.approx(np.linalg.norm(_centroid(box) - centre), abs=0.6)
+
+
+@pytest.mark.parametrize("patch", [None, (24, 40, 28)])
+def test_rigid_motion_truth_maps_the_fixed_scan_onto_the_moved_one(shards, patch):
+    """A pair of one scan, moved rigidly: warping the moved scan by the carried ``motion`` (an affine head's
+    target, normalised coordinates of the returned grid, cropped or padded) gives back the fixed scan; without
+    a motion the target is the identity."""
+    from unireg.data import RigidMotion, prepare_pair
+    from unireg.modeling import affine_head
+    from unireg.modeling.transform import SpatialTransformer
+    out, _ = shards
+    warp = SpatialTransformer()
+    sample = next(iter(iterate_pairs(sorted(str(p) for p in out.glob("*.tar")))))
+    still = prepare_pair(sample, patch, 0, 1, True, (0.0, 1.0), False, identity_prob=1.0, spec=SPEC)
+    assert torch.allclose(still["motion"], torch.eye(3, 4), atol=1e-6)
+    for seed in range(3):
+        pair = prepare_pair(sample, patch, seed, 1, True, (0.0, 1.0), False, identity_prob=1.0, spec=SPEC,
+                            rigid_motion=RigidMotion(1.0, rotation_deg=10.0, translation_mm=30.0))
+        fixed, moved = pair["fixed"][None], pair["moving"][None]
+        field = affine_head.displacement(pair["motion"][None], fixed.shape[2:])
+        assert field.abs().amax() > 1.0                                        # the motion moves voxels
+        inside = warp(torch.ones_like(moved), field, nearest=True) > 0.5       # where the moved grid has data
+        inside &= warp(moved, field) > 0.05                                    # not the air the motion brought in
+        back = (warp(moved, field) - fixed).abs()[inside].mean()
+        plain = (moved - fixed).abs()[inside].mean()
+        assert back < 0.35 * plain, (seed, float(back), float(plain))
 
 
 def test_rigid_motion_off_leaves_the_training_stream_as_it_was(shards):

@@ -68,6 +68,7 @@ def _write(tmp_path, data):
     ({"model": {"train_only": [""]}}, "model.train_only must be a non-empty list of parameter-name prefixes"),
     ({"model": {"train_only": []}}, "model.train_only must be a non-empty list"),
     ({"loss": {"lncc_eps": 0.0}}, "loss.lncc_eps must be > 0"),
+    ({"loss": {"affine_weight": -1.0}}, "loss.affine_weight must be >= 0"),
     ({"loss": {"smoothness_range": [10.0, 1.0]}}, r"loss.smoothness_range must be two weights \[low, high\]"),
     ({"loss": {"smoothness_range": [0.1]}}, "loss.smoothness_range must be two weights"),
     ({"data": {"rigid_motion_prob": 1.5}}, r"data.rigid_motion_prob must be in \[0, 1\], got 1.5"),
@@ -169,4 +170,7 @@ def test_train_only_freezes_the_rest_and_names_a_prefix_that_matches_nothing(tmp
     assert trained and all(n.startswith("affine.") for n in trained) and model.config.affine_head
     config.model.train_only = ["afine"]
     with pytest.raises(ConfigError, match=r"model.train_only: no parameter starts with \['afine'\]; .*'affine'"):
+        build_model(config)
+    config.model.train_only, config.model.affine_head, config.loss.affine_weight = None, False, 1.0
+    with pytest.raises(ConfigError, match="loss.affine_weight teaches an affine head, and this model has none"):
         build_model(config)

@@ -141,7 +141,9 @@ def _rng(seed: int, epoch: int, key: str) -> np.random.Generator:
     return np.random.default_rng([seed, epoch, zlib.crc32(key.encode())])
 
 
-def _crop(arrays: dict, patch, rng) -> dict:
+def _crop(arrays: dict, patch, rng) -> tuple[dict, np.ndarray]:
+    """One window of ``patch`` voxels (air-padded where the grid is smaller) from every array, and the
+    window's origin in the uncropped grid's voxels."""
     shape = arrays["fixed"].shape
     pads = [max(0, p - n) for p, n in zip(patch, shape)]
     starts = [int(rng.integers(0, max(1, n + pad - p + 1))) for n, p, pad in zip(shape, patch, pads)]
@@ -155,7 +157,17 @@ def _crop(arrays: dict, patch, rng) -> dict:
             a = np.pad(a, width, constant_values=fill)
         sl = tuple(slice(s, s + p) for s, p in zip(starts, patch))
         out[k] = a[(...,) + sl]
-    return out
+    return out, np.array(starts, dtype=np.float64) - [pad // 2 for pad in pads]
+
+
+def normalised_affine(matrix: np.ndarray, shape) -> np.ndarray:
+    """A 4x4 matrix on voxel indices of a grid of ``shape`` -> [3, 4] on its normalised coordinates
+    (``p = (2 x + 1) / n - 1``, the convention of ``unireg.modeling.affine_head``)."""
+    n = np.asarray(shape, dtype=np.float64)
+    to_normalised = np.eye(4)
+    to_normalised[:3, :3] = np.diag(2 / n)
+    to_normalised[:3, 3] = 1 / n - 1
+    return (to_normalised @ matrix @ np.linalg.inv(to_normalised))[:3].astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -212,17 +224,20 @@ class RigidMotion:
     a global motion: the shipped stage-5 model recovered 0.1 mm of a pure 4 mm shift of a real chest
     CT, and 0.6 mm of a 4 mm shift of a torso phantom, while every clinical intra-subject pair has one.
     Applied on the working grid (isotropic voxels, so a rotation of voxel indices is one in mm): HU
-    trilinear with air outside, labels nearest. The loss is unsupervised, so no truth is carried."""
+    trilinear with air outside, labels nearest. The motion drawn is returned as the truth a model's
+    affine head can be taught with (``loss.affine_weight``): the similarity alone did not teach a head
+    on frozen features to move (docs/experiments/affine_head/, rounds 3-4)."""
     prob: float = 0.0
     rotation_deg: float = 5.0
     translation_mm: float = 10.0
     centre_jitter: float = 0.2       # rotation centre: grid centre +- this fraction of the extent
 
-    def apply(self, arrays: dict, spacing_mm: float, rng: np.random.Generator) -> dict:
-        """``arrays`` with ``moving`` and ``moving_seg`` moved, or as given (no draw at all when ``prob`` is 0,
-        so the random stream of a run without it is unchanged)."""
+    def apply(self, arrays: dict, spacing_mm: float, rng: np.random.Generator) -> tuple[dict, np.ndarray]:
+        """``arrays`` with ``moving`` and ``moving_seg`` moved, and the 4x4 voxel matrix taking a point of the
+        moving scan to where the moved one shows it (for a pair of one scan, the fixed scan's; the identity, and ``arrays`` as given, when no motion is drawn;
+        no draw at all when ``prob`` is 0, so the random stream of a run without it is unchanged)."""
         if not self.prob or rng.random() >= self.prob:
-            return arrays
+            return arrays, np.eye(4)
         from scipy.ndimage import affine_transform
         extent = np.array(arrays["moving"].shape, dtype=np.float64) - 1                  # voxels
         rotation, shift, centre = random_rigid(rng, self.rotation_deg, self.translation_mm / float(spacing_mm),
@@ -232,7 +247,9 @@ class RigidMotion:
         out["moving"] = affine_transform(arrays["moving"].astype(np.float32), rotation, offset, order=1,
                                          mode="constant", cval=HU_OUTSIDE)
         out["moving_seg"] = affine_transform(arrays["moving_seg"], rotation, offset, order=0, mode="constant", cval=0)
-        return out
+        moved_from_moving = np.eye(4)
+        moved_from_moving[:3, :3], moved_from_moving[:3, 3] = rotation, offset
+        return out, np.linalg.inv(moved_from_moving)         # moving's x shows in moved at R^-1 (x - offset)
 
 
 def prepare_pair(sample: dict, patch_size, seed: int, epoch: int, prompt_sampling: "bool | PromptSampling", smoothness,
@@ -249,16 +266,22 @@ def prepare_pair(sample: dict, patch_size, seed: int, epoch: int, prompt_samplin
     learn that identical scans need no deformation, or it can settle on a content-independent mean
     field that it applies to every pair. ``spec`` is the trained model's preprocessing (the default
     model's when not given): its working grid, uncapped, and its HU window. ``rigid_motion`` then moves
-    the moving scan rigidly (:class:`RigidMotion`; an identity pair becomes a purely rigid one)."""
+    the moving scan rigidly (:class:`RigidMotion`; an identity pair becomes a purely rigid one), and
+    ``motion`` [3,4] is that motion as an affine head's target (normalised coordinates of the returned grid;
+    the identity when none was drawn)."""
     spec = spec or UniRegConfig().preprocessing
     rng = _rng(seed, epoch, sample["key"])
     arrays, spacing = on_working_grid({k: sample[k] for k in REQUIRED}, sample["meta"]["spacing"], spec, capped=False)
     if identity_prob and rng.random() < identity_prob:
         arrays["moving"], arrays["moving_seg"] = arrays["fixed"], arrays["fixed_seg"]
+    motion = np.eye(4)
     if rigid_motion is not None:
-        arrays = rigid_motion.apply(arrays, spacing, rng)
+        arrays, motion = rigid_motion.apply(arrays, spacing, rng)
     if patch_size is not None:
-        arrays = _crop(arrays, patch_size, rng)
+        arrays, origin = _crop(arrays, patch_size, rng)
+        to_crop = np.eye(4)
+        to_crop[:3, 3] = -origin
+        motion = to_crop @ motion @ np.linalg.inv(to_crop)
     fixed = arrays["fixed"].astype(np.float32)
     moving = arrays["moving"].astype(np.float32)
     if augment:  # mild scanner differences; no flips: they would swap left and right organs
@@ -273,6 +296,7 @@ def prepare_pair(sample: dict, patch_size, seed: int, epoch: int, prompt_samplin
     prompt = Prompt(type=sample["meta"].get("type", "inter"), organs=tuple(named), smoothness=lam)
     return {"fixed": spec.network_input(fixed)[None], "moving": spec.network_input(moving)[None],
             "fixed_seg": _label_tensor(arrays["fixed_seg"])[None], "moving_seg": _label_tensor(arrays["moving_seg"])[None],
+            "motion": torch.from_numpy(normalised_affine(motion, fixed.shape)).float(),
             "organs": named or present, "prompt": prompt, "key": sample["key"]}
 
 

@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from monai.losses import DiceLoss
 
+from .modeling.affine_head import point_error
 from .similarity import LNCC_EPS, lncc_map
 
 #: Regulariser weight at λ = 0 and λ = 1 (times ``smoothness_scale``), log-linear in between.
@@ -53,8 +54,9 @@ class RegistrationLoss(nn.Module):
 
     def __init__(self, lncc_kernel: int = 9, similarity_weight: float = 1.0, dice_weight: float = 1.0,
                  smoothness_scale: float = 1.0, global_weight: float = 0.25, focus_dilation: int = 2,
-                 lncc_eps: float = LNCC_EPS, smoothness_range=SMOOTHNESS_RANGE):
+                 lncc_eps: float = LNCC_EPS, smoothness_range=SMOOTHNESS_RANGE, affine_weight: float = 0.0):
         super().__init__()
+        self.affine_weight = affine_weight
         self.lncc_kernel, self.lncc_eps = lncc_kernel, lncc_eps
         self.dice = DiceLoss(reduction="none", smooth_nr=1e-5, smooth_dr=1e-5)
         self.similarity_weight = similarity_weight
@@ -70,9 +72,12 @@ class RegistrationLoss(nn.Module):
     def forward(self, fixed: torch.Tensor, warped: torch.Tensor, velocity: torch.Tensor,
                 smoothness: torch.Tensor, fixed_masks: torch.Tensor | None = None,
                 warped_masks: torch.Tensor | None = None, mask_valid: torch.Tensor | None = None,
-                focused: torch.Tensor | None = None) -> dict:
+                focused: torch.Tensor | None = None, affine: torch.Tensor | None = None,
+                affine_target: torch.Tensor | None = None) -> dict:
         """Masks [B,K,...] (soft for the warped ones); ``mask_valid`` [B,K] marks real organs;
-        ``focused`` [B] (bool) marks pairs whose prompt names organs (False: whole body, uniform similarity)."""
+        ``focused`` [B] (bool) marks pairs whose prompt names organs (False: whole body, uniform similarity).
+        ``affine`` [B,3,4], a model's affine head's output, and ``affine_target``, the known motion, add
+        ``affine_weight`` x their mean point error in voxels (``affine_head.point_error``)."""
         per_voxel = -lncc_map(fixed, warped, self.lncc_kernel, self.lncc_eps)   # [B,1,...], in [-1, 0]
         has_masks = fixed_masks is not None and mask_valid is not None and bool(mask_valid.any())
         if has_masks and focused is not None and bool(focused.any()):
@@ -95,5 +100,9 @@ class RegistrationLoss(nn.Module):
             dice = per_pair[counts > 0].mean()
             total = total + self.dice_weight * dice
             out["dice"] = dice.detach()
+        if self.affine_weight and affine is not None and affine_target is not None:
+            error = point_error(affine.float(), affine_target.float(), fixed.shape[2:]).mean()
+            total = total + self.affine_weight * error
+            out["affine_error"] = error.detach()
         out["loss"] = total
         return out

@@ -73,6 +73,7 @@ class LossSection:
     global_weight: float = 0.25          # similarity weight outside the named organs (1 + this inside)
     focus_dilation: int = 2              # voxels the named organs' mask grows by for the similarity focus
     lncc_eps: float = 1e-8               # LNCC stabiliser (unireg.similarity.LNCC_EPS explains the value)
+    affine_weight: float = 0.0           # affine head vs the loader's known rigid motion (mean voxel error); needs one
 
 
 @dataclass
@@ -184,7 +185,7 @@ class TrainConfig:
                               f"got {motion}")
         if loss.lncc_kernel < 3 or loss.lncc_kernel % 2 == 0:
             raise ConfigError(f"loss.lncc_kernel must be an odd number >= 3, got {loss.lncc_kernel}")
-        for key in ("similarity_weight", "dice_weight", "smoothness_scale", "global_weight"):
+        for key in ("similarity_weight", "dice_weight", "smoothness_scale", "global_weight", "affine_weight"):
             if getattr(loss, key) < 0:
                 raise ConfigError(f"loss.{key} must be >= 0, got {getattr(loss, key)}")
         weights = loss.smoothness_range

@@ -5,7 +5,8 @@ A batch is the loader's dict (:func:`unireg.data.prepare_pair`): ``fixed``/``mov
 :class:`~unireg.prompt.Prompt` per pair; its λ, or the type's default when it has none, weights
 the smoothness term) and ``organs`` (per pair, the organs whose Dice is trained; default: the
 prompt's). A prompt that names organs focuses the similarity on them (see ``unireg.losses``);
-the whole-body prompt keeps it uniform. Fields beyond these are ignored.
+the whole-body prompt keeps it uniform. ``motion`` [B,3,4], the rigid motion the loader added,
+teaches a model's affine head where the loss weighs it (``affine_weight``). Fields beyond these are ignored.
 """
 from __future__ import annotations
 
@@ -47,6 +48,7 @@ def registration_step(model, batch: dict, loss_fn: RegistrationLoss, forward=Non
         moving_masks, _ = organ_masks(batch["moving_seg"], organs)
         warped_masks = model.warp(moving_masks.to(fixed.dtype), out.displacement)
     focused = torch.tensor([bool(p.organs) for p in prompts], device=fixed.device)  # whole body: global objective
-    terms = loss_fn(fixed, warped, out.velocity, lam, fixed_masks, warped_masks, valid, focused=focused)
+    terms = loss_fn(fixed, warped, out.velocity, lam, fixed_masks, warped_masks, valid, focused=focused,
+                    affine=out.affine, affine_target=batch.get("motion"))
     terms["displacement"] = out.displacement
     return terms

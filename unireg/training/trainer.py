@@ -68,6 +68,9 @@ def build_model(config: TrainConfig) -> UniReg:
         model.config.controller_gain = section.controller_gain
     if section.affine_head:
         model.add_affine_head()
+    if config.loss.affine_weight and model.affine is None:
+        raise ConfigError("loss.affine_weight teaches an affine head, and this model has none: set "
+                          "model.affine_head: true")
     if section.train_only:
         _train_only(model, section.train_only)
     if section.sam_checkpoint:
