@@ -4,11 +4,16 @@ A patient lies a few degrees and millimetres differently at every scan. Left to 
 that global motion has to be drawn voxel by voxel into the velocity, by kernels that the prompt is
 meant to spend on organs: trained with repositioned pairs, the tiny model learned the motion but lost
 most of its prompt specificity (docs/experiments/rigid_motion/). This head takes the global part out
-of their hands, the KeyMorph way (Yu et al., MIDL 2021): the same small network turns each scan's
-coarsest features into K heatmaps, each heatmap's centre of mass is a keypoint, and the affine is the
-least-squares fit of the fixed scan's keypoints onto the moving scan's (closed form, differentiable,
-and exact for any motion the heatmaps follow, however large). The dynamic heads then explain what is
-left, on moving features already moved by it.
+of their hands, the KeyMorph way (Yu et al., MIDL 2021): a small encoder of its own turns each scan
+into K heatmaps, each heatmap's centre of mass is a keypoint, and the affine is the least-squares fit of
+the fixed scan's keypoints onto the moving scan's (closed form, differentiable, and exact for any motion
+the heatmaps follow, however large). The dynamic heads then explain what is left, on moving features
+already moved by it.
+
+The encoder is the head's own, not the network's features: a head reading a trained model's frozen
+features learned almost nothing, by similarity or by the known motion, while one with its own encoder can
+be taught alone, leaving the rest of a shipped model, prompt steering included, exactly as it was
+(docs/experiments/affine_head/).
 
 Affines here act on normalised coordinates ``p = (2 x + 1) / n - 1`` per tensor axis (d, h, w),
 voxel centres in the ``align_corners=False`` convention, so one matrix ``[3, 4]``, ``p -> A p + t``,
@@ -20,13 +25,12 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-#: Keypoints per scan, and the hidden width of the per-voxel network that draws their heatmaps.
+#: Keypoints per scan, and the widths of the encoder's levels (each halves the grid: heatmaps at stride 8).
 KEYPOINTS = 16
-HIDDEN = 32
+WIDTHS = (16, 32, 32)
 #: Heatmap logits are the last layer's output times this. Adam moves a zero-initialised weight by about
-#: the learning rate a step, so without a gain the logits of a head trained alone on frozen features
-#: stayed within about +-0.2 over 2459 steps: flat heatmaps, keypoints at the centre, an affine of 0.06 mm
-#: for a 12 mm shift (docs/experiments/affine_head/, round 3; rounds 1-3 were measured without it).
+#: the learning rate a step, so without a gain the logits of a head trained alone stayed within about
+#: +-0.2 over 2459 steps: flat heatmaps, keypoints at the centre (docs/experiments/affine_head/, round 3).
 HEATMAP_GAIN = 10.0
 #: Ridge towards the identity's linear part, per keypoint, in normalised units squared: keypoints spread
 #: over less than ~0.1 of the extent (a new head's all sit at the centre) cannot tell a rotation or a
@@ -35,28 +39,34 @@ RIDGE = 0.01
 
 
 class AffineHead(nn.Module):
-    """Coarsest features of the fixed and the moving scan [B,C,d,h,w] -> affine [B,3,4] (normalised
+    """The fixed and the moving scan [B,1,D,H,W] (network input) -> affine [B,3,4] (normalised
     coordinates) that maps fixed points to moving points.
 
     The heatmaps' last layer starts at zero: every heatmap is flat, every keypoint sits at the centre
     in both scans, and the fit is the identity, so a pretrained model the head is added to starts from
     its own outputs."""
 
-    def __init__(self, channels: int):
+    def __init__(self):
         super().__init__()
-        self.heatmaps = nn.Sequential(nn.Conv3d(channels, HIDDEN, 1), nn.LeakyReLU(0.2),
-                                      nn.Conv3d(HIDDEN, KEYPOINTS, 1))
-        nn.init.zeros_(self.heatmaps[-1].weight)
-        nn.init.zeros_(self.heatmaps[-1].bias)
+        layers, previous = [], 1
+        for width in WIDTHS:
+            layers += [nn.Conv3d(previous, width, 3, stride=2, padding=1), nn.LeakyReLU(0.2)]
+            previous = width
+        layers += [nn.Conv3d(previous, previous, 3, padding=1), nn.LeakyReLU(0.2)]
+        self.encoder = nn.Sequential(*layers)
+        self.heatmaps = nn.Conv3d(previous, KEYPOINTS, 1)
+        nn.init.zeros_(self.heatmaps.weight)
+        nn.init.zeros_(self.heatmaps.bias)
 
-    def keypoints(self, features: torch.Tensor) -> torch.Tensor:
-        """[B,C,d,h,w] -> [B,K,3]: each heatmap's centre of mass (a softmax over the grid)."""
-        logits = self.heatmaps(features).float().flatten(2) * HEATMAP_GAIN                  # [B,K,N]
-        points = normalised_points(features.shape[2:], features.device)                     # [1,N,3]
+    def keypoints(self, scan: torch.Tensor) -> torch.Tensor:
+        """[B,1,D,H,W] -> [B,K,3]: each heatmap's centre of mass (a softmax over the grid)."""
+        maps = self.heatmaps(self.encoder(scan))
+        logits = maps.float().flatten(2) * HEATMAP_GAIN                                     # [B,K,N]
+        points = normalised_points(maps.shape[2:], scan.device)                              # [1,N,3]
         return torch.softmax(logits, dim=-1) @ points[0]
 
     def forward(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
-        source, target = self.keypoints(fixed), self.keypoints(moving)                      # [B,K,3]
+        source, target = self.keypoints(torch.cat([fixed, moving])).chunk(2)               # [B,K,3] each
         design = torch.cat([source, torch.ones_like(source[..., :1])], -1)                  # [B,K,4]
         ridge = RIDGE * source.shape[1] * torch.diag(torch.tensor([1.0, 1.0, 1.0, 0.0], device=source.device))
         identity = torch.eye(4, 3, device=source.device)

@@ -2,7 +2,7 @@
 
     fixed, moving [B,1,D,H,W] in [0,1]
       -> SAM slice backbone (shared) + 3-D stem (shared)
-      -> (optional) a global affine fitted to keypoints of each scan's coarsest features; the moving features move by it
+      -> (optional) a global affine fitted to keypoints of each scan (a small encoder of its own); the moving features move by it
       -> coarse-to-fine fusion levels, each with a controller-generated dynamic head
       -> stationary velocity at the finest level -> scaling and squaring -> deformation
       -> displacement = the deformation, then the affine
@@ -68,7 +68,7 @@ class UniRegModel(nn.Module):
             previous = channels
         self.levels = nn.ModuleList(levels)
         self.controllers = nn.ModuleList(controllers)
-        self.affine = AffineHead(self._affine_channels()) if config.affine_head else None
+        self.affine = AffineHead() if config.affine_head else None
         self.integrate = VelocityIntegrator(config.integration_steps)
         self.transformer = SpatialTransformer()
 
@@ -122,12 +122,8 @@ class UniRegModel(nn.Module):
         """Give a model without one a (zero-initialised, so output-preserving) affine head to fine-tune."""
         if self.affine is None:
             ref = next(self.levels[0].parameters())
-            self.affine = AffineHead(self._affine_channels()).to(device=ref.device, dtype=ref.dtype)
+            self.affine = AffineHead().to(device=ref.device, dtype=ref.dtype)
             self.config.affine_head = True
-
-    def _affine_channels(self) -> int:
-        """The affine head reads the coarsest stem features and the SAM features of each scan."""
-        return self.stem.channels[self.config.level_strides[0]] + self.config.vit_out_chans
 
     def load_sam_checkpoint(self, path: "str | Path"):
         """Initialise the backbone from an official SAM file (``sam_vit_b_01ec64.pth`` etc.)."""
@@ -153,7 +149,7 @@ class UniRegModel(nn.Module):
         affine = None
         if self.affine is not None and with_affine:   # the global part first; the moving features move by it
             stem_fixed, stem_moving = stem[self.config.level_strides[0]]
-            affine = self.affine(torch.cat([stem_fixed, sam_fixed], 1), torch.cat([stem_moving, sam_moving], 1))
+            affine = self.affine(fixed, moving)
             moved = affine_head.displacement(affine, stem_moving.shape[2:])   # SAM features share this grid
             stem[self.config.level_strides[0]] = (stem_fixed, self.transformer(stem_moving, moved))
             sam_moving = self.transformer(sam_moving, moved)
