@@ -174,6 +174,28 @@ def test_a_head_trained_alone_learns_a_known_motion():
     assert affine_head.point_error(out.affine, truth, shape).item() < 0.6 * 2.69   # |shift| = 2.69 voxels
 
 
+def test_affine_only_steps_run_the_head_and_nothing_else():
+    """``loss.affine_only``'s step is the head's point error against the known motion, with the network's
+    other parts not run (so a head taught alone trains at the loader's pace)."""
+    from unireg.config import UniRegConfig
+    from unireg.losses import RegistrationLoss
+    from unireg.modeling.model import UniRegModel
+    from unireg.training.objective import affine_step
+    model = UniRegModel(UniRegConfig.from_preset("tiny", vit_img_size=64, vit_depth=1, affine_head=True))
+    with torch.no_grad():
+        model.affine.heatmaps.weight.normal_(std=0.3)
+    for part in (model.backbone, model.stem, *model.levels):
+        part.forward = lambda *a, **k: pytest.fail("affine_only ran the network")
+    g = torch.Generator().manual_seed(0)
+    batch = {"fixed": torch.rand(2, 1, 24, 32, 24, generator=g), "moving": torch.rand(2, 1, 24, 32, 24, generator=g),
+             "motion": KNOWN.expand(2, 3, 4)}
+    terms = affine_step(model, batch, RegistrationLoss(affine_weight=2.0))
+    expected = affine_head.point_error(model.affine(batch["fixed"], batch["moving"]), batch["motion"], (24, 32, 24))
+    assert terms["loss"].item() == pytest.approx(2.0 * expected.mean().item(), rel=1e-5) and terms["loss"] > 0
+    terms["loss"].backward()
+    assert model.affine.heatmaps.weight.grad.abs().sum() > 0
+
+
 @pytest.mark.slow
 def test_a_model_with_the_head_learns_repositioning_from_the_similarity_alone():
     """A small fresh model, trained 250 steps on pairs whose moving scan is the fixed one shifted

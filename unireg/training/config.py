@@ -74,6 +74,7 @@ class LossSection:
     focus_dilation: int = 2              # voxels the named organs' mask grows by for the similarity focus
     lncc_eps: float = 1e-8               # LNCC stabiliser (unireg.similarity.LNCC_EPS explains the value)
     affine_weight: float = 0.0           # affine head vs the loader's known rigid motion (mean voxel error); needs one
+    affine_only: bool = False            # that error alone, the rest of the network not run (model.train_only: [affine])
 
 
 @dataclass
@@ -203,6 +204,10 @@ class TrainConfig:
         if only is not None and (not isinstance(only, list) or not only
                                  or not all(isinstance(p, str) and p for p in only)):
             raise ConfigError(f"model.train_only must be a non-empty list of parameter-name prefixes, got {only!r}")
+        if loss.affine_only and not (loss.affine_weight > 0 and only == ["affine"]):
+            raise ConfigError("loss.affine_only trains the affine head alone on the known motion: it needs "
+                              f"loss.affine_weight > 0 and model.train_only: [affine] (got {loss.affine_weight} and "
+                              f"{only!r})")
         if not loss.lncc_eps > 0:
             raise ConfigError(f"loss.lncc_eps must be > 0, got {loss.lncc_eps}")
         if r.eval_every < 0:

@@ -26,7 +26,7 @@ from ..organs import ORGANS, organ_phrase
 from ..prompt import parse_prompt
 from .checkpoint import CheckpointError, CheckpointManager
 from .config import ConfigError, TrainConfig
-from .objective import registration_step
+from .objective import affine_step, registration_step
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ class Trainer:
         self.batch_size = self.engine.train_micro_batch_size_per_gpu()
         self.grad_accum = self.engine.gradient_accumulation_steps()
         self.dtype = next(self.engine.module.parameters()).dtype
-        self.loss_fn = RegistrationLoss(**vars(config.loss))
+        self.loss_fn = RegistrationLoss(**{k: v for k, v in vars(config.loss).items() if k != "affine_only"})
         self.checkpoints = CheckpointManager(self.output_dir / "checkpoints", self.run.keep_last)
         self.task = parse_prompt(self.run.task) if self.run.task else None
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
@@ -215,7 +215,10 @@ class Trainer:
                 window_data_s += time.perf_counter() - waited  # the loader is the bottleneck when this nears 1
                 batch = {k: (v.to(device, dtype=self.dtype) if k in ("fixed", "moving") else
                              v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
-                terms = registration_step(self.engine.module, batch, self.loss_fn, forward=self.engine)
+                if self.config.loss.affine_only:
+                    terms = affine_step(self.engine.module, batch, self.loss_fn)
+                else:
+                    terms = registration_step(self.engine.module, batch, self.loss_fn, forward=self.engine)
                 self.engine.backward(terms["loss"])
                 self.engine.step()
                 window_pairs += batch["fixed"].shape[0] * self.world
@@ -232,8 +235,9 @@ class Trainer:
                 # mean |displacement| (working-grid voxels) of the last batch: a field shrinking towards
                 # identity while the loss stalls is the collapse a curve of losses alone hides
                 row = {"step": self.step, "lr": self.engine.get_lr()[0], "pairs_per_s": window_pairs / elapsed,
-                       "data_wait_frac": round(window_data_s / elapsed, 3), **{k: round(v, 5) for k, v in last.items()},
-                       "field_mean_abs": round(float(terms["displacement"].detach().abs().mean()), 5)}
+                       "data_wait_frac": round(window_data_s / elapsed, 3), **{k: round(v, 5) for k, v in last.items()}}
+                if "displacement" in terms:
+                    row["field_mean_abs"] = round(float(terms["displacement"].detach().abs().mean()), 5)
                 self._log(log_path, row)
                 progress.set_postfix(loss=f"{last['loss']:.4f}", pairs_s=f"{row['pairs_per_s']:.2f}")
                 window_start, window_pairs, window_data_s = time.perf_counter(), 0, 0.0
