@@ -44,7 +44,7 @@ def test_composed_mapping_is_the_deformation_then_the_affine():
 
 def test_the_head_fits_the_affine_its_keypoints_describe():
     """Keypoints of the moving scan that are the fixed scan's moved by a known affine give that affine;
-    a new head (flat heatmaps) gives the identity."""
+    a new head (nearly flat heatmaps) gives the identity."""
     head = AffineHead()
     g = torch.Generator().manual_seed(0)
     source = torch.rand(1, affine_head.KEYPOINTS, 3, generator=g) * 1.6 - 0.8
@@ -54,7 +54,7 @@ def test_the_head_fits_the_affine_its_keypoints_describe():
     new = AffineHead()
     scans = torch.rand(2, 1, 24, 32, 28, generator=g)
     assert torch.allclose(new(scans, torch.rand(2, 1, 24, 32, 28, generator=g)), torch.eye(3, 4).expand(2, 3, 4),
-                          atol=1e-6)
+                          atol=1e-4)                                    # about 0.001 voxels
 
 
 @pytest.fixture(scope="module")
@@ -82,8 +82,8 @@ def test_a_new_head_leaves_a_pretrained_model_as_it_was_and_round_trips(shipped,
         model = UniReg.from_pretrained("unireg-tiny-phantom")
         model.add_affine_head()
         after = model(f, m, "inter-subject | liver")
-    assert after.affine is not None and torch.allclose(after.affine[0], torch.eye(3, 4), atol=1e-6)
-    assert torch.allclose(after.displacement, before, atol=1e-4)
+    assert after.affine is not None and torch.allclose(after.affine[0], torch.eye(3, 4), atol=1e-4)
+    assert torch.allclose(after.displacement, before, atol=0.01)       # voxels
     with torch.no_grad():
         model.affine.heatmaps.weight.normal_()                          # some affine
         moved = model(f, m, "inter-subject | liver")

@@ -28,10 +28,11 @@ import torch.nn as nn
 #: Keypoints per scan, and the widths of the encoder's levels (each halves the grid: heatmaps at stride 8).
 KEYPOINTS = 16
 WIDTHS = (16, 32, 32)
-#: Heatmap logits are the last layer's output times this. Adam moves a zero-initialised weight by about
-#: the learning rate a step, so without a gain the logits of a head trained alone stayed within about
-#: +-0.2 over 2459 steps: flat heatmaps, keypoints at the centre (docs/experiments/affine_head/, round 3).
+#: Heatmap logits are the last layer's output times this, so that they can sharpen at Adam's pace (about
+#: the learning rate a step per weight).
 HEATMAP_GAIN = 10.0
+#: Spread of the heatmaps' initial weights: distinct keypoints from the first step (logits within about +-1).
+HEATMAP_INIT_STD = 0.01
 #: Ridge towards the identity's linear part, per keypoint, in normalised units squared: keypoints spread
 #: over less than ~0.1 of the extent (a new head's all sit at the centre) cannot tell a rotation or a
 #: scale, and then the fit keeps the identity's linear part and only translates.
@@ -42,9 +43,11 @@ class AffineHead(nn.Module):
     """The fixed and the moving scan [B,1,D,H,W] (network input) -> affine [B,3,4] (normalised
     coordinates) that maps fixed points to moving points.
 
-    The heatmaps' last layer starts at zero: every heatmap is flat, every keypoint sits at the centre
-    in both scans, and the fit is the identity, so a pretrained model the head is added to starts from
-    its own outputs."""
+    A new head's heatmaps are nearly flat, so every keypoint sits within a thousandth of the extent of the
+    centre in both scans and the fit is the identity to about 0.001 voxels: a pretrained model the head is
+    added to starts from its own outputs. They start small and random, not zero: zero-initialised, every
+    keypoint sat at one point and got the same gradient, so the 16 heatmaps stayed one and the fit could only
+    translate (docs/experiments/affine_head/, rounds 1-7)."""
 
     def __init__(self):
         super().__init__()
@@ -55,7 +58,7 @@ class AffineHead(nn.Module):
         layers += [nn.Conv3d(previous, previous, 3, padding=1), nn.LeakyReLU(0.2)]
         self.encoder = nn.Sequential(*layers)
         self.heatmaps = nn.Conv3d(previous, KEYPOINTS, 1)
-        nn.init.zeros_(self.heatmaps.weight)
+        nn.init.normal_(self.heatmaps.weight, std=HEATMAP_INIT_STD)
         nn.init.zeros_(self.heatmaps.bias)
 
     def keypoints(self, scan: torch.Tensor) -> torch.Tensor:
