@@ -53,8 +53,8 @@ def test_the_head_fits_the_affine_its_keypoints_describe():
     assert torch.allclose(head(torch.zeros(1, 1, 8, 8, 8), torch.ones(1, 1, 8, 8, 8)), KNOWN, atol=0.01)
     new = AffineHead()
     scans = torch.rand(2, 1, 24, 32, 28, generator=g)
-    assert torch.allclose(new(scans, torch.rand(2, 1, 24, 32, 28, generator=g)), torch.eye(3, 4).expand(2, 3, 4),
-                          atol=1e-4)                                    # about 0.001 voxels
+    found = new(scans, torch.rand(2, 1, 24, 32, 28, generator=g))
+    assert (affine_head.point_error(found, torch.eye(3, 4).expand(2, 3, 4), (24, 32, 28)) < 0.01).all()   # voxels
 
 
 @pytest.fixture(scope="module")
@@ -78,11 +78,12 @@ def test_a_new_head_leaves_a_pretrained_model_as_it_was_and_round_trips(shipped,
     f = torch.from_numpy(ijk_to_tensor_order(fixed)).clamp(-1000, 1000)[None, None] / 2000 + 0.5
     m = torch.from_numpy(ijk_to_tensor_order(moving)).clamp(-1000, 1000)[None, None] / 2000 + 0.5
     with torch.no_grad():
-        before = shipped(f, m, "inter-subject | liver").displacement
+        before = shipped(f, m, "inter-subject | liver", with_affine=False).displacement
         model = UniReg.from_pretrained("unireg-tiny-phantom")
+        model.affine, model.config.affine_head = None, False        # the shipped model without its head
         model.add_affine_head()
         after = model(f, m, "inter-subject | liver")
-    assert after.affine is not None and torch.allclose(after.affine[0], torch.eye(3, 4), atol=1e-4)
+    assert after.affine is not None and affine_head.point_error(after.affine, torch.eye(3, 4)[None], f.shape[2:]) < 0.01
     assert torch.allclose(after.displacement, before, atol=0.01)       # voxels
     with torch.no_grad():
         model.affine.heatmaps.weight.normal_()                          # some affine
