@@ -8,6 +8,7 @@ from data_tools.phantom import make_subject
 from unireg import UniReg
 from unireg.io import ijk_to_tensor_order
 from unireg.modeling import affine_head
+from unireg.losses import point_error
 from unireg.modeling.affine_head import AffineHead
 from unireg.pipeline.grids import scan_tensor, working_grid
 from unireg.pipeline.mapping import total_displacement
@@ -54,7 +55,7 @@ def test_the_head_fits_the_affine_its_keypoints_describe():
     new = AffineHead()
     scans = torch.rand(2, 1, 24, 32, 28, generator=g)
     found = new(scans, torch.rand(2, 1, 24, 32, 28, generator=g))
-    assert (affine_head.point_error(found, torch.eye(3, 4).expand(2, 3, 4), (24, 32, 28)) < 0.01).all()   # voxels
+    assert (point_error(found, torch.eye(3, 4).expand(2, 3, 4), (24, 32, 28)) < 0.01).all()   # voxels
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +84,7 @@ def test_a_new_head_leaves_a_pretrained_model_as_it_was_and_round_trips(shipped,
         model.affine, model.config.affine_head = None, False        # the shipped model without its head
         model.add_affine_head()
         after = model(f, m, "inter-subject | liver")
-    assert after.affine is not None and affine_head.point_error(after.affine, torch.eye(3, 4)[None], f.shape[2:]) < 0.01
+    assert after.affine is not None and point_error(after.affine, torch.eye(3, 4)[None], f.shape[2:]) < 0.01
     assert torch.allclose(after.displacement, before, atol=0.01)       # voxels
     with torch.no_grad():
         model.affine.heatmaps.weight.normal_()                          # some affine
@@ -124,12 +125,12 @@ def test_point_error_is_the_distance_the_two_affines_put_between_points():
     shifted = torch.eye(3, 4)[None].clone()
     shifted[0, :, 3] = torch.tensor([3.0, 0.0, -4.0]) * 2 / torch.tensor([20.0, 40.0, 30.0])
     identity = torch.eye(3, 4)[None]
-    assert affine_head.point_error(shifted, identity, shape).item() == pytest.approx(5.0, rel=1e-5)
-    assert affine_head.point_error(identity, identity, shape).item() == 0
+    assert point_error(shifted, identity, shape).item() == pytest.approx(5.0, rel=1e-5)
+    assert point_error(identity, identity, shape).item() == 0
     small, large = KNOWN.clone(), KNOWN.clone()
     small[0, :, 3] = large[0, :, 3] = 0
     large[0, :, :3] = small[0, :, :3] @ small[0, :, :3]                 # the same rotation twice
-    assert affine_head.point_error(large, identity, shape) > 1.5 * affine_head.point_error(small, identity, shape)
+    assert point_error(large, identity, shape) > 1.5 * point_error(small, identity, shape)
 
 
 @pytest.mark.slow
@@ -172,7 +173,7 @@ def test_a_head_trained_alone_learns_a_known_motion():
     with torch.no_grad():
         moving, truth = moved([2.0, -1.5, 1.0])
         out = model.eval()(fixed, moving, "intra-subject")
-    assert affine_head.point_error(out.affine, truth, shape).item() < 0.6 * 2.69   # |shift| = 2.69 voxels
+    assert point_error(out.affine, truth, shape).item() < 0.6 * 2.69   # |shift| = 2.69 voxels
 
 
 def test_affine_only_steps_run_the_head_and_nothing_else():
@@ -191,7 +192,7 @@ def test_affine_only_steps_run_the_head_and_nothing_else():
     batch = {"fixed": torch.rand(2, 1, 24, 32, 24, generator=g), "moving": torch.rand(2, 1, 24, 32, 24, generator=g),
              "motion": KNOWN.expand(2, 3, 4)}
     terms = affine_step(model, batch, RegistrationLoss(affine_weight=2.0))
-    expected = affine_head.point_error(model.affine(batch["fixed"], batch["moving"]), batch["motion"], (24, 32, 24))
+    expected = point_error(model.affine(batch["fixed"], batch["moving"]), batch["motion"], (24, 32, 24))
     assert terms["loss"].item() == pytest.approx(2.0 * expected.mean().item(), rel=1e-5) and terms["loss"] > 0
     terms["loss"].backward()
     assert model.affine.heatmaps.weight.grad.abs().sum() > 0
@@ -244,3 +245,21 @@ def test_a_pre_alignment_that_moved_the_scan_replaces_the_networks_affine(pair):
     network = next(s for s in result.metrics["stages"] if s["stage"] == "network")
     assert result.metrics["alignment"]["mode"] == "affine" and "affine" not in network
     assert np.allclose(result.affine_matrix, result.metrics["alignment"]["matrix"], atol=1e-5)
+
+
+def test_the_head_stays_out_where_the_moving_scan_is_cut_short(pair):
+    """Keypoints are centres of mass over the grid: a moving scan covering 60 % of the fixed one's slices would
+    read as a scaling, so the pipeline leaves the head out there (and says so), and uses it on a whole scan."""
+    fixed, moving, affine = pair
+    model = UniReg.from_pretrained("unireg-tiny-phantom")
+    cut = slice(8, 32)
+    moving_affine = affine.copy()
+    moving_affine[:3, 3] += affine[:3, 2] * cut.start
+    short = model.register((fixed, affine), (np.ascontiguousarray(fixed[..., cut]), moving_affine), "intra",
+                           refine=False, align="none")
+    network = next(s for s in short.metrics["stages"] if s["stage"] == "network")
+    assert "affine" not in network and network["affine_head"].startswith("not used: the moving scan covers 60 %")
+    assert np.allclose(short.affine_matrix, np.eye(4))
+    whole = model.register((fixed, affine), (moving, affine), "inter", refine=False, align="none")
+    network = next(s for s in whole.metrics["stages"] if s["stage"] == "network")
+    assert "affine" in network and "affine_head" not in network

@@ -174,6 +174,7 @@ def test_train_only_freezes_the_rest_and_names_a_prefix_that_matches_nothing(tmp
     config.model.train_only = ["afine"]
     with pytest.raises(ConfigError, match=r"model.train_only: no parameter starts with \['afine'\]; .*'affine'"):
         build_model(config)
+    config.model.from_pretrained = "unireg-tiny-3mm"                   # a shipped model without a head
     config.model.train_only, config.model.affine_head, config.loss.affine_weight = None, False, 1.0
     with pytest.raises(ConfigError, match="loss.affine_weight teaches an affine head, and this model has none"):
         build_model(config)

@@ -17,7 +17,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from monai.losses import DiceLoss
 
-from .modeling.affine_head import point_error
 from .similarity import LNCC_EPS, lncc_map
 
 #: Regulariser weight at λ = 0 and λ = 1 (times ``smoothness_scale``), log-linear in between.
@@ -49,6 +48,19 @@ def focus_map(fixed_masks: torch.Tensor, warped_masks: torch.Tensor, valid: torc
     return focus
 
 
+def point_error(affine: torch.Tensor, target: torch.Tensor, shape, samples: int = 8) -> torch.Tensor:
+    """Mean distance [B] in voxels of a grid of ``shape`` between where two affines [B,3,4] (normalised
+    coordinates, ``unireg.modeling.affine_head``'s convention) put the points of a ``samples``^3 lattice over
+    that grid: the error an affine head is taught with when the motion is known (unlike a matrix norm, it
+    weighs a rotation by how far it moves the scan)."""
+    axis = (2 * torch.arange(samples, device=affine.device, dtype=affine.dtype) + 1) / samples - 1
+    points = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), -1).reshape(1, -1, 3)
+    difference = affine - target.to(affine.dtype)
+    moved = points @ difference[:, :, :3].transpose(1, 2) + difference[:, None, :, 3]    # [B,N,3]
+    half = torch.tensor([n / 2 for n in shape], device=affine.device, dtype=affine.dtype)
+    return (moved * half).norm(dim=-1).mean(1)
+
+
 class RegistrationLoss(nn.Module):
     """similarity (focus-weighted LNCC) + dice_weight · Dice(named organs) + w(λ) · smoothness."""
 
@@ -77,7 +89,7 @@ class RegistrationLoss(nn.Module):
         """Masks [B,K,...] (soft for the warped ones); ``mask_valid`` [B,K] marks real organs;
         ``focused`` [B] (bool) marks pairs whose prompt names organs (False: whole body, uniform similarity).
         ``affine`` [B,3,4], a model's affine head's output, and ``affine_target``, the known motion, add
-        ``affine_weight`` x their mean point error in voxels (``affine_head.point_error``)."""
+        ``affine_weight`` x their mean point error in voxels (``point_error``)."""
         per_voxel = -lncc_map(fixed, warped, self.lncc_kernel, self.lncc_eps)   # [B,1,...], in [-1, 0]
         has_masks = fixed_masks is not None and mask_valid is not None and bool(mask_valid.any())
         if has_masks and focused is not None and bool(focused.any()):

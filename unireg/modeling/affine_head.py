@@ -110,17 +110,6 @@ def compose(affine: torch.Tensor, deformation: torch.Tensor) -> torch.Tensor:
     return displacement(affine, shape) + torch.einsum("bij,bj...->bi...", linear, deformation)
 
 
-def point_error(affine: torch.Tensor, target: torch.Tensor, shape, samples: int = 8) -> torch.Tensor:
-    """Mean distance [B] in voxels of a grid of ``shape`` between where two affines [B,3,4] put the points of a
-    ``samples``^3 lattice over that grid: the error an affine head is taught with when the motion is known
-    (unlike a matrix norm, it weighs a rotation by how far it moves the scan)."""
-    points = normalised_points((samples,) * 3, affine.device).to(affine.dtype)           # [1,N,3]
-    difference = affine - target.to(affine.dtype)
-    moved = points @ difference[:, :, :3].transpose(1, 2) + difference[:, None, :, 3]    # [B,N,3]
-    half = torch.tensor([n / 2 for n in shape], device=affine.device, dtype=affine.dtype)
-    return (moved * half).norm(dim=-1).mean(1)
-
-
 def index_matrix(affine: torch.Tensor, shape) -> torch.Tensor:
     """One affine [3,4] as a 4x4 matrix on tensor voxel indices (d, h, w) of a grid of ``shape``."""
     n = torch.tensor([float(s) for s in shape], dtype=torch.float64)

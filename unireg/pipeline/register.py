@@ -38,6 +38,8 @@ from .refine import STEP_PRESETS, refine_velocity, step_preset
 ALIGN_MODES = ("auto", "none", "rigid", "affine")
 #: Most label channels the Dice term of instance optimisation carries (the largest organs win).
 MAX_DICE_ORGANS = 12
+#: Share of the fixed scan's working grid the moving scan must cover for a model's affine head to act.
+AFFINE_HEAD_MIN_COVERAGE = 0.95
 #: Instance optimisation levels (downsampling factors of the refinement grid, coarse to fine; the
 #: step budget drops the finest it cannot afford) and the velocity grid's spacing. A velocity on a
 #: ~16 mm grid keeps scaling and squaring cheap while the similarity is still measured at each
@@ -122,11 +124,9 @@ class RegistrationPipeline:
 
         with _stage(stages, "network") as info:
             moving_t = scan_tensor(pair.moving, grid, cfg, device, matrix=matrix)
+            with_affine = self._network_affine_applies(pair, grid, align_info, matrix, info)
             with _adapter_applied(adapter, self.model):
-                # the network's own affine (a model with an affine head) only where the pre-alignment moved nothing:
-                # its intensity optimisation is the more precise of the two
-                out = predict_field(self.model, fixed_t.to(dtype), moving_t.to(dtype), prompt,
-                                    with_affine=align_info["mode"] == "none")
+                out = predict_field(self.model, fixed_t.to(dtype), moving_t.to(dtype), prompt, with_affine=with_affine)
             info["grid"] = list(grid.shape)
             info["spacing_mm"] = round(grid.spacing, 3)
             displacement, field_grid = out.displacement.float(), grid
@@ -158,6 +158,20 @@ class RegistrationPipeline:
         return result
 
     # ------------------------------------------------------------------------------- stages
+    def _network_affine_applies(self, pair, grid, align_info: dict, matrix, info: dict) -> bool:
+        """Whether a model's affine head acts: only where the pre-alignment moved nothing (its intensity
+        optimisation is the more precise of the two), and only where the moving scan covers the fixed scan's
+        working grid. The head's keypoints are centres of mass over the grid: a moving scan cut short is air
+        there, which shifts them and gives an affine no anatomy asked for (a 60 % field of view read as a
+        15 % scaling)."""
+        if self.model.affine is None or align_info["mode"] != "none":
+            return False
+        covered = float(coverage_tensor(pair.moving, grid, self.device, matrix).mean())
+        if covered < AFFINE_HEAD_MIN_COVERAGE:
+            info["affine_head"] = f"not used: the moving scan covers {100 * covered:.0f} % of the fixed scan's grid"
+            return False
+        return True
+
     def _align(self, pair: ScanPair, grid, fixed_t, mode: str, prompt: Prompt, stages) -> tuple[np.ndarray, dict]:
         if mode == "none":
             return np.eye(4), {"mode": "none"}

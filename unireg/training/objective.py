@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ..losses import RegistrationLoss
-from ..modeling.affine_head import point_error
+from ..losses import RegistrationLoss, point_error
 from ..organs import ORGAN_TO_ID
 from ..prompt import Prompt
 

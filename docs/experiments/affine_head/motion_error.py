@@ -2,7 +2,7 @@
 
 Each held-out pair's fixed scan, moved by a random rigid motion (as training draws them: up to 6 deg and 12 mm),
 is registered to itself by the network alone; the head's affine is compared with the motion (mean distance in mm
-over a lattice of the grid, ``affine_head.point_error``). The identity's error is the motion's own size.
+over a lattice of the grid, ``unireg.losses.point_error``). The identity's error is the motion's own size.
 
 Run from the repository root: python docs/experiments/affine_head/motion_error.py MODEL [SHARDS] [REPEATS]"""
 import sys
@@ -12,7 +12,7 @@ import torch
 
 from unireg import UniReg
 from unireg.data import RigidMotion, iterate_pairs, prepare_pair
-from unireg.modeling import affine_head
+from unireg.losses import point_error
 
 model = UniReg.from_pretrained(sys.argv[1]).eval()
 shards = sys.argv[2] if len(sys.argv) > 2 else "shards/mix6mm/test"
@@ -30,8 +30,8 @@ with torch.no_grad():
                                 rigid_motion=RigidMotion(1.0, 6.0, 12.0))
             out = model(pair["fixed"][None], pair["moving"][None], "intra-subject")
             truth, shape = pair["motion"][None], pair["fixed"].shape[1:]
-            head.append(float(affine_head.point_error(out.affine.float(), truth, shape)) * spacing)
-            identity.append(float(affine_head.point_error(torch.eye(3, 4)[None], truth, shape)) * spacing)
+            head.append(float(point_error(out.affine.float(), truth, shape)) * spacing)
+            identity.append(float(point_error(torch.eye(3, 4)[None], truth, shape)) * spacing)
 print(f"{len(head)} moved scans: mean error identity {np.mean(identity):.2f} mm -> head {np.mean(head):.2f} mm "
       f"(median {np.median(identity):.2f} -> {np.median(head):.2f}; {np.mean(np.array(head) < np.array(identity)):.0%} "
       f"closer)")
