@@ -234,8 +234,9 @@ class RigidMotion:
 
     def apply(self, arrays: dict, spacing_mm: float, rng: np.random.Generator) -> tuple[dict, np.ndarray]:
         """``arrays`` with ``moving`` and ``moving_seg`` moved, and the 4x4 voxel matrix taking a point of the
-        moving scan to where the moved one shows it (for a pair of one scan, the fixed scan's; the identity, and ``arrays`` as given, when no motion is drawn;
-        no draw at all when ``prob`` is 0, so the random stream of a run without it is unchanged)."""
+        moving scan to where the moved one shows it (for a pair of one scan, the fixed scan's). When no motion
+        is drawn: ``arrays`` as given and the identity (no draw at all when ``prob`` is 0, so the random stream
+        of a run without it is unchanged)."""
         if not self.prob or rng.random() >= self.prob:
             return arrays, np.eye(4)
         from scipy.ndimage import affine_transform
