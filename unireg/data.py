@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from .config import UniRegConfig
+from .modeling import affine_head
 from .organ_presence import organs_in_both
 from .preprocessing import HU_OUTSIDE, PreprocessingSpec, is_on_grid, on_grid, shard_image
 from .prompt import Prompt
@@ -160,16 +161,6 @@ def _crop(arrays: dict, patch, rng) -> tuple[dict, np.ndarray]:
     return out, np.array(starts, dtype=np.float64) - [pad // 2 for pad in pads]
 
 
-def normalised_affine(matrix: np.ndarray, shape) -> np.ndarray:
-    """A 4x4 matrix on voxel indices of a grid of ``shape`` -> [3, 4] on its normalised coordinates
-    (``p = (2 x + 1) / n - 1``, the convention of ``unireg.modeling.affine_head``)."""
-    n = np.asarray(shape, dtype=np.float64)
-    to_normalised = np.eye(4)
-    to_normalised[:3, :3] = np.diag(2 / n)
-    to_normalised[:3, 3] = 1 / n - 1
-    return (to_normalised @ matrix @ np.linalg.inv(to_normalised))[:3].astype(np.float32)
-
-
 @dataclass(frozen=True)
 class PromptSampling:
     """How training prompts are drawn, so that naming an organ has to matter.
@@ -268,7 +259,7 @@ def prepare_pair(sample: dict, patch_size, seed: int, epoch: int, prompt_samplin
     field that it applies to every pair. ``spec`` is the trained model's preprocessing (the default
     model's when not given): its working grid, uncapped, and its HU window. ``rigid_motion`` then moves
     the moving scan rigidly (:class:`RigidMotion`; an identity pair becomes a purely rigid one), and
-    ``motion`` [3,4] is that motion as an affine head's target (normalised coordinates of the returned grid;
+    ``motion`` [3,4] is that motion as an affine head's target (normalised coordinates of the returned grid,
     the identity when none was drawn)."""
     spec = spec or UniRegConfig().preprocessing
     rng = _rng(seed, epoch, sample["key"])
@@ -297,7 +288,7 @@ def prepare_pair(sample: dict, patch_size, seed: int, epoch: int, prompt_samplin
     prompt = Prompt(type=sample["meta"].get("type", "inter"), organs=tuple(named), smoothness=lam)
     return {"fixed": spec.network_input(fixed)[None], "moving": spec.network_input(moving)[None],
             "fixed_seg": _label_tensor(arrays["fixed_seg"])[None], "moving_seg": _label_tensor(arrays["moving_seg"])[None],
-            "motion": torch.from_numpy(normalised_affine(motion, fixed.shape)).float(),
+            "motion": affine_head.from_index_matrix(motion, fixed.shape).float(),
             "organs": named or present, "prompt": prompt, "key": sample["key"]}
 
 

@@ -112,10 +112,22 @@ def compose(affine: torch.Tensor, deformation: torch.Tensor) -> torch.Tensor:
 
 def index_matrix(affine: torch.Tensor, shape) -> torch.Tensor:
     """One affine [3,4] as a 4x4 matrix on tensor voxel indices (d, h, w) of a grid of ``shape``."""
+    a = torch.eye(4, dtype=torch.float64)
+    a[:3] = affine.detach().double().cpu()
+    to_normalised = _to_normalised(shape)
+    return torch.linalg.inv(to_normalised) @ a @ to_normalised
+
+
+def from_index_matrix(matrix, shape) -> torch.Tensor:
+    """The inverse of :func:`index_matrix`: a 4x4 matrix on voxel indices of a grid of ``shape`` -> [3,4]."""
+    to_normalised = _to_normalised(shape)
+    return (to_normalised @ torch.as_tensor(matrix, dtype=torch.float64) @ torch.linalg.inv(to_normalised))[:3]
+
+
+def _to_normalised(shape) -> torch.Tensor:
+    """4x4 matrix from voxel indices to normalised coordinates, ``p = (2 x + 1) / n - 1``."""
     n = torch.tensor([float(s) for s in shape], dtype=torch.float64)
     to_normalised = torch.eye(4, dtype=torch.float64)
     to_normalised[:3, :3] = torch.diag(2 / n)
     to_normalised[:3, 3] = 1 / n - 1
-    a = torch.eye(4, dtype=torch.float64)
-    a[:3] = affine.detach().double().cpu()
-    return torch.linalg.inv(to_normalised) @ a @ to_normalised
+    return to_normalised
