@@ -38,7 +38,7 @@ from .refine import STEP_PRESETS, refine_velocity, step_preset
 ALIGN_MODES = ("auto", "none", "rigid", "affine")
 #: Most label channels the Dice term of instance optimisation carries (the largest organs win).
 MAX_DICE_ORGANS = 12
-#: Share of the fixed scan's working grid the moving scan must cover for a model's affine head to act.
+#: Share of the fixed scan (on the working grid) the moving scan must cover for a model's affine head to act.
 AFFINE_HEAD_MIN_COVERAGE = 0.95
 #: Instance optimisation levels (downsampling factors of the refinement grid, coarse to fine; the
 #: step budget drops the finest it cannot afford) and the velocity grid's spacing. A velocity on a
@@ -160,15 +160,17 @@ class RegistrationPipeline:
     # ------------------------------------------------------------------------------- stages
     def _network_affine_applies(self, pair, grid, align_info: dict, matrix, info: dict) -> bool:
         """Whether a model's affine head acts: only where the pre-alignment moved nothing (its intensity
-        optimisation is the more precise of the two), and only where the moving scan covers the fixed scan's
-        working grid. The head's keypoints are centres of mass over the grid: a moving scan cut short is air
+        optimisation is the more precise of the two), and only where the moving scan covers the fixed scan
+        on the working grid. The head's keypoints are centres of mass over the grid: a moving scan cut short is air
         there, which shifts them and gives an affine no anatomy asked for (a 60 % field of view read as a
         15 % scaling)."""
         if self.model.affine is None or align_info["mode"] != "none":
             return False
-        covered = float(coverage_tensor(pair.moving, grid, self.device, matrix).mean())
+        fixed_coverage = coverage_tensor(pair.fixed, grid, self.device)      # the grid may reach past the scan
+        moving_coverage = coverage_tensor(pair.moving, grid, self.device, matrix)
+        covered = float((moving_coverage * fixed_coverage).sum() / fixed_coverage.sum())
         if covered < AFFINE_HEAD_MIN_COVERAGE:
-            info["affine_head"] = f"not used: the moving scan covers {100 * covered:.0f} % of the fixed scan's grid"
+            info["affine_head"] = f"not used: the moving scan covers {100 * covered:.0f} % of the fixed scan"
             return False
         return True
 
