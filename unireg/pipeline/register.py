@@ -162,8 +162,8 @@ class RegistrationPipeline:
         """Whether a model's affine head acts: only where the pre-alignment moved nothing (its intensity
         optimisation is the more precise of the two), and only where the moving scan covers the fixed scan
         on the working grid. The head's keypoints are centres of mass over the grid: a moving scan cut short is air
-        there, which shifts them and gives an affine no anatomy asked for (a 60 % field of view read as a
-        15 % scaling)."""
+        there, which shifts them and gives an affine no anatomy asked for (through it, a moving scan with 60 % of
+        the fixed scan's slices seemed to cover 75 %)."""
         if self.model.affine is None or align_info["mode"] != "none":
             return False
         fixed_coverage = coverage_tensor(pair.fixed, grid, self.device)      # the grid may reach past the scan
