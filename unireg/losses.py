@@ -113,8 +113,13 @@ class RegistrationLoss(nn.Module):
             total = total + self.dice_weight * dice
             out["dice"] = dice.detach()
         if self.affine_weight and affine is not None and affine_target is not None:
-            error = point_error(affine.float(), affine_target.float(), fixed.shape[2:]).mean()
+            error = self.affine_error(affine, affine_target, fixed.shape[2:])
             total = total + self.affine_weight * error
             out["affine_error"] = error.detach()
         out["loss"] = total
         return out
+
+    @staticmethod
+    def affine_error(affine: torch.Tensor, target: torch.Tensor, shape) -> torch.Tensor:
+        """The affine head's term before its weight: mean point error in voxels over the batch."""
+        return point_error(affine.float(), target.float(), shape).mean()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ..losses import RegistrationLoss, point_error
+from ..losses import RegistrationLoss
 from ..organs import ORGAN_TO_ID
 from ..prompt import Prompt
 
@@ -59,5 +59,5 @@ def affine_step(model, batch: dict, loss_fn: RegistrationLoss) -> dict:
     alone (``loss.affine_only``) gets the same gradient as in :func:`registration_step` at a fraction of
     its cost, since its encoder is its own."""
     affine = model.affine(batch["fixed"], batch["moving"])
-    error = point_error(affine.float(), batch["motion"].float(), batch["fixed"].shape[2:]).mean()
+    error = loss_fn.affine_error(affine, batch["motion"], batch["fixed"].shape[2:])
     return {"affine_error": error.detach(), "loss": loss_fn.affine_weight * error}
