@@ -165,7 +165,7 @@ def test_a_partial_field_of_view_is_masked_not_matched_to_air(model, fixed, monk
     """The moving scan is the fixed one cut to its central 60 % of slices: the true mapping is the
     identity. Instance optimisation must measure similarity only where the moving scan has data;
     matched against the air beyond its last slice, the anatomy next to the cut gets pulled."""
-    import unireg.pipeline.register as register_module
+    import unireg.pipeline.grids as grids_module
     image, _ = fixed
     cut = slice(int(0.2 * SHAPE[2]), int(0.8 * SHAPE[2]))
     affine = _affine()
@@ -186,8 +186,8 @@ def test_a_partial_field_of_view_is_masked_not_matched_to_air(model, fixed, monk
     masked, stage = worst_near_cut()
     assert 55 <= stage["moving_coverage_pct"] <= 65
     assert stage["moving_grid"] == [SHAPE[0], SHAPE[1], cut.stop - cut.start][::-1]   # its own slices, read once
-    real = register_module.coverage_tensor
-    monkeypatch.setattr(register_module, "coverage_tensor", lambda img, *a, **k: real(img, *a, **k) * 0 + 1)
+    real = grids_module.coverage_tensor
+    monkeypatch.setattr(grids_module, "coverage_tensor", lambda img, *a, **k: real(img, *a, **k) * 0 + 1)
     unmasked, _ = worst_near_cut()
     assert masked < 0.5 * SPACING and masked < 0.5 * unmasked, (masked, unmasked)
 

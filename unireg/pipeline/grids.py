@@ -74,6 +74,16 @@ def coverage_tensor(img: nib.Nifti1Image, grid: WorkingGrid, device,
     return torch.from_numpy(ijk_to_tensor_order(inside.astype(np.float32)))[None, None].to(device)
 
 
+def moving_coverage(fixed: nib.Nifti1Image, moving: nib.Nifti1Image, grid: WorkingGrid, device,
+                    matrix: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Where the moving scan (through ``matrix``) has voxels on ``grid``, where the fixed scan has (the grid
+    may reach past it), and the share of the fixed scan's voxels the moving scan covers, in [0, 1]."""
+    fixed_coverage = coverage_tensor(fixed, grid, device)
+    coverage = coverage_tensor(moving, grid, device, matrix)
+    share = float((coverage * fixed_coverage).sum() / fixed_coverage.sum().clamp(min=1.0))
+    return coverage, fixed_coverage, share
+
+
 def lattice_grid(img: nib.Nifti1Image, spacing_mm: float, offset=(0.0, 0.0, 0.0)) -> WorkingGrid:
     """A grid of ``spacing_mm`` voxels over ``img``'s field of view, on its (closest canonical) axes,
     its first voxel at the scan's first voxel moved by ``offset`` (in the grid's voxels): where the

@@ -28,7 +28,7 @@ from ..modeling.model import UniRegModel
 from ..organs import ORGAN_TO_ID
 from ..prompt import Prompt, parse_prompt
 from ..result import RegistrationResult
-from .grids import (coverage_tensor, label_tensor, lattice_grid, lattice_offset, refinement_grid, scan_tensor,
+from .grids import (label_tensor, lattice_grid, lattice_offset, moving_coverage, refinement_grid, scan_tensor,
                     tensor_affine, working_grid)
 from .inputs import ScanPair, load_pair
 from .mapping import network_affine_matrix, total_displacement
@@ -166,9 +166,7 @@ class RegistrationPipeline:
         the fixed scan's slices seemed to cover 75 %)."""
         if self.model.affine is None or align_info["mode"] != "none":
             return False
-        fixed_coverage = coverage_tensor(pair.fixed, grid, self.device)      # the grid may reach past the scan
-        moving_coverage = coverage_tensor(pair.moving, grid, self.device, matrix)
-        covered = float((moving_coverage * fixed_coverage).sum() / fixed_coverage.sum())
+        covered = moving_coverage(pair.fixed, pair.moving, grid, self.device, matrix)[2]
         if covered < AFFINE_HEAD_MIN_COVERAGE:
             info["affine_head"] = f"not used: the moving scan covers {100 * covered:.0f} % of the fixed scan"
             return False
@@ -201,13 +199,11 @@ class RegistrationPipeline:
             moving_f, fixed_to_moving = _moving_for_refinement(pair.fixed, pair.moving, fine, cfg, device, matrix)
             # where refinement reads the moving scan: the fixed grid, or its own one (read once, through the map)
             info["moving_grid"] = "fixed" if fixed_to_moving is None else list(moving_f.shape[2:])
-            coverage = coverage_tensor(pair.moving, fine, device, matrix)
-            fixed_coverage = coverage_tensor(pair.fixed, fine, device)
+            coverage, fixed_coverage, covered = moving_coverage(pair.fixed, pair.moving, fine, device, matrix)
             if bool((coverage >= fixed_coverage).all()):
                 coverage = None        # the moving scan covers the fixed one: nothing to mask
             else:
-                info["moving_coverage_pct"] = round(100 * float((coverage * fixed_coverage).sum()
-                                                                / fixed_coverage.sum()), 1)
+                info["moving_coverage_pct"] = round(100 * covered, 1)
             fixed_masks = moving_masks = rigid_mask = focus_mask = None
             if pair.fixed_labels is not None and pair.moving_labels is not None:
                 fixed_lab = label_tensor(pair.fixed_labels, fine, device)
