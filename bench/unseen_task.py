@@ -138,6 +138,10 @@ def print_table(rows: list[dict], ks) -> None:
         if abs(gap) < 0.02:
             print(f"{row['organ']}: seen - zero-shot gap {gap:+.3f} is within noise: the unseen words steer the "
                   f"model as well as the name, so there is no gap to close")
+        elif gap < 0:
+            print(f"{row['organ']}: seen - zero-shot gap {gap:+.3f}: on these held-out pairs the unseen words do "
+                  f"better than the name, so there is no gap to close (k={max(ks)}: "
+                  f"{row[f'k{max(ks)}'] - row['zero_shot']:+.3f} against zero-shot)")
         elif row.get(key) is not None:
             print(f"{row['organ']}: seen - zero-shot gap {gap:+.3f}; k={max(ks)} closes {100 * row[key]:.0f} % of it")
         if "name_gain_train" in row:

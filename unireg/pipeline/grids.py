@@ -80,7 +80,8 @@ def moving_coverage(fixed: nib.Nifti1Image, moving: nib.Nifti1Image, grid: Worki
     may reach past it), and the share of the fixed scan's voxels the moving scan covers, in [0, 1]."""
     fixed_coverage = coverage_tensor(fixed, grid, device)
     coverage = coverage_tensor(moving, grid, device, matrix)
-    share = float((coverage * fixed_coverage).sum() / fixed_coverage.sum().clamp(min=1.0))
+    # a dot product: no third full-size volume (a clinical grid holds ~10^8 voxels)
+    share = float(torch.dot(coverage.flatten(), fixed_coverage.flatten()) / fixed_coverage.sum().clamp(min=1.0))
     return coverage, fixed_coverage, share
 
 
