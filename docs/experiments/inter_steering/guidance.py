@@ -1,13 +1,13 @@
 """Tried in session 18 (issue 11), not adopted: prompt guidance at the network output, v = v_whole + s (v_named - v_whole),
 like classifier-free guidance. Usage: python docs/experiments/inter_steering/guidance.py SCALE (1 = the plain prompt)."""
-import sys, time, json
-import numpy as np, torch
+import sys
+import time
+import torch
 from unireg import UniReg
 from unireg.modeling.model import UniRegModel, FieldOutput
 from unireg.modeling.transform import resize_field
 from unireg.prompt import parse_prompt, Prompt
 from unireg.steering import evaluate_steering
-from unireg.modeling import affine_head
 
 SCALE = float(sys.argv[1])
 orig = UniRegModel.forward
