@@ -48,6 +48,8 @@ class UniRegConfig:
     # A global affine, fitted at the coarsest level before the dynamic heads (unireg.modeling.affine_head):
     # repositioning is then not drawn into the prompt-steered velocity. Off in the first models.
     affine_head: bool = False
+    # Where the prompt's organs are, segmented in both scans and fed to the fusion levels (modeling.organ_map).
+    organ_map: bool = False
     # Transform.
     integration_steps: int = 7
     # Preprocessing (see ``preprocessing``): the fixed image's field of view resampled to isotropic

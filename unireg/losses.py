@@ -66,9 +66,12 @@ class RegistrationLoss(nn.Module):
 
     def __init__(self, lncc_kernel: int = 9, similarity_weight: float = 1.0, dice_weight: float = 1.0,
                  smoothness_scale: float = 1.0, global_weight: float = 0.25, focus_dilation: int = 2,
-                 lncc_eps: float = LNCC_EPS, smoothness_range=SMOOTHNESS_RANGE, affine_weight: float = 0.0):
+                 lncc_eps: float = LNCC_EPS, smoothness_range=SMOOTHNESS_RANGE, affine_weight: float = 0.0,
+                 map_weight: float = 1.0):
         super().__init__()
         self.affine_weight = affine_weight
+        self.map_weight = map_weight
+        self.map_dice = DiceLoss(sigmoid=True, reduction="none", smooth_nr=1e-5, smooth_dr=1e-5)
         self.lncc_kernel, self.lncc_eps = lncc_kernel, lncc_eps
         self.dice = DiceLoss(reduction="none", smooth_nr=1e-5, smooth_dr=1e-5)
         self.similarity_weight = similarity_weight
@@ -118,6 +121,13 @@ class RegistrationLoss(nn.Module):
             out["affine_error"] = error.detach()
         out["loss"] = total
         return out
+
+    def organ_map_error(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """A model's organ map (logits [B,1,...]) against the fraction of each of its cells the prompt's organs
+        fill ([B,1,...], same grid): BCE for every voxel plus soft Dice so a small organ is not drowned by
+        the background."""
+        bce = F.binary_cross_entropy_with_logits(logits.float(), target.float())
+        return bce + self.map_dice(logits.float(), target.float()).mean()
 
     @staticmethod
     def affine_error(affine: torch.Tensor, target: torch.Tensor, shape) -> torch.Tensor:

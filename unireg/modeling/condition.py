@@ -38,6 +38,17 @@ class ConditionEncoder(nn.Module):
         """Mean phrase embedding per prompt, [B, text_dim]."""
         return torch.stack([self.embedder.embed(prompt_phrases(p)).mean(0) for p in prompts])
 
+    def phrase_embeddings(self, prompts: list[Prompt], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each prompt's phrases one by one, padded: [B, K, text_dim] and which are real, [B, K] (the organ map
+        matches voxels against every named organ, where the condition vector needs only their mean)."""
+        per_prompt = [self.embedder.embed(prompt_phrases(p)) for p in prompts]
+        k = max(len(e) for e in per_prompt)
+        phrases = torch.zeros(len(prompts), k, per_prompt[0].shape[1])
+        valid = torch.zeros(len(prompts), k, dtype=torch.bool)
+        for b, e in enumerate(per_prompt):
+            phrases[b, :len(e)], valid[b, :len(e)] = e, True
+        return phrases.to(device), valid.to(device)
+
     def forward(self, prompts: list[Prompt], device: torch.device) -> torch.Tensor:
         text = self.text_embeddings(prompts).to(device)
         dtype = self.prompt_proj[0].weight.dtype

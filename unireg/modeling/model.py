@@ -33,11 +33,13 @@ from .condition import ConditionEncoder
 from .controller import Controller
 from .decoder import FusionLevel, Stem3d, local_correlation
 from .dynamic_head import DynamicHead
+from .organ_map import OrganMap, widen_first_conv
 from .text_encoder import WHOLE_BODY, TextEmbedder
 from .transform import SpatialTransformer, VelocityIntegrator, resize_field
 
 
 CORRELATION_CHANNELS = 27  # local_correlation with radius 1
+MAP_CHANNELS = 2           # the organ map of the fixed scan and of the (warped) moving scan
 
 
 @dataclass
@@ -48,6 +50,9 @@ class FieldOutput:
     #: deformation exp(velocity) [B,3,D,H,W] that acts before it; without one, None and ``displacement``
     affine: torch.Tensor | None = None
     deformation: torch.Tensor | None = None
+    #: with an organ map (``config.organ_map``): logits [B,1,...] of where the prompt's organs are, at the
+    #: finest level's grid, in the fixed scan and in the moving scan (its own space, not warped)
+    organ_maps: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 class UniRegModel(nn.Module):
@@ -62,6 +67,7 @@ class UniRegModel(nn.Module):
         for stride, channels, head in zip(config.level_strides, config.decoder_channels, self.heads):
             in_ch = 2 * self.stem.channels[stride] + CORRELATION_CHANNELS
             in_ch += 2 * config.vit_out_chans if previous is None else previous
+            in_ch += MAP_CHANNELS if config.organ_map else 0
             levels.append(FusionLevel(in_ch, channels))
             controllers.append(Controller(self.condition.out_dim, channels, config.controller_hidden, head,
                                           gain=config.controller_gain))
@@ -69,6 +75,7 @@ class UniRegModel(nn.Module):
         self.levels = nn.ModuleList(levels)
         self.controllers = nn.ModuleList(controllers)
         self.affine = AffineHead() if config.affine_head else None
+        self.organ_map = self._new_organ_map() if config.organ_map else None
         self.integrate = VelocityIntegrator(config.integration_steps)
         self.transformer = SpatialTransformer()
 
@@ -125,6 +132,20 @@ class UniRegModel(nn.Module):
             self.affine = AffineHead().to(device=ref.device, dtype=ref.dtype)
             self.config.affine_head = True
 
+    def _new_organ_map(self) -> OrganMap:
+        channels = sum(self.stem.channels.values()) + self.config.vit_out_chans
+        return OrganMap(channels, self.config.text_dim)
+
+    def add_organ_map(self) -> None:
+        """Give a trained model without one an organ map to fine-tune; the fusion levels get its two channels
+        with zero weights, so the field is unchanged until training teaches them to read it."""
+        if self.organ_map is None:
+            ref = next(self.levels[0].parameters())
+            self.organ_map = self._new_organ_map().to(device=ref.device, dtype=ref.dtype)
+            for level in self.levels:
+                widen_first_conv(level.block, MAP_CHANNELS)
+            self.config.organ_map = True
+
     def load_sam_checkpoint(self, path: "str | Path"):
         """Initialise the backbone from an official SAM file (``sam_vit_b_01ec64.pth`` etc.)."""
         from .sam_checkpoint import load_sam_image_encoder
@@ -140,11 +161,14 @@ class UniRegModel(nn.Module):
             prompts = [prompts] * batch
         if len(prompts) != batch:
             raise ValueError(f"got {len(prompts)} prompts for a batch of {batch} pairs")
-        condition = self.condition([parse_prompt(p) for p in prompts], fixed.device)
+        prompts = [parse_prompt(p) for p in prompts]
+        condition = self.condition(prompts, fixed.device)
 
         both = torch.cat([fixed, moving])
-        sam_fixed, sam_moving = self.backbone(both).chunk(2)
-        stem = {s: f.chunk(2) for s, f in zip(self.stem.strides, self.stem(both))}
+        sam_both, stem_both = self.backbone(both), self.stem(both)
+        sam_fixed, sam_moving = sam_both.chunk(2)
+        stem = {s: f.chunk(2) for s, f in zip(self.stem.strides, stem_both)}
+        maps = self._organ_maps(prompts, sam_both, stem_both) if self.organ_map is not None else None
 
         affine = None
         if self.affine is not None and with_affine:   # the global part first; the moving features move by it
@@ -159,21 +183,40 @@ class UniRegModel(nn.Module):
             stem_fixed, stem_moving = stem[stride]
             if velocity is None:  # coarsest level: nothing to warp yet (but by the affine)
                 velocity = stem_fixed.new_zeros(batch, 3, *stem_fixed.shape[2:])
-                features = self.levels[level](stem_fixed, stem_moving, local_correlation(stem_fixed, stem_moving),
-                                              sam_fixed, sam_moving)
+                mapping = None if affine is None else moved
+                inputs = [stem_fixed, stem_moving, local_correlation(stem_fixed, stem_moving), sam_fixed, sam_moving]
             else:
                 velocity = resize_field(velocity, stem_fixed.shape[2:])
-                warped = self.transformer(stem_moving, self._mapping(affine, self.integrate(velocity)))
+                mapping = self._mapping(affine, self.integrate(velocity))
+                warped = self.transformer(stem_moving, mapping)
                 coarser = F.interpolate(features, size=stem_fixed.shape[2:], mode="trilinear", align_corners=False)
-                features = self.levels[level](stem_fixed, warped, local_correlation(stem_fixed, warped), coarser)
+                inputs = [stem_fixed, warped, local_correlation(stem_fixed, warped), coarser]
+            if maps is not None:
+                inputs += self._map_channels(maps, stem_fixed.shape[2:], mapping)
+            features = self.levels[level](*inputs)
             params = self.controllers[level](condition, features)
             velocity = velocity + self.heads[level](features, params)
 
         deformation = resize_field(self.integrate(velocity), fixed.shape[2:])
         if affine is None:
-            return FieldOutput(velocity=velocity, displacement=deformation)
+            return FieldOutput(velocity=velocity, displacement=deformation, organ_maps=maps)
         return FieldOutput(velocity=velocity, displacement=self._mapping(affine, deformation), affine=affine,
-                           deformation=deformation)
+                           deformation=deformation, organ_maps=maps)
+
+    def _organ_maps(self, prompts: list[Prompt], sam_both: torch.Tensor, stem_both: list[torch.Tensor]):
+        """(fixed, moving) logits of the prompt's organs, each scan in its own space, at the finest level."""
+        phrases, valid = self.condition.phrase_embeddings(prompts, sam_both.device)
+        finest = self.stem.strides.index(self.config.level_strides[-1])
+        features = stem_both[finest:] + stem_both[:finest] + [sam_both]
+        logits = self.organ_map(features, phrases.repeat(2, 1, 1), valid.repeat(2, 1))
+        return tuple(logits.chunk(2))
+
+    def _map_channels(self, maps, size, mapping: torch.Tensor | None) -> list[torch.Tensor]:
+        """Both maps as probabilities on a level's grid, the moving one moved like the moving features."""
+        fixed_map, moving_map = (_resize_map(torch.sigmoid(m), size) for m in maps)
+        if mapping is not None:
+            moving_map = self.transformer(moving_map, mapping)
+        return [fixed_map, moving_map]
 
     @staticmethod
     def _mapping(affine: torch.Tensor | None, deformation: torch.Tensor) -> torch.Tensor:
@@ -191,3 +234,11 @@ class UniRegModel(nn.Module):
         div = self.config.size_divisor
         if any(n % div for n in fixed.shape[2:]):
             raise ValueError(f"spatial size {tuple(fixed.shape[2:])} must be a multiple of {div}")
+
+
+def _resize_map(probability: torch.Tensor, size) -> torch.Tensor:
+    """Average over the cells when a map goes to a coarser grid (a small organ keeps its share), trilinear
+    when it goes to a finer one."""
+    if all(n <= m for n, m in zip(size, probability.shape[2:])):
+        return F.adaptive_avg_pool3d(probability, tuple(size))
+    return F.interpolate(probability, size=tuple(size), mode="trilinear", align_corners=False)

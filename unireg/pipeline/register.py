@@ -112,7 +112,7 @@ class RegistrationPipeline:
         if prompt.rigid and refine_steps == 0:
             raise UserError("rigid= acts during instance optimisation; it cannot be used with refine=False")
         if focus:
-            _check_focus(prompt, pair, refine_steps)
+            _check_focus(prompt, pair, refine_steps, self.model.organ_map is not None)
         stages: list[dict] = []
         cfg, device = self.model.config, self.device
         dtype = next(self.model.parameters()).dtype
@@ -136,8 +136,9 @@ class RegistrationPipeline:
                 info["affine"] = np.round(matrix, 6).tolist()
 
         if refine_steps != 0:
+            organ_map = out.organ_maps[0].float() if focus and out.organ_maps is not None else None
             displacement, field_grid = self._refine(pair, grid, out.velocity.float(), matrix, prompt,
-                                                    refine_steps, similarity, focus, progress, stages)
+                                                    refine_steps, similarity, focus, progress, stages, organ_map)
 
         with _stage(stages, "mapping"):
             field_mm = total_displacement(displacement, field_grid, pair.fixed, matrix)
@@ -191,7 +192,7 @@ class RegistrationPipeline:
         return res.matrix, {"mode": res.mode, "matrix": np.round(res.matrix, 6).tolist()}
 
     def _refine(self, pair: ScanPair, grid, velocity, matrix, prompt: Prompt, steps, similarity: str, focus: bool,
-                progress, stages):
+                progress, stages, organ_map: torch.Tensor | None = None):
         with _stage(stages, "refine") as info:
             cfg, device = self.model.config, self.device
             fine = refinement_grid(grid, pair.fixed, device, self.refine_spacing_mm)
@@ -215,8 +216,10 @@ class RegistrationPipeline:
                     moving_masks = torch.cat([(moving_lab == i).float() for i in ids], 1)
             if prompt.rigid:
                 rigid_mask = _rigid_mask(pair, fine, device, matrix, prompt)
-            if focus:
+            if focus and (pair.fixed_labels is not None or pair.moving_labels is not None):
                 focus_mask, info["focus"] = _focus_mask(pair, fine, device, matrix, prompt)
+            elif focus:
+                focus_mask, info["focus"] = _predicted_focus_mask(organ_map, fine, prompt)
             if similarity == "auto":
                 similarity = step_preset(steps).similarity
             res = refine_velocity(fixed_f, moving_f, velocity, smoothness=self.model.condition.smoothness_of(prompt),
@@ -365,14 +368,31 @@ def _rigid_mask(pair: ScanPair, grid, device, matrix, prompt: Prompt) -> torch.T
     return mask
 
 
-def _check_focus(prompt: Prompt, pair: ScanPair, refine_steps) -> None:
+def _check_focus(prompt: Prompt, pair: ScanPair, refine_steps, model_maps_organs: bool) -> None:
     if refine_steps == 0:
         raise UserError("focus acts during instance optimisation; it cannot be used with refine=False")
     if not prompt.organs:
         raise UserError("focus=True needs organs in the prompt, e.g. \"inter | pancreas\"")
-    if pair.fixed_labels is None and pair.moving_labels is None:
+    if pair.fixed_labels is None and pair.moving_labels is None and not model_maps_organs:
         raise UserError(f"focus=True needs a label map that shows {', '.join(prompt.organs)}: "
-                        f"pass fixed_labels (or moving_labels)")
+                        f"pass fixed_labels (or moving_labels); this model has no organ map to find them itself")
+
+
+def _predicted_focus_mask(organ_map: torch.Tensor, grid, prompt: Prompt) -> tuple[torch.Tensor | None, dict]:
+    """Without label maps, the region comes from the model's organ map of the fixed scan (the network's grid
+    has the refinement grid's extent): where it says the prompt's organs are (p > 0.5), grown by
+    FOCUS_MARGIN_MM. A map that finds none of them gives no focus, and metrics.json says so."""
+    probability = F.interpolate(torch.sigmoid(organ_map), size=tuple(grid.shape), mode="trilinear",
+                                align_corners=False)
+    mask = (probability > 0.5).float()
+    info = {"organs": list(prompt.organs), "source": "organ map", "margin_mm": FOCUS_MARGIN_MM}
+    if not bool(mask.any()):
+        info["not_found"] = "the organ map finds none of them in the fixed scan: refined without focus"
+        return None, info
+    radius = max(1, round(FOCUS_MARGIN_MM / grid.spacing))
+    mask = F.max_pool3d(mask, 2 * radius + 1, stride=1, padding=radius)
+    info["voxels_pct"] = round(100 * float(mask.mean()), 2)
+    return mask, info
 
 
 def _focus_mask(pair: ScanPair, grid, device, matrix, prompt: Prompt) -> tuple[torch.Tensor, dict]:

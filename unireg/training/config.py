@@ -41,6 +41,7 @@ class ModelSection:
     controller_gain: float | None = None  # from_pretrained: re-scale the controllers (same outputs, faster condition learning)
     prompt_cache: str | None = None      # phrase embeddings made ahead: a prompt_cache.safetensors or a model (name, folder) holding one
     affine_head: bool = False            # from_pretrained: add a zero-initialised affine head (same outputs at step 0)
+    organ_map: bool = False              # from_pretrained: add an organ map (fusion levels read it with zero weights at step 0)
     train_only: list | None = None       # parameter-name prefixes to train (e.g. [affine]); the rest stays frozen
 
 
@@ -75,6 +76,7 @@ class LossSection:
     lncc_eps: float = 1e-8               # LNCC stabiliser (unireg.similarity.LNCC_EPS explains the value)
     affine_weight: float = 0.0           # affine head vs the loader's known rigid motion (mean voxel error); needs one
     affine_only: bool = False            # that error alone, the rest of the network not run (model.train_only: [affine])
+    map_weight: float = 1.0              # a model's organ map vs the prompt's organs in the label maps (BCE + Dice)
 
 
 @dataclass
@@ -186,7 +188,8 @@ class TrainConfig:
                               f"got {motion}")
         if loss.lncc_kernel < 3 or loss.lncc_kernel % 2 == 0:
             raise ConfigError(f"loss.lncc_kernel must be an odd number >= 3, got {loss.lncc_kernel}")
-        for key in ("similarity_weight", "dice_weight", "smoothness_scale", "global_weight", "affine_weight"):
+        for key in ("similarity_weight", "dice_weight", "smoothness_scale", "global_weight", "affine_weight",
+                    "map_weight"):
             if getattr(loss, key) < 0:
                 raise ConfigError(f"loss.{key} must be >= 0, got {getattr(loss, key)}")
         weights = loss.smoothness_range

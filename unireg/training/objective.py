@@ -11,6 +11,7 @@ teaches a model's affine head where the loss weighs it (``affine_weight``). Fiel
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ..losses import RegistrationLoss
 from ..organs import ORGAN_TO_ID
@@ -50,8 +51,24 @@ def registration_step(model, batch: dict, loss_fn: RegistrationLoss, forward=Non
     focused = torch.tensor([bool(p.organs) for p in prompts], device=fixed.device)  # whole body: global objective
     terms = loss_fn(fixed, warped, out.velocity, lam, fixed_masks, warped_masks, valid, focused=focused,
                     affine=out.affine, affine_target=batch.get("motion"))
+    if out.organ_maps is not None and "fixed_seg" in batch and loss_fn.map_weight:
+        error = sum(loss_fn.organ_map_error(logits, prompt_region(batch[key], prompts, logits.shape[2:]))
+                    for logits, key in zip(out.organ_maps, ("fixed_seg", "moving_seg"))) / 2
+        terms["loss"] = terms["loss"] + loss_fn.map_weight * error
+        terms["organ_map"] = error.detach()
     terms["displacement"] = out.displacement
     return terms
+
+
+def prompt_region(labels: torch.Tensor, prompts: list[Prompt], size) -> torch.Tensor:
+    """What an organ map should show: per pair, the share of each cell of a ``size`` grid that the prompt's
+    organs fill (every organ for the whole-body prompt), [B,1,...]."""
+    regions = []
+    for b, prompt in enumerate(prompts):
+        ids = [ORGAN_TO_ID[o] for o in prompt.organs]
+        region = torch.isin(labels[b], torch.tensor(ids, device=labels.device)) if ids else labels[b] > 0
+        regions.append(region.float())
+    return F.adaptive_avg_pool3d(torch.stack(regions), tuple(size))
 
 
 def affine_step(model, batch: dict, loss_fn: RegistrationLoss) -> dict:

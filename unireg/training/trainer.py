@@ -68,6 +68,8 @@ def build_model(config: TrainConfig) -> UniReg:
         model.config.controller_gain = section.controller_gain
     if section.affine_head:
         model.add_affine_head()
+    if section.organ_map:
+        model.add_organ_map()
     if config.loss.affine_weight and model.affine is None:
         raise ConfigError("loss.affine_weight teaches an affine head, and this model has none: set "
                           "model.affine_head: true")

@@ -1,0 +1,57 @@
+"""Organ map: where the prompt's organs are, in each scan, as a per-voxel logit.
+
+Why: the dynamic head is a per-voxel 1x1x1 MLP whose kernels the prompt writes. To align "the
+pancreas" better than the whole-body field does, it must know *which voxels* are pancreas, and a
+C -> 8 -> 8 -> 3 kernel cannot carve a small organ out of generic registration features; between
+subjects the named field hardly moved (issue 11, docs/experiments/inter_steering). So the prompt
+also segments: per-voxel embeddings of a scan are matched against each named organ's text
+embedding (CLIP-driven universal segmentation does this; SAM's mask decoder matches prompt tokens
+against image embeddings alike), the union of the named organs is the max of their logits, and the
+fusion levels get both scans' maps as two extra channels (the moving one warped with the moving
+features). The whole-body prompt maps every organ. The map is supervised by the label maps
+(``unireg.training.objective``); ``register(focus=True)`` uses the fixed scan's map as its focus
+region when no label map is given.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .decoder import conv_block
+
+
+class OrganMap(nn.Module):
+    """Multi-scale features of one scan + phrase embeddings -> logits [N,1,...] at the finest level."""
+
+    def __init__(self, in_channels: int, text_dim: int, dim: int = 24):
+        super().__init__()
+        self.voxel = nn.Sequential(conv_block(in_channels, dim), nn.Conv3d(dim, dim, 1))
+        self.query = nn.Sequential(nn.Linear(text_dim, dim), nn.LeakyReLU(0.2), nn.Linear(dim, dim))
+        self.scale = dim ** -0.5
+        self.bias = nn.Parameter(torch.full((1,), -2.0))   # organs are a small part of a scan: start near "not here"
+
+    def forward(self, features: list[torch.Tensor], phrases: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """``features``: maps of one scan at any strides, the first at the output grid; ``phrases`` [N,K,T]
+        (text embeddings of each sample's named organs), ``valid`` [N,K] (which of the K are real)."""
+        size = features[0].shape[2:]
+        stacked = torch.cat([features[0]] + [F.interpolate(f, size=size, mode="trilinear", align_corners=False)
+                                             for f in features[1:]], dim=1)
+        voxels = self.voxel(stacked)                                          # [N,E,...]
+        queries = self.query(phrases.to(voxels.dtype))                        # [N,K,E]
+        logits = torch.einsum("nke,ne...->nk...", queries, voxels) * self.scale + self.bias
+        absent = (~valid.bool()).view(*valid.shape, *([1] * len(size)))
+        return logits.masked_fill(absent, torch.finfo(logits.dtype).min).amax(dim=1, keepdim=True)
+
+
+@torch.no_grad()
+def widen_first_conv(block: nn.Sequential, extra: int) -> None:
+    """Give a trained fusion block ``extra`` more input channels with zero weights (appended last), so
+    the block's output is unchanged until training teaches it to read them."""
+    old = block[0]
+    new = nn.Conv3d(old.in_channels + extra, old.out_channels, old.kernel_size, stride=old.stride,
+                    padding=old.padding).to(device=old.weight.device, dtype=old.weight.dtype)
+    new.weight.zero_()
+    new.weight[:, :old.in_channels] = old.weight
+    new.bias.copy_(old.bias)
+    block[0] = new
