@@ -159,3 +159,21 @@ def test_focus_without_label_maps_comes_from_the_organ_map(mapped_model):
     plain = UniReg.from_pretrained("unireg-tiny-phantom")
     with pytest.raises(UserError, match="no organ map"):
         plain.register((hu, affine), (moving, affine), "inter | liver", focus=True, align="none", refine=20)
+
+
+def test_steering_report_says_how_well_the_map_found_each_organ(mapped_model, tmp_path):
+    """`unireg eval --steering` on a model with an organ map adds the map's Dice of each named organ in the
+    fixed scan: the liver and spleen it was fitted to are found, an organ it never saw is not."""
+    import csv
+
+    from data_tools.shards import make_phantom_shards
+    from unireg.steering import evaluate_steering, write_steering_report
+    make_phantom_shards(tmp_path / "pair", n_subjects=1, shape=SHAPE, spacing=(SPACING,) * 3, seed=7,
+                        intra_per_subject=1, inter_pairs=0)
+    urls = sorted(str(p) for p in (tmp_path / "pair").glob("*.tar"))
+    paths = write_steering_report(evaluate_steering(mapped_model, urls), tmp_path / "eval")
+    rows = {r["organ"]: r for r in csv.DictReader(open(paths["csv"]))}
+    assert float(rows["liver"]["map_dice"]) > 0.6 and float(rows["spleen"]["map_dice"]) > 0.5, rows
+    unseen = [o for o in rows if o not in ("liver", "spleen")]
+    assert unseen and all(float(rows[o]["map_dice"]) < 0.5 for o in unseen), rows
+    assert "| organ map Dice |" in paths["markdown"].read_text()

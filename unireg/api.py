@@ -27,7 +27,8 @@ class UniReg(UniRegModel):
         invariant: for scans whose intensities do not correspond) or "lncc" (see
         ``unireg.pipeline.register.REFINE_SIMILARITIES``).
         ``focus=True``: instance optimisation weights the similarity towards the prompt's organs, placed
-        by ``fixed_labels`` (else ``moving_labels``): for organs that move unlike their surroundings
+        by ``fixed_labels`` (else ``moving_labels``; without either, by the model's organ map of the fixed
+        scan, for a model that has one: ``config.organ_map``): for organs that move unlike their surroundings
         (another subject's anatomy, sliding organs); it costs accuracy where the whole scan moves
         smoothly (``bench/organ_focus.py``).
         ``adapter``: a few-shot adapter (path or :class:`unireg.adapt.Adapter`).

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .errors import UserError
 from .metrics import jacobian_stats, organ_dice, organ_hd95
@@ -68,10 +69,22 @@ def evaluate_pair(model, fixed_hu, moving_hu, fixed_lab, moving_lab, prompt: Pro
     if with_hd95:
         row["hd95_identity"] = organ_hd95(fixed_lab, moving_lab, names, spacing)
         row["hd95"] = organ_hd95(fixed_lab, warped, names, spacing)
+    if out.organ_maps is not None and prompt.organs:
+        row["organ_map_dice"] = organ_map_dice(out.organ_maps[0], fixed_lab, names.values())
     if keep_field:
         row["field_mm"] = disp[0].cpu().numpy() * grid_mm
         row["fixed_labels"] = fixed_lab
     return row
+
+
+def organ_map_dice(logits: torch.Tensor, labels: np.ndarray, ids) -> float:
+    """How well a model's organ map of a scan (logits [1,1,...] on a coarser grid) finds the organs ``ids``:
+    Dice of p > 0.5, brought to the label map's grid, against their union."""
+    found = torch.sigmoid(F.interpolate(logits.float(), size=labels.shape, mode="trilinear", align_corners=False))
+    found = found[0, 0].cpu().numpy() > 0.5
+    truth = np.isin(labels, list(ids))
+    total = found.sum() + truth.sum()
+    return float(2 * (found & truth).sum() / total) if total else 1.0
 
 
 def shard_list(specs) -> list[str]:

@@ -67,10 +67,11 @@ class RegistrationLoss(nn.Module):
     def __init__(self, lncc_kernel: int = 9, similarity_weight: float = 1.0, dice_weight: float = 1.0,
                  smoothness_scale: float = 1.0, global_weight: float = 0.25, focus_dilation: int = 2,
                  lncc_eps: float = LNCC_EPS, smoothness_range=SMOOTHNESS_RANGE, affine_weight: float = 0.0,
-                 map_weight: float = 1.0):
+                 map_weight: float = 1.0, map_hidden_organs=()):
         super().__init__()
         self.affine_weight = affine_weight
         self.map_weight = map_weight
+        self.map_hidden_organs = tuple(map_hidden_organs)   # never shown to the organ map (zero-shot organs)
         self.map_dice = DiceLoss(sigmoid=True, reduction="none", smooth_nr=1e-5, smooth_dr=1e-5)
         self.lncc_kernel, self.lncc_eps = lncc_kernel, lncc_eps
         self.dice = DiceLoss(reduction="none", smooth_nr=1e-5, smooth_dr=1e-5)

@@ -40,6 +40,8 @@ def pair_steering(model, sample: dict, max_organs: int = 12, lambdas=LAMBDAS) ->
         rows[organ] = {"named": named["dice"][organ], "whole_body": whole["dice"][organ],
                        "identity": whole["dice_identity"][organ],
                        "field_change_mm": float(change.mean()) if change.size else 0.0}
+        if "organ_map_dice" in named:   # a model with an organ map: how well it found X in the fixed scan
+            rows[organ]["map_dice"] = named["organ_map_dice"]
     sdlogj = {lam: evaluate_pair(model, *args, Prompt(type=reg_type, smoothness=lam), spacing,
                                  with_hd95=False)["sd_log_jacobian"] for lam in lambdas}
     return {"key": sample.get("key", ""), "type": reg_type, "organs": rows, "sd_log_jacobian": sdlogj}
@@ -70,6 +72,8 @@ def summarise_steering(pairs: list[dict], zero_shot=()) -> dict:
                                        for k in ("named", "whole_body", "identity", "field_change_mm"))
         organs[organ] = {"n": len(rs), "identity": ident, "whole_body": whole, "named": named,
                          "specificity": named - whole, "field_change_mm": change, "zero_shot": organ in zero_shot}
+        if all("map_dice" in r for r in rs):
+            organs[organ]["map_dice"] = float(np.mean([r["map_dice"] for r in rs]))
     lambdas = sorted({lam for p in pairs for lam in p["sd_log_jacobian"]})
     sdlogj = {lam: float(np.mean([p["sd_log_jacobian"][lam] for p in pairs])) for lam in lambdas}
 
@@ -124,12 +128,13 @@ def write_steering_report(summary: dict, out_dir: "str | Path") -> dict[str, Pat
              "Seen organs by registration type: " + "; ".join(
                  f"{t} {fmt(b['mean_specificity_seen'])} ({b['pairs']} pairs, {b['organs']} organs)"
                  for t, b in summary.get("by_type", {}).items()), "",
-             "| organ | zero-shot | n | Dice identity | Dice whole body | Dice named | specificity | field change (mm) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| organ | zero-shot | n | Dice identity | Dice whole body | Dice named | specificity | field change (mm) "
+             "| organ map Dice |", "|---|---|---|---|---|---|---|---|---|"]
     for organ, o in summary["organs"].items():
+        map_dice = f"{o['map_dice']:.3f}" if "map_dice" in o else "—"   # only a model with an organ map has one
         lines.append(f"| {organ} | {'yes' if o['zero_shot'] else ''} | {o['n']} | {o['identity']:.3f} | "
                      f"{o['whole_body']:.3f} | {o['named']:.3f} | {o['specificity']:+.3f} | "
-                     f"{o['field_change_mm']:.2f} |")
+                     f"{o['field_change_mm']:.2f} | {map_dice} |")
     lines += ["", "| smooth=λ | " + " | ".join(f"{lam:g}" for lam in summary["sd_log_jacobian"]) + " |",
               "|---|" + "---|" * len(summary["sd_log_jacobian"]),
               "| SDlogJ | " + " | ".join(f"{v:.4f}" for v in summary["sd_log_jacobian"].values()) + " |", "",
@@ -144,7 +149,8 @@ def write_steering_report(summary: dict, out_dir: "str | Path") -> dict[str, Pat
     with open(paths["csv"], "w", newline="") as f:
         writer = csv.writer(f)
         keys = ("identity", "whole_body", "named", "specificity", "field_change_mm")
-        writer.writerow(["organ", "zero_shot", "n", *keys])
+        writer.writerow(["organ", "zero_shot", "n", *keys, "map_dice"])
         for organ, o in summary["organs"].items():
-            writer.writerow([organ, o["zero_shot"], o["n"], *(round(o[k], 4) for k in keys)])
+            writer.writerow([organ, o["zero_shot"], o["n"], *(round(o[k], 4) for k in keys),
+                             round(o["map_dice"], 4) if "map_dice" in o else ""])
     return paths

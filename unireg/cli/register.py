@@ -30,7 +30,7 @@ def add_parser(subparsers) -> None:
                         "intensities do not correspond)")
     p.add_argument("--focus", action="store_true",
                    help="instance optimisation favours the prompt's organs, placed by --fixed-labels (else "
-                        "--moving-labels): for organs that move unlike their surroundings (another subject, "
+                        "--moving-labels, else the model's organ map when it has one): for organs that move unlike their surroundings (another subject, "
                         "sliding organs); costs accuracy where the whole scan moves smoothly")
     p.add_argument("--adapter", help="few-shot adapter (.safetensors) made by `unireg adapt`")
     p.add_argument("--inverse", action="store_true",

@@ -53,6 +53,8 @@ class FieldOutput:
     #: with an organ map (``config.organ_map``): logits [B,1,...] of where the prompt's organs are, at the
     #: finest level's grid, in the fixed scan and in the moving scan (its own space, not warped)
     organ_maps: tuple[torch.Tensor, torch.Tensor] | None = None
+    #: and the per-voxel embeddings behind them ([B,E,...], fixed and moving): training asks them about other organs
+    organ_voxels: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 class UniRegModel(nn.Module):
@@ -168,7 +170,9 @@ class UniRegModel(nn.Module):
         sam_both, stem_both = self.backbone(both), self.stem(both)
         sam_fixed, sam_moving = sam_both.chunk(2)
         stem = {s: f.chunk(2) for s, f in zip(self.stem.strides, stem_both)}
-        maps = self._organ_maps(prompts, sam_both, stem_both) if self.organ_map is not None else None
+        maps = voxels = None
+        if self.organ_map is not None:
+            maps, voxels = self._organ_maps(prompts, sam_both, stem_both)
 
         affine = None
         if self.affine is not None and with_affine:   # the global part first; the moving features move by it
@@ -199,17 +203,18 @@ class UniRegModel(nn.Module):
 
         deformation = resize_field(self.integrate(velocity), fixed.shape[2:])
         if affine is None:
-            return FieldOutput(velocity=velocity, displacement=deformation, organ_maps=maps)
+            return FieldOutput(velocity=velocity, displacement=deformation, organ_maps=maps, organ_voxels=voxels)
         return FieldOutput(velocity=velocity, displacement=self._mapping(affine, deformation), affine=affine,
-                           deformation=deformation, organ_maps=maps)
+                           deformation=deformation, organ_maps=maps, organ_voxels=voxels)
 
     def _organ_maps(self, prompts: list[Prompt], sam_both: torch.Tensor, stem_both: list[torch.Tensor]):
-        """(fixed, moving) logits of the prompt's organs, each scan in its own space, at the finest level."""
+        """(fixed, moving) logits of the prompt's organs, each scan in its own space, at the finest level, and
+        the two scans' voxel embeddings."""
         phrases, valid = self.condition.phrase_embeddings(prompts, sam_both.device)
         finest = self.stem.strides.index(self.config.level_strides[-1])
         features = stem_both[finest:] + stem_both[:finest] + [sam_both]
-        logits = self.organ_map(features, phrases.repeat(2, 1, 1), valid.repeat(2, 1))
-        return tuple(logits.chunk(2))
+        logits, voxels = self.organ_map(features, phrases.repeat(2, 1, 1), valid.repeat(2, 1))
+        return tuple(logits.chunk(2)), tuple(voxels.chunk(2))
 
     def _map_channels(self, maps, size, mapping: torch.Tensor | None) -> list[torch.Tensor]:
         """Both maps as probabilities on a level's grid, the moving one moved like the moving features."""

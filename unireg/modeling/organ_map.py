@@ -31,17 +31,27 @@ class OrganMap(nn.Module):
         self.scale = dim ** -0.5
         self.bias = nn.Parameter(torch.full((1,), -2.0))   # organs are a small part of a scan: start near "not here"
 
-    def forward(self, features: list[torch.Tensor], phrases: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """``features``: maps of one scan at any strides, the first at the output grid; ``phrases`` [N,K,T]
-        (text embeddings of each sample's named organs), ``valid`` [N,K] (which of the K are real)."""
+    def embed_voxels(self, features: list[torch.Tensor]) -> torch.Tensor:
+        """``features``: maps of one scan at any strides, the first at the output grid -> [N,E,...]."""
         size = features[0].shape[2:]
         stacked = torch.cat([features[0]] + [F.interpolate(f, size=size, mode="trilinear", align_corners=False)
                                              for f in features[1:]], dim=1)
-        voxels = self.voxel(stacked)                                          # [N,E,...]
+        return self.voxel(stacked)
+
+    def logits(self, voxels: torch.Tensor, phrases: torch.Tensor) -> torch.Tensor:
+        """Voxel embeddings [N,E,...] x phrase embeddings [N,K,T] -> one logit map per phrase, [N,K,...]."""
         queries = self.query(phrases.to(voxels.dtype))                        # [N,K,E]
-        logits = torch.einsum("nke,ne...->nk...", queries, voxels) * self.scale + self.bias
-        absent = (~valid.bool()).view(*valid.shape, *([1] * len(size)))
-        return logits.masked_fill(absent, torch.finfo(logits.dtype).min).amax(dim=1, keepdim=True)
+        return torch.einsum("nke,ne...->nk...", queries, voxels) * self.scale + self.bias
+
+    def forward(self, features: list[torch.Tensor], phrases: torch.Tensor,
+                valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The union of each sample's named organs (``phrases`` [N,K,T], ``valid`` [N,K] marks the real ones) as
+        logits [N,1,...], and the voxel embeddings, which training also queries with other organs."""
+        voxels = self.embed_voxels(features)
+        logits = self.logits(voxels, phrases)
+        absent = (~valid.bool()).view(*valid.shape, *([1] * (logits.dim() - 2)))
+        union = logits.masked_fill(absent, torch.finfo(logits.dtype).min).amax(dim=1, keepdim=True)
+        return union, voxels
 
 
 @torch.no_grad()

@@ -127,7 +127,8 @@ class Trainer:
         self.batch_size = self.engine.train_micro_batch_size_per_gpu()
         self.grad_accum = self.engine.gradient_accumulation_steps()
         self.dtype = next(self.engine.module.parameters()).dtype
-        self.loss_fn = RegistrationLoss(**{k: v for k, v in vars(config.loss).items() if k != "affine_only"})
+        self.loss_fn = RegistrationLoss(**{k: v for k, v in vars(config.loss).items() if k != "affine_only"},
+                                        map_hidden_organs=config.data.zero_shot_organs)
         self.checkpoints = CheckpointManager(self.output_dir / "checkpoints", self.run.keep_last)
         self.task = parse_prompt(self.run.task) if self.run.task else None
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
