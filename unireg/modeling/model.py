@@ -135,8 +135,8 @@ class UniRegModel(nn.Module):
             self.config.affine_head = True
 
     def _new_organ_map(self) -> OrganMap:
-        channels = sum(self.stem.channels.values()) + self.config.vit_out_chans
-        return OrganMap(channels, self.config.text_dim)
+        cfg = self.config
+        return OrganMap(cfg.vit_out_chans, cfg.text_dim, cfg.level_strides, out_stride=cfg.level_strides[-1])
 
     def add_organ_map(self) -> None:
         """Give a trained model without one an organ map to fine-tune; the fusion levels get its two channels
@@ -167,12 +167,12 @@ class UniRegModel(nn.Module):
         condition = self.condition(prompts, fixed.device)
 
         both = torch.cat([fixed, moving])
-        sam_both, stem_both = self.backbone(both), self.stem(both)
+        sam_both = self.backbone(both)
         sam_fixed, sam_moving = sam_both.chunk(2)
-        stem = {s: f.chunk(2) for s, f in zip(self.stem.strides, stem_both)}
+        stem = {s: f.chunk(2) for s, f in zip(self.stem.strides, self.stem(both))}
         maps = voxels = None
         if self.organ_map is not None:
-            maps, voxels = self._organ_maps(prompts, sam_both, stem_both)
+            maps, voxels = self._organ_maps(prompts, both, sam_both)
 
         affine = None
         if self.affine is not None and with_affine:   # the global part first; the moving features move by it
@@ -207,13 +207,11 @@ class UniRegModel(nn.Module):
         return FieldOutput(velocity=velocity, displacement=self._mapping(affine, deformation), affine=affine,
                            deformation=deformation, organ_maps=maps, organ_voxels=voxels)
 
-    def _organ_maps(self, prompts: list[Prompt], sam_both: torch.Tensor, stem_both: list[torch.Tensor]):
+    def _organ_maps(self, prompts: list[Prompt], both: torch.Tensor, sam_both: torch.Tensor):
         """(fixed, moving) logits of the prompt's organs, each scan in its own space, at the finest level, and
         the two scans' voxel embeddings."""
-        phrases, valid = self.condition.phrase_embeddings(prompts, sam_both.device)
-        finest = self.stem.strides.index(self.config.level_strides[-1])
-        features = stem_both[finest:] + stem_both[:finest] + [sam_both]
-        logits, voxels = self.organ_map(features, phrases.repeat(2, 1, 1), valid.repeat(2, 1))
+        phrases, valid = self.condition.phrase_embeddings(prompts, both.device)
+        logits, voxels = self.organ_map(both, sam_both, phrases.repeat(2, 1, 1), valid.repeat(2, 1))
         return tuple(logits.chunk(2)), tuple(voxels.chunk(2))
 
     def _map_channels(self, maps, size, mapping: torch.Tensor | None) -> list[torch.Tensor]:

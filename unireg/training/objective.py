@@ -63,17 +63,20 @@ def registration_step(model, batch: dict, loss_fn: RegistrationLoss, forward=Non
 
 #: Organs the atlas term asks a scan's organ map about per step (a random choice among those it shows).
 ATLAS_ORGANS = 16
+#: ...among those with at least this many voxels (a rib or a vertebra is a few cells of the map's grid).
+ATLAS_MIN_VOXELS = 64
 _NAME_OF_ID = {i: name for name, i in ORGAN_TO_ID.items()}
 
 
 def atlas_error(model, loss_fn: RegistrationLoss, voxels: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """The organ map asked about up to ATLAS_ORGANS organs each scan shows at once, each against its own
     mask: one prompt per step would teach it one organ per step (on phantoms the map then found only the
-    liver, Dice 0.33, after 800 steps). Organs kept out of training prompts (``loss_fn.map_hidden_organs``,
+    liver, Dice 0.33, after 800 steps; docs/experiments/organ_map). Organs kept out of training prompts (``loss_fn.map_hidden_organs``,
     the zero-shot ones) are kept out here too."""
     errors = []
     for b in range(labels.shape[0]):
-        ids = [i for i in torch.unique(labels[b]).tolist() if i in _NAME_OF_ID
+        counts = torch.bincount(labels[b].flatten().long().clamp(min=0))
+        ids = [i for i in torch.nonzero(counts >= ATLAS_MIN_VOXELS).flatten().tolist() if i in _NAME_OF_ID
                and _NAME_OF_ID[i] not in loss_fn.map_hidden_organs]
         if not ids:
             continue
