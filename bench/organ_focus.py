@@ -9,7 +9,8 @@ same pairs.
 Each organ X of each pair is registered twice, ``"<type> | X"`` and ``"<type>"``, by the network
 (``refine=False``: the automatic pre-alignment, then the network's field), by the default pipeline, and by the pipeline with ``focus=True`` for the
 named prompt and the fixed labels given to both runs (they place the focus region, as a fixed-image
-mask does in ANTs or elastix). The optimiser never sees the moving labels: they are kept for
+mask does in ANTs or elastix); for a model with an organ map also with ``focus=True`` and no label map
+(the map places the region). The optimiser never sees the moving labels: they are kept for
 scoring, so Dice is an independent measure. Each run is scored on X alone: Dice, and the median TRE
 over X's voxels where the true field is known (breathing phantoms, the real abdomen CT under a known
 motion). Specificity = named - whole body. Cases are ``vs_optimisers``'s with label maps.
@@ -30,8 +31,10 @@ from vs_optimisers import CASES  # noqa: E402
 DEFAULT_ORGANS = ("liver", "spleen", "kidney_left", "kidney_right", "pancreas", "stomach", "gallbladder",
                   "lung_lower_lobe_right", "heart", "duodenum")
 #: register() keywords of each compared method for the named prompt (``+focus``: the fixed labels are
-#: passed too, and the whole-body run gets them without the focus, which needs organs).
-METHODS = {"network": {"refine": False}, "pipeline": {}, "pipeline+focus": {"focus": True}}
+#: passed too, and the whole-body run gets them without the focus, which needs organs; ``+map_focus``: no
+#: label map, the focus region comes from the model's organ map, for a model that has one).
+METHODS = {"network": {"refine": False}, "pipeline": {}, "pipeline+focus": {"focus": True},
+           "pipeline+map_focus": {"focus": True}}
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -55,7 +58,8 @@ def main(argv=None) -> int:
     parser.add_argument("--organs", nargs="+", default=list(DEFAULT_ORGANS))
     parser.add_argument("--cases", nargs="+", default=["phantom_intra", "phantom_inter", "abdomen_native"],
                         choices=[c for c in CASES if c != "chest_native"])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=None, choices=list(METHODS),
+                        help="default: all (pipeline+map_focus only for a model with an organ map)")
     parser.add_argument("--model", default="unireg-tiny-phantom")
     parser.add_argument("--margin", type=float, default=None, help="focus margin, mm (default: the pipeline's)")
     parser.add_argument("--gain", type=float, default=None, help="extra weight of a focus voxel (default: refine's)")
@@ -70,6 +74,8 @@ def main(argv=None) -> int:
     if args.gain is not None:
         refine.FOCUS_GAIN = args.gain
     model = UniReg.from_pretrained(args.model)
+    if args.methods is None:
+        args.methods = [m for m in METHODS if m != "pipeline+map_focus" or model.organ_map is not None]
     rows = []
     for case in args.cases:
         for seed in range(args.seeds):

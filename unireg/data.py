@@ -289,7 +289,10 @@ def prepare_pair(sample: dict, patch_size, seed: int, epoch: int, prompt_samplin
     return {"fixed": spec.network_input(fixed)[None], "moving": spec.network_input(moving)[None],
             "fixed_seg": _label_tensor(arrays["fixed_seg"])[None], "moving_seg": _label_tensor(arrays["moving_seg"])[None],
             "motion": affine_head.from_index_matrix(motion, fixed.shape).float(),
-            "organs": named or present, "prompt": prompt, "key": sample["key"]}
+            "organs": named or present, "prompt": prompt, "key": sample["key"],
+            # whether label ids name the organs they stand for: a synthetic pair's are random draws per pair
+            # (data_tools/synth.py), fine for Dice, meaningless for learning where an organ is
+            "anatomical": torch.tensor(sample["meta"].get("source") != "synth")}
 
 
 def _label_tensor(labels: np.ndarray) -> torch.Tensor:

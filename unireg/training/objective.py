@@ -6,7 +6,9 @@ A batch is the loader's dict (:func:`unireg.data.prepare_pair`): ``fixed``/``mov
 the smoothness term) and ``organs`` (per pair, the organs whose Dice is trained; default: the
 prompt's). A prompt that names organs focuses the similarity on them (see ``unireg.losses``);
 the whole-body prompt keeps it uniform. ``motion`` [B,3,4], the rigid motion the loader added,
-teaches a model's affine head where the loss weighs it (``affine_weight``). Fields beyond these are ignored.
+teaches a model's affine head where the loss weighs it (``affine_weight``). ``anatomical`` [B] (bool, default
+all true) marks pairs whose label ids name real organs: only those teach a model's organ map. Fields beyond
+these are ignored.
 """
 from __future__ import annotations
 
@@ -51,9 +53,13 @@ def registration_step(model, batch: dict, loss_fn: RegistrationLoss, forward=Non
     focused = torch.tensor([bool(p.organs) for p in prompts], device=fixed.device)  # whole body: global objective
     terms = loss_fn(fixed, warped, out.velocity, lam, fixed_masks, warped_masks, valid, focused=focused,
                     affine=out.affine, affine_target=batch.get("motion"))
-    if out.organ_maps is not None and "fixed_seg" in batch and loss_fn.map_weight:
-        error = sum(loss_fn.organ_map_error(logits, prompt_region(batch[key], prompts, logits.shape[2:]))
-                    + atlas_error(model, loss_fn, voxels, batch[key])
+    anatomical = batch.get("anatomical", torch.ones(fixed.shape[0], dtype=torch.bool)).bool().tolist()
+    if out.organ_maps is not None and "fixed_seg" in batch and loss_fn.map_weight and any(anatomical):
+        keep = [b for b, a in enumerate(anatomical) if a]      # pairs whose label ids name real organs
+        kept_prompts = [prompts[b] for b in keep]
+        error = sum(loss_fn.organ_map_error(logits[keep], prompt_region(batch[key][keep], kept_prompts,
+                                                                        logits.shape[2:]))
+                    + atlas_error(model, loss_fn, voxels[keep], batch[key][keep])
                     for logits, voxels, key in zip(out.organ_maps, out.organ_voxels, ("fixed_seg", "moving_seg"))) / 4
         terms["loss"] = terms["loss"] + loss_fn.map_weight * error
         terms["organ_map"] = error.detach()
