@@ -53,18 +53,29 @@ def registration_step(model, batch: dict, loss_fn: RegistrationLoss, forward=Non
     focused = torch.tensor([bool(p.organs) for p in prompts], device=fixed.device)  # whole body: global objective
     terms = loss_fn(fixed, warped, out.velocity, lam, fixed_masks, warped_masks, valid, focused=focused,
                     affine=out.affine, affine_target=batch.get("motion"))
-    anatomical = batch.get("anatomical", torch.ones(fixed.shape[0], dtype=torch.bool)).bool().tolist()
-    if out.organ_maps is not None and "fixed_seg" in batch and loss_fn.map_weight and any(anatomical):
-        keep = [b for b, a in enumerate(anatomical) if a]      # pairs whose label ids name real organs
-        kept_prompts = [prompts[b] for b in keep]
-        error = sum(loss_fn.organ_map_error(logits[keep], prompt_region(batch[key][keep], kept_prompts,
-                                                                        logits.shape[2:]))
-                    + atlas_error(model, loss_fn, voxels[keep], batch[key][keep])
-                    for logits, voxels, key in zip(out.organ_maps, out.organ_voxels, ("fixed_seg", "moving_seg"))) / 4
-        terms["loss"] = terms["loss"] + loss_fn.map_weight * error
-        terms["organ_map"] = error.detach()
+    if out.organ_maps is not None and "fixed_seg" in batch and loss_fn.map_weight:
+        error = organ_map_error(model, batch, out, prompts, loss_fn)
+        if error is not None:
+            terms["loss"] = terms["loss"] + loss_fn.map_weight * error
+            terms["organ_map"] = error.detach()
     terms["displacement"] = out.displacement
     return terms
+
+
+def organ_map_error(model, batch: dict, out, prompts: list[Prompt], loss_fn: RegistrationLoss):
+    """A model's organ maps of both scans against the prompt's organs, plus the atlas term, over the pairs
+    whose label ids name real organs (``batch["anatomical"]``); None when there are none."""
+    anatomical = batch.get("anatomical", torch.ones(len(prompts), dtype=torch.bool)).bool().tolist()
+    keep = [b for b, a in enumerate(anatomical) if a]
+    if not keep:
+        return None
+    kept_prompts = [prompts[b] for b in keep]
+    errors = []
+    for logits, voxels, key in zip(out.organ_maps, out.organ_voxels, ("fixed_seg", "moving_seg")):
+        labels = batch[key][keep]
+        errors.append(loss_fn.organ_map_error(logits[keep], prompt_region(labels, kept_prompts, logits.shape[2:])))
+        errors.append(atlas_error(model, loss_fn, voxels[keep], labels))
+    return sum(errors) / len(errors)
 
 
 #: Organs the atlas term asks a scan's organ map about per step (a random choice among those it shows).
@@ -77,8 +88,8 @@ _NAME_OF_ID = {i: name for name, i in ORGAN_TO_ID.items()}
 def atlas_error(model, loss_fn: RegistrationLoss, voxels: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """The organ map asked about up to ATLAS_ORGANS organs each scan shows at once, each against its own
     mask: one prompt per step would teach it one organ per step (on phantoms the map then found only the
-    liver, Dice 0.33, after 800 steps; docs/experiments/organ_map). Organs kept out of training prompts (``loss_fn.map_hidden_organs``,
-    the zero-shot ones) are kept out here too."""
+    liver, Dice 0.33, after 800 steps; docs/experiments/organ_map). Organs kept out of training prompts
+    (``loss_fn.map_hidden_organs``, the zero-shot ones) are kept out here too."""
     errors = []
     for b in range(labels.shape[0]):
         counts = torch.bincount(labels[b].flatten().long().clamp(min=0))
