@@ -136,7 +136,7 @@ class UniRegModel(nn.Module):
 
     def _new_organ_map(self) -> OrganMap:
         cfg = self.config
-        return OrganMap(cfg.vit_out_chans, cfg.text_dim, cfg.level_strides, out_stride=cfg.level_strides[-1])
+        return OrganMap(cfg.vit_out_chans, cfg.text_dim, sam_stride=cfg.level_strides[0], out_stride=cfg.level_strides[-1])
 
     def add_organ_map(self) -> None:
         """Give a trained model without one an organ map to fine-tune; the fusion levels get its two channels

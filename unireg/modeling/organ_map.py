@@ -31,12 +31,11 @@ class OrganMap(nn.Module):
     liver and 0 for every smaller organ after 900 steps, docs/experiments/organ_map), and its own encoder
     can learn fast without moving the field."""
 
-    def __init__(self, sam_channels: int, text_dim: int, strides: tuple[int, ...], out_stride: int,
+    def __init__(self, sam_channels: int, text_dim: int, sam_stride: int, out_stride: int,
                  channels: tuple[int, ...] = (16, 32, 48, 64), dim: int = 24):
         super().__init__()
-        deepest = max(strides)
-        depth = int(round(math.log2(deepest)))
-        widths = [channels[min(k, len(channels) - 1)] for k in range(depth)]      # at strides 2, 4, ..., deepest
+        depth = int(round(math.log2(sam_stride)))
+        widths = [channels[min(k, len(channels) - 1)] for k in range(depth)]      # at strides 2, 4, ..., sam_stride
         self.down = nn.ModuleList(conv_block(c_in, c_out, stride=2) for c_in, c_out in zip([1] + widths, widths))
         self.join = conv_block(widths[-1] + sam_channels, widths[-1])
         ups, width = [], widths[-1]
