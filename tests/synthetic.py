@@ -6,6 +6,13 @@ import numpy as np
 from unireg.organs import ORGAN_TO_ID
 
 
+def centred_affine(shape, spacing: float) -> np.ndarray:
+    """Voxel -> world (mm) of an isotropic grid of ``shape`` whose centre is the world origin."""
+    affine = np.diag([spacing, spacing, spacing, 1.0])
+    affine[:3, 3] = -spacing * (np.array(shape) - 1) / 2
+    return affine
+
+
 def blob_volume(shape=(32, 32, 32), shift=(0.0, 0.0, 0.0), scale=1.0, seed=0):
     """Body ellipsoid with a 'liver' and a 'spleen' sphere; returns (HU int16, labels uint8).
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from data_tools.phantom import make_subject
+from synthetic import centred_affine
 from unireg import UniReg
 from unireg.io import ijk_to_tensor_order
 from unireg.modeling import affine_head
@@ -67,8 +68,7 @@ def shipped():
 def pair():
     spacing = 6.0
     shape = (40, 40, 40)
-    affine = np.diag([spacing, spacing, spacing, 1.0])
-    affine[:3, 3] = -spacing * (np.array(shape) - 1) / 2
+    affine = centred_affine(shape, spacing)
     fixed = make_subject(3, shape=shape, spacing_mm=(spacing,) * 3)
     moving = make_subject(4, shape=shape, spacing_mm=(spacing,) * 3)
     return fixed.image.astype(np.float32), moving.image.astype(np.float32), affine

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from data_tools.phantom import make_subject
+from synthetic import centred_affine
 from unireg import UniReg
 from unireg.errors import UserError
 from unireg.io import ijk_to_tensor_order
@@ -20,9 +21,7 @@ SHAPE = (32, 32, 32)
 
 
 def _affine():
-    a = np.diag([SPACING, SPACING, SPACING, 1.0])
-    a[:3, 3] = -SPACING * (np.array(SHAPE) - 1) / 2
-    return a
+    return centred_affine(SHAPE, SPACING)
 
 
 def _scan(seed):

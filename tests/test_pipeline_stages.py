@@ -5,6 +5,7 @@ import torch
 from scipy import ndimage
 
 from data_tools.phantom import make_subject
+from synthetic import centred_affine
 from unireg import UniReg
 from unireg.errors import UserError
 from unireg.io import ijk_to_tensor_order
@@ -17,9 +18,7 @@ SHAPE = (48, 48, 48)
 
 
 def _affine():
-    a = np.diag([SPACING, SPACING, SPACING, 1.0])
-    a[:3, 3] = -SPACING * (np.array(SHAPE) - 1) / 2
-    return a
+    return centred_affine(SHAPE, SPACING)
 
 
 @pytest.fixture(scope="module")
