@@ -1,13 +1,16 @@
 """Seconds and peak memory per stage for a clinical-size pair (512x512x400 int16 by default).
 
     python bench/full_size.py [--size 512 512 400] [--threads 2] [--out DIR] [--data DIR] [--full] [--inverse]
+                              [--device cpu|cuda] [--no-save]
 
 A CT-like pair (two phantom subjects rendered coarse and upsampled to ``--size`` at
 0.8 x 0.8 x 1.0 mm, int16 HU, uint8 labels, ``.nii.gz``) is generated once into ``--data`` in a
 child process, so its memory and time count nowhere. This process then loads the shipped
 model, runs ``register`` with the network alone (``refine=False, align="none"`` where
 ``register`` has them; ``--full``: its defaults) and ``result.save`` (``--inverse``: with the inverse
-field and the fixed scan and labels on the moving grid), and prints a table.
+field and the fixed scan and labels on the moving grid), and prints a table. ``--device cuda`` puts
+the model on the GPU (each stage waits for the GPU before it is timed; the GPU's own peak memory is
+printed too); ``--no-save`` leaves ``result.save`` out.
 
 Stages are timed by wrapping the io / network / visualisation functions wherever the package
 imported them (outermost call wins, so the slices the overview warps count as "overview").
@@ -107,6 +110,7 @@ class StageMeter:
             try:
                 return fn(*args, **kwargs)
             finally:
+                _wait_for_gpu()
                 self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
                 self.cpu[stage] = self.cpu.get(stage, 0.0) + time.process_time() - cpu
                 self.peak[stage] = max(self.peak.get(stage, 0), self.rss())
@@ -120,6 +124,13 @@ class StageMeter:
         if now > self._max_seen and stage is not None:
             self.rose[stage] = now
         self._max_seen = max(self._max_seen, now)
+
+
+def _wait_for_gpu() -> None:
+    """Kernels run asynchronously: a stage ends when the GPU has finished its work."""
+    import torch
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def _max_rss() -> int:
@@ -156,14 +167,15 @@ def instrument(meter: StageMeter, model) -> None:
     model.forward = meter.wrap(model.forward, "network")
 
 
-def measure(paths: dict[str, Path], out: Path, full_pipeline: bool = False, with_inverse: bool = False) -> None:
+def measure(paths: dict[str, Path], out: Path, full_pipeline: bool = False, with_inverse: bool = False,
+            device: str = "cpu", save: bool = True) -> None:
     import torch
 
     from unireg import UniReg
 
     meter = StageMeter()
     start = time.perf_counter()
-    model = UniReg.from_pretrained("unireg-tiny-phantom")
+    model = UniReg.from_pretrained("unireg-tiny-phantom", device=device)
     load_model_s = time.perf_counter() - start
     baseline = meter.rss()
     instrument(meter, model)
@@ -180,15 +192,18 @@ def measure(paths: dict[str, Path], out: Path, full_pipeline: bool = False, with
     meter._note_rise("(other) register")
     meter.outside = "(other) save"
     start, cpu = time.perf_counter(), time.process_time()
-    result.save(out, inverse=with_inverse)
+    if save:
+        result.save(out, inverse=with_inverse)
     save_s, save_cpu = time.perf_counter() - start, time.process_time() - cpu
     meter._note_rise("(other) save")
     meter.stop()
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux
 
     gb = lambda b: b / 1e9  # noqa: E731
+    gpu = (f", {torch.cuda.get_device_name()}: peak GPU memory {gb(torch.cuda.max_memory_allocated()):.2f} GB"
+           if device == "cuda" else "")
     print(f"fixed {result.fixed.shape} {result.fixed.get_data_dtype()}, register({kwargs or 'defaults'}), "
-          f"torch threads {torch.get_num_threads()}; RSS after loading the model {gb(baseline):.2f} GB "
+          f"torch threads {torch.get_num_threads()}{gpu}; RSS after loading the model {gb(baseline):.2f} GB "
           f"({load_model_s:.1f} s)")
     print(f"{'stage':<32}{'seconds':>9}{'CPU s':>8}{'peak RSS GB':>13}{'max RSS rose to':>17}")
     parts = (("register", register_s, register_cpu, list(register_stages), {}, {}),
@@ -204,10 +219,15 @@ def measure(paths: dict[str, Path], out: Path, full_pipeline: bool = False, with
               f"{gb(meter.peak.get(f'(other) {part}', 0)):>13.2f}"
               + (f"{gb(meter.rose[f'(other) {part}']):>17.2f}" if f"(other) {part}" in meter.rose else ""))
         print(f"{part + ' total':<32}{total:>9.2f}{total_cpu:>8.2f}")
+    stages = result.metrics.get("stages", [])
+    if stages:
+        print("register's own stages (metrics.json): " + ", ".join(
+            f"{st['stage']} {st.get('seconds', float('nan')):.2f} s" for st in stages))
     print(f"{'register + save':<32}{register_s + save_s:>9.2f}{register_cpu + save_cpu:>8.2f}"
           f"{peak_kb * 1024 / 1e9:>13.2f}  (process peak, getrusage)")
-    sizes = {p.name: p.stat().st_size / 1e6 for p in sorted(out.iterdir())}
-    print("files (MB): " + ", ".join(f"{name} {mb:.1f}" for name, mb in sizes.items()))
+    if save:
+        sizes = {p.name: p.stat().st_size / 1e6 for p in sorted(out.iterdir())}
+        print("files (MB): " + ", ".join(f"{name} {mb:.1f}" for name, mb in sizes.items()))
 
 
 def main() -> None:
@@ -218,6 +238,8 @@ def main() -> None:
     parser.add_argument("--full", action="store_true", help="the default pipeline instead of the network alone")
     parser.add_argument("--inverse", action="store_true", help="save the inverse outputs too (register --inverse)")
     parser.add_argument("--out", type=Path, default=None, help="folder for result.save (default: a temporary one)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the model runs")
+    parser.add_argument("--no-save", action="store_true", help="register only: leave result.save out")
     args = parser.parse_args()
     size = tuple(args.size)
     data = args.data or Path(tempfile.gettempdir()) / f"unireg_full_size_{'x'.join(map(str, size))}"
@@ -227,7 +249,7 @@ def main() -> None:
         import torch
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        measure(paths, args.out or Path(tmp) / "out", args.full, args.inverse)
+        measure(paths, args.out or Path(tmp) / "out", args.full, args.inverse, args.device, not args.no_save)
 
 
 if __name__ == "__main__":

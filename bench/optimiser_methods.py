@@ -3,7 +3,7 @@
 ``method(fixed, moving, prompt) -> (u, seconds)`` where ``fixed``/``moving`` are nibabel images
 (RAS affines, any grids) and ``u`` is the fixed -> moving mapping as a mm RAS displacement on the
 fixed grid [X, Y, Z, 3]. ``seconds`` is the time of the call a user of that tool makes (the
-conversion of its output into ``u`` is not counted). The optimisers run on CPU, in this process,
+conversion of its output into ``u`` is not counted). The optimisers run in this process (ConvexAdam on the GPU with ``--device cuda``),
 with their documented defaults or the settings their tutorials use:
 
 * ANTs SyN: ``ants.registration(type_of_transform="SyN")`` (antspyx; affine + SyN, MI/CC defaults);
@@ -133,14 +133,14 @@ def greedy(fixed, moving, prompt=None, threads: int = 2):
         return _itk_field_to_ras(tmp / "total.nii.gz", fixed), seconds
 
 
-def convex_adam(fixed, moving, prompt=None):
+def convex_adam(fixed, moving, prompt=None, device: str = "cpu"):
     import torch
     from convexAdam.convex_adam_MIND import convex_adam_pt
     start = time.perf_counter()
     points = grid_points(fixed.shape[:3], fixed.affine)
     moving_on_fixed = sample(np.asanyarray(moving.dataobj).astype(np.float32), moving.affine, points, 1, HU_AIR)
     disp = convex_adam_pt(np.asanyarray(fixed.dataobj).astype(np.float32),
-                          moving_on_fixed.reshape(fixed.shape[:3]), device=torch.device("cpu"),
+                          moving_on_fixed.reshape(fixed.shape[:3]), device=torch.device(device),
                           dtype=torch.float32)
     seconds = time.perf_counter() - start
     return (disp.astype(np.float32) @ fixed.affine[:3, :3].T.astype(np.float32)), seconds

@@ -1,7 +1,7 @@
 """UniReg against classical optimisers (ANTs SyN, Greedy, ConvexAdam) on the same pairs.
 
     python bench/vs_optimisers.py [--quick] [--cases NAME ...] [--methods NAME ...] [--seeds N]
-                                  [--points N] [--model NAME_OR_PATH] [--json FILE]
+                                  [--points N] [--model NAME_OR_PATH] [--device cpu|cuda] [--json FILE]
 
 Prints one table - median and 95th-percentile TRE (mm), mean Dice, mean HD95 (mm), % of voxels
 with det J <= 0, seconds per pair - then ratio lines of the default pipeline against the best
@@ -37,6 +37,7 @@ wall-clock on this machine with whatever else runs on it (the load average is pr
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shlex
@@ -127,13 +128,14 @@ QUICK_CASES = ("phantom_inter", "phantom_intra", "chest_2mm")
 
 
 # ----------------------------------------------------------------------------------------- methods
-def build_methods(names, model_name: str) -> tuple[dict, list[str]]:
-    """Callables for the requested methods; notes for those that cannot run here."""
+def build_methods(names, model_name: str, device: str = "cpu") -> tuple[dict, list[str]]:
+    """Callables for the requested methods; notes for those that cannot run here. ``device`` is where
+    UniReg's model and ConvexAdam run (ANTs and Greedy are CPU programs)."""
     methods, notes = {}, []
     model = None
     if set(UNIREG_METHODS) & set(names) or "aligned" in names:
         from unireg import UniReg
-        model = UniReg.from_pretrained(model_name)
+        model = UniReg.from_pretrained(model_name, device=device)
     for name in names:
         if name == "identity":
             methods[name] = om.identity
@@ -150,7 +152,8 @@ def build_methods(names, model_name: str) -> tuple[dict, list[str]]:
             module = {"ants_syn": "ants", "greedy": "picsl_greedy", "convexadam": "convexAdam"}[name]
             try:
                 __import__(module)
-                methods[name] = om.OPTIMISERS[name]
+                methods[name] = (functools.partial(om.convex_adam, device=device) if name == "convexadam"
+                                 else om.OPTIMISERS[name])
             except ImportError as exc:
                 notes.append(f"{name}: not installed ({exc.name}); pip install -e \".[bench]\"")
     return methods, notes
@@ -237,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, help="pairs per case (default 3, quick 1)")
     parser.add_argument("--points", type=int, help="TRE points per pair (default 20000, quick 5000)")
     parser.add_argument("--model", default="unireg-tiny-phantom")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="where UniReg and ConvexAdam run (the goals are set on the 2-core CPU)")
     parser.add_argument("--json", help="also write every pair's scores here")
     args = parser.parse_args(argv)
     cases = args.cases or (list(QUICK_CASES) if args.quick else list(CASES))
@@ -246,15 +251,17 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     warnings.filterwarnings("ignore", category=FutureWarning)      # MONAI's deprecation notes in HD95
     print("command: python bench/vs_optimisers.py " + shlex.join(sys.argv[1:] if argv is None else argv))
-    print(f"machine: {os.cpu_count()} cores, torch {torch.get_num_threads()} threads, "
+    gpu = f", {torch.cuda.get_device_name()}" if args.device == "cuda" else ""
+    print(f"machine: {os.cpu_count()} cores, torch {torch.get_num_threads()} threads{gpu}, "
           f"load average {os.getloadavg()[0]:.1f} at start")
-    methods, notes = build_methods(args.methods, args.model)
+    methods, notes = build_methods(args.methods, args.model, args.device)
     for note in notes:
         print("note:", note)
     ours = [m for m in UNIREG_METHODS if m in methods]
-    if ours:   # warm-up: text model, allocator (not timed)
-        pair = phantom_pair("inter", 99, 10, shape=(32, 32, 32))
-        methods[ours[-1]](pair.fixed, pair.moving, "inter")
+    warm = ([*ours, "convexadam"] if args.device == "cuda" else ours[-1:])
+    pair = phantom_pair("inter", 99, 10, shape=(48, 48, 48))
+    for name in (m for m in warm if m in methods):   # warm-up: text model, allocator, CUDA kernels (not timed)
+        methods[name](pair.fixed, pair.moving, "inter")
 
     rows: dict = {c: {m: [] for m in methods} for c in cases}
     errors: dict = {}
