@@ -220,12 +220,12 @@ def inverse_field(field_mm: np.ndarray, affine: np.ndarray, matrix: np.ndarray |
 
 def _inverse_on_grid(field_mm, affine, matrix, shape, grid_affine, tol_mm) -> tuple[np.ndarray, InverseStats]:
     """``inverse_field`` at every voxel of the grid, chunk by chunk."""
-    from .io import _grid_points, _slabs
+    from .io import grid_points, _slabs
     mapping = InverseMapping(field_mm, affine, matrix)
     out = np.empty((*shape, 3), np.float32)
     residuals, steps = [], 0
     for a, b in _slabs(shape, CHUNK_POINTS):
-        y = _grid_points(shape, a, b, grid_affine).reshape(-1, 3)
+        y = grid_points(shape, a, b, grid_affine).reshape(-1, 3)
         x, residual, taken = mapping(y, tol_mm)
         out[a:b] = (x - y).reshape(b - a, *shape[1:], 3).numpy()
         residuals.append(residual)

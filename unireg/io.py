@@ -308,18 +308,49 @@ class WorkingGrid:
     def spacing(self) -> float:
         return float(np.linalg.norm(self.affine[:3, 0]))
 
-    def resample(self, img: nib.Nifti1Image, labels: bool = False) -> np.ndarray:
+    def resample(self, img: nib.Nifti1Image, labels: bool = False, device=None) -> "np.ndarray | torch.Tensor":
         """``img`` on this grid, (i, j, k) order, float32; air outside an image, background outside labels.
 
         Reads the stored voxels directly (no float copy of a full-size scan); the same
-        ``affine_transform`` call as ``nibabel.processing.resample_from_to``.
+        ``affine_transform`` call as ``nibabel.processing.resample_from_to``. With a CUDA ``device``
+        the same sampling runs there and a tensor on it comes back (:func:`_resample_on_device`):
+        scipy's single-threaded resampler took 2.2 of a 3.4 s registration on an H100.
         """
         to_img = np.linalg.inv(img.affine) @ self.affine
+        if device is not None and torch.device(device).type == "cuda":
+            return _resample_on_device(np.asanyarray(img.dataobj), to_img, self.shape, labels, torch.device(device))
         out = np.empty(self.shape, np.float32)
         ndimage.affine_transform(np.asanyarray(img.dataobj), to_img[:3, :3], to_img[:3, 3], output_shape=self.shape,
                                  output=out, order=0 if labels else 1, mode="constant",
                                  cval=0 if labels else HU_OUTSIDE)
         return out
+
+
+def _resample_on_device(data: np.ndarray, to_img: np.ndarray, shape, labels: bool, device: torch.device) -> torch.Tensor:
+    """``WorkingGrid.resample`` on a GPU, with scipy's ``mode="constant"`` rules: a grid voxel whose
+    position in the scan (float64) lies outside [0, n - 1] on any axis takes the outside value;
+    inside, linear interpolation (edges clamped) or the nearest voxel, ``floor(x + 0.5)``. The scan
+    travels once, in its stored type; positions are made a slab of planes at a time."""
+    if not data.dtype.isnative or data.dtype.kind == "u" and data.dtype.itemsize > 1 or data.dtype.kind == "b":
+        data = data.astype(np.float32 if data.dtype.kind == "f" else np.int64)   # types torch cannot take as they are
+    reverse = data.flags.f_contiguous and not data.flags.c_contiguous     # nibabel's usual order: no host copy
+    stored = torch.from_numpy(np.ascontiguousarray(data.T if reverse else data)).to(device)
+    volume = stored.permute(2, 1, 0) if reverse else stored               # (i, j, k), a view
+    if not labels:
+        volume = volume.float()[None, None]
+    size = torch.tensor(data.shape[:3], dtype=torch.float64, device=device)
+    out = torch.empty(tuple(shape), dtype=torch.float32, device=device)
+    for start, stop in _slabs(shape):
+        at = grid_points(shape, start, stop, to_img, device, dtype=torch.float64)   # [n_i, J, K, 3] scan voxels
+        inside = ((at >= 0) & (at <= size - 1)).all(-1)
+        if labels:
+            index = (at + 0.5).floor_().clamp_(min=torch.zeros_like(size), max=size - 1).long()
+            values = volume[index[..., 0], index[..., 1], index[..., 2]].float()
+        else:                                  # grid_sample's (x, y, z) index (k, j, i), align_corners=True
+            unit = (2 * at / (size - 1).clamp(min=1) - 1).flip(-1).float()
+            values = grid_sample(volume, unit[None], mode="bilinear", padding_mode="border", align_corners=True)[0, 0]
+        out[start:stop] = torch.where(inside, values, 0.0 if labels else float(HU_OUTSIDE))
+    return out
 
 
 def ijk_to_tensor_order(array: np.ndarray) -> np.ndarray:
@@ -346,22 +377,14 @@ def _slabs(shape, points: int | None = None):
         yield start, min(shape[0], start + step)
 
 
-def _grid_points(shape, start: int, stop: int, matrix: np.ndarray, device=None) -> torch.Tensor:
-    """``matrix @ [i, j, k, 1]`` for the voxels of planes start:stop of a grid -> float32 [n_i, J, K, 3]."""
+def grid_points(shape, start: int, stop: int, matrix: np.ndarray, device=None,
+                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``matrix @ [i, j, k, 1]`` for the voxels of planes start:stop of a grid -> [n_i, J, K, 3] (float32)."""
     m = torch.as_tensor(np.asarray(matrix, dtype=np.float64)[:3], device=device)
-    i = (torch.arange(start, stop, dtype=torch.float64, device=device)[:, None] * m[:, 0] + m[:, 3]).float()
-    j = (torch.arange(shape[1], dtype=torch.float64, device=device)[:, None] * m[:, 1]).float()
-    k = (torch.arange(shape[2], dtype=torch.float64, device=device)[:, None] * m[:, 2]).float()
+    i = (torch.arange(start, stop, dtype=torch.float64, device=device)[:, None] * m[:, 0] + m[:, 3]).to(dtype)
+    j = (torch.arange(shape[1], dtype=torch.float64, device=device)[:, None] * m[:, 1]).to(dtype)
+    k = (torch.arange(shape[2], dtype=torch.float64, device=device)[:, None] * m[:, 2]).to(dtype)
     return i[:, None, None] + j[None, :, None] + k[None, None]
-
-
-def voxel_world(shape, affine: np.ndarray, start: int = 0, stop: int | None = None) -> np.ndarray:
-    """World coordinates [3, N] (float32) of the voxel centres of a grid, or of its planes start:stop.
-
-    For a full-size grid this is 12 bytes a voxel: the resamplers below never build it.
-    """
-    stop = shape[0] if stop is None else stop
-    return np.ascontiguousarray(_grid_points(shape, start, stop, affine).reshape(-1, 3).T.numpy())
 
 
 class _Sampler:
@@ -417,7 +440,7 @@ class _Sampler:
                mm_to_voxel: np.ndarray | None = None) -> torch.Tensor:
         """Where the grid voxels of planes start:stop are sampled, [n, 3]: ``to_voxel`` (4x4, grid voxel ->
         volume voxel) plus, with ``field`` ([n_i, J, K, 3] mm), ``mm_to_voxel`` (3x3) of the displacement."""
-        points = _grid_points(shape, start, stop, self.space @ to_voxel, self.device).view(-1, 3)
+        points = grid_points(shape, start, stop, self.space @ to_voxel, self.device).view(-1, 3)
         if field is None:
             return points
         linear = torch.from_numpy((self.space[:3, :3] @ mm_to_voxel).T.astype(np.float32)).to(self.device)
@@ -493,7 +516,7 @@ def field_on_grid(world_field: np.ndarray, field_affine: np.ndarray, shape, affi
         linear_t = torch.from_numpy(linear.T.astype(np.float32))
         for a, b in _slabs(shape):
             part = torch.from_numpy(out[a:b]).view(-1, 3)
-            part.copy_(torch.addmm(_grid_points(shape, a, b, rest).view(-1, 3), part, linear_t))
+            part.copy_(torch.addmm(grid_points(shape, a, b, rest).view(-1, 3), part, linear_t))
     return out
 
 

@@ -63,14 +63,18 @@ class PreprocessingSpec:
         return normalize_ct(hu, self.hu_min, self.hu_max)
 
 
-def on_grid(img: nib.Nifti1Image, grid, labels: bool = False) -> np.ndarray:
+def on_grid(img: nib.Nifti1Image, grid, labels: bool = False, device=None) -> "np.ndarray | torch.Tensor":
     """``img`` on a working ``grid`` in tensor order [D, H, W]: trilinear HU (air outside) or nearest labels.
 
     A scan already on the grid is returned as it is stored (no interpolation, no copy): shards
-    written at the working spacing cost nothing here."""
+    written at the working spacing cost nothing here. With a CUDA ``device`` the resampling runs
+    there (same rules) and the result is a tensor on it."""
     if is_on_grid(img, grid):
         return np.asanyarray(img.dataobj).transpose(2, 1, 0)
-    return np.ascontiguousarray(grid.resample(img, labels=labels).transpose(2, 1, 0))
+    out = grid.resample(img, labels=labels, device=device)
+    if isinstance(out, torch.Tensor):
+        return out.permute(2, 1, 0).contiguous()
+    return np.ascontiguousarray(out.transpose(2, 1, 0))
 
 
 def is_on_grid(img: nib.Nifti1Image, grid) -> bool:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..config import UniRegConfig
-from ..io import WorkingGrid, ijk_to_tensor_order, voxel_world
+from ..io import WorkingGrid, grid_points
 from ..preprocessing import on_grid
 
 #: Largest refinement grid (voxels) by device: instance optimisation holds ~30 float32 copies of it.
@@ -46,13 +46,15 @@ def scan_tensor(img: nib.Nifti1Image, grid: WorkingGrid, config: UniRegConfig, d
                 matrix: np.ndarray | None = None) -> torch.Tensor:
     """A CT on ``grid`` (optionally sampled through a world ``matrix``: fixed -> moving) -> [1,1,D,H,W] in [0,1]."""
     spec = config.preprocessing
-    hu = on_grid(img, _sampling_grid(grid, matrix))
+    hu = on_grid(img, _sampling_grid(grid, matrix), device=device)
     return spec.network_input(hu)[None, None].to(device=device, dtype=dtype)
 
 
 def label_tensor(img: nib.Nifti1Image, grid: WorkingGrid, device, matrix: np.ndarray | None = None) -> torch.Tensor:
     """A label map on ``grid`` (nearest) -> int64 [1,1,D,H,W]."""
-    arr = on_grid(img, _sampling_grid(grid, matrix), labels=True)
+    arr = on_grid(img, _sampling_grid(grid, matrix), labels=True, device=device)
+    if isinstance(arr, torch.Tensor):
+        return arr.to(torch.int64)[None, None]
     return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.int64))[None, None].to(device)
 
 
@@ -65,13 +67,13 @@ def coverage_tensor(img: nib.Nifti1Image, grid: WorkingGrid, device,
     similarity would pull anatomy towards that artificial edge.
     """
     to_img = np.linalg.inv(img.affine) @ (np.eye(4) if matrix is None else matrix) @ grid.affine
-    size = np.array(img.shape[:3], dtype=np.float32)[:, None]
-    inside = np.empty(grid.shape, dtype=bool)
+    size = torch.tensor(img.shape[:3], dtype=torch.float32, device=device)
+    inside = torch.empty(grid.shape, dtype=torch.float32, device=device)
     for a in range(0, grid.shape[0], 16):                 # slabs: a full-size grid's points never at once
         b = min(grid.shape[0], a + 16)
-        ijk = voxel_world(grid.shape, to_img, a, b)          # [3, N] voxel coordinates in the scan
-        inside[a:b] = ((ijk >= -0.5) & (ijk <= size - 0.5)).all(axis=0).reshape(b - a, *grid.shape[1:])
-    return torch.from_numpy(ijk_to_tensor_order(inside.astype(np.float32)))[None, None].to(device)
+        ijk = grid_points(grid.shape, a, b, to_img, device)   # [n_i, J, K, 3] voxel coordinates in the scan
+        inside[a:b] = ((ijk >= -0.5) & (ijk <= size - 0.5)).all(-1)
+    return inside.permute(2, 1, 0).contiguous()[None, None]
 
 
 def moving_coverage(fixed: nib.Nifti1Image, moving: nib.Nifti1Image, grid: WorkingGrid, device,
