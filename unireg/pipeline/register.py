@@ -33,7 +33,7 @@ from .grids import (label_tensor, lattice_grid, lattice_offset, moving_coverage,
 from .inputs import ScanPair, load_pair
 from .mapping import network_affine_matrix, total_displacement
 from .network import predict_field
-from .refine import STEP_PRESETS, refine_velocity, step_preset
+from .refine import INTENSITY_WEIGHT, STEP_PRESETS, refine_velocity, step_preset
 
 ALIGN_MODES = ("auto", "none", "rigid", "affine")
 #: Most label channels the Dice term of instance optimisation carries (the largest organs win).
@@ -58,6 +58,17 @@ COARSEST_LEVEL_MM = 16.0
 #: rigidly pre-aligned where at 6 mm it was left alone, and ended 0.54 instead of 0.44 mm median TRE.
 ALIGN_SPACING_MM = 6.0
 VELOCITY_SPACING_MM = 16.0
+#: Between subjects (prompt type "inter") organs differ in shape, not only in place: instance optimisation
+#: then works on a finer velocity grid and weighs the standardised intensity, which marks organ boundaries
+#: that MIND-SSC's self-similarity blurs, three times more (``refine.INTENSITY_WEIGHT``). Phantom
+#: inter-subject pairs (96^3 at 4 mm, six seeds, mean organ Dice; 2-core CPU): 16 mm / weight 1 0.793 in
+#: 1.8 s; 8 mm 0.829 (three seeds); weight 3 at 16 mm 0.815 (smooth=0, three seeds); both 0.851 in 3.5 s
+#: (Greedy 0.848 on the first three, 4.2 s). Breathing and repositioning (intra) keep 16 mm and weight 1:
+#: there 8 mm cost the real chest 0.04 and the abdomen 0.03 mm median TRE in 1.3-1.8x the seconds
+#: (docs/experiments/refine_speed/), and weight 3 took the abdomen from 0.43 to 0.71 mm. ``refine="fast"``
+#: keeps 16 mm between subjects too: with its MIND-SSC alone 8 mm gave 0.781 against 0.767 in 1.6x the seconds.
+INTER_VELOCITY_SPACING_MM = 8.0
+INTER_INTENSITY_WEIGHT = 3.0
 #: ``focus=True``: instance optimisation weights the similarity towards the prompt's organs, found in a
 #: label map, grown by this margin (refine's ``focus``), so that their boundaries and a band of what
 #: slides along them are in the region. Three seeds each (bench/organ_focus.py, docs/experiments/
@@ -225,13 +236,15 @@ class RegistrationPipeline:
                 focus_mask, info["focus"] = _predicted_focus_mask(organ_map, fine, prompt)
             if similarity == "auto":
                 similarity = step_preset(steps).similarity
+            between_subjects = prompt.type == "inter" and step_preset(steps) is STEP_PRESETS["auto"]
             res = refine_velocity(fixed_f, moving_f, velocity, smoothness=self.model.condition.smoothness_of(prompt),
                                   spacing_mm=fine.spacing, steps=steps,
                                   levels=refine_levels(fine.spacing), similarity=similarity,
-                                  velocity_factor=_velocity_factor(prompt, fine.spacing),
+                                  velocity_factor=_velocity_factor(prompt, fine.spacing, between_subjects),
                                   fixed_masks=fixed_masks, focus=focus_mask,
                                   moving_masks=moving_masks, rigid_mask=rigid_mask, moving_coverage=coverage,
-                                  fixed_to_moving=fixed_to_moving, progress=progress)
+                                  fixed_to_moving=fixed_to_moving, progress=progress,
+                                  intensity_weight=INTER_INTENSITY_WEIGHT if between_subjects else INTENSITY_WEIGHT)
             release_freed_memory()     # before the caller's full-size outputs (see unireg.memory)
             info.update(grid=list(fine.shape), spacing_mm=round(fine.spacing, 3), similarity=similarity,
                         levels=res.history, **res.check)
@@ -275,9 +288,11 @@ def refine_levels(spacing_mm: float) -> tuple[int, ...]:
     return tuple(f for f in REFINE_LEVELS if f == 1 or f * spacing_mm <= COARSEST_LEVEL_MM + 1e-6)
 
 
-def _velocity_factor(prompt: Prompt, spacing_mm: float) -> int:
-    """How much coarser than the refinement grid the optimised velocity is (see VELOCITY_SPACING_MM)."""
-    return 2 if prompt.rigid else max(2, round(VELOCITY_SPACING_MM / spacing_mm))
+def _velocity_factor(prompt: Prompt, spacing_mm: float, between_subjects: bool = False) -> int:
+    """How much coarser than the refinement grid the optimised velocity is (see VELOCITY_SPACING_MM and
+    INTER_VELOCITY_SPACING_MM)."""
+    spacing = INTER_VELOCITY_SPACING_MM if between_subjects else VELOCITY_SPACING_MM
+    return 2 if prompt.rigid else max(2, round(spacing / spacing_mm))
 
 
 def check_refine(refine) -> "str | int":
