@@ -236,7 +236,7 @@ class RegistrationPipeline:
                 focus_mask, info["focus"] = _predicted_focus_mask(organ_map, fine, prompt)
             if similarity == "auto":
                 similarity = step_preset(steps).similarity
-            between_subjects = prompt.type == "inter" and step_preset(steps) is STEP_PRESETS["auto"]
+            between_subjects = prompt.type == "inter" and step_preset(steps) == STEP_PRESETS["auto"]
             res = refine_velocity(fixed_f, moving_f, velocity, smoothness=self.model.condition.smoothness_of(prompt),
                                   spacing_mm=fine.spacing, steps=steps,
                                   levels=refine_levels(fine.spacing), similarity=similarity,
