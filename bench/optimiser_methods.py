@@ -3,8 +3,8 @@
 ``method(fixed, moving, prompt) -> (u, seconds)`` where ``fixed``/``moving`` are nibabel images
 (RAS affines, any grids) and ``u`` is the fixed -> moving mapping as a mm RAS displacement on the
 fixed grid [X, Y, Z, 3]. ``seconds`` is the time of the call a user of that tool makes (the
-conversion of its output into ``u`` is not counted). The optimisers run in this process (ConvexAdam on the GPU with ``--device cuda``),
-with their documented defaults or the settings their tutorials use:
+conversion of its output into ``u`` is not counted). The optimisers run in this process (ConvexAdam
+on the GPU with ``--device cuda``), with their documented defaults or the settings their tutorials use:
 
 * ANTs SyN: ``ants.registration(type_of_transform="SyN")`` (antspyx; affine + SyN, MI/CC defaults);
 * Greedy: affine (12 dof, image centres, NCC 2x2x2, 100x50x10) then deformable (NCC 2x2x2,

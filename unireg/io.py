@@ -326,7 +326,8 @@ class WorkingGrid:
         return out
 
 
-def _resample_on_device(data: np.ndarray, to_img: np.ndarray, shape, labels: bool, device: torch.device) -> torch.Tensor:
+def _resample_on_device(data: np.ndarray, to_img: np.ndarray, shape, labels: bool,
+                        device: torch.device) -> torch.Tensor:
     """``WorkingGrid.resample`` on a GPU, with scipy's ``mode="constant"`` rules: a grid voxel whose
     position in the scan (float64) lies outside [0, n - 1] on any axis takes the outside value;
     inside, linear interpolation (edges clamped) or the nearest voxel, ``floor(x + 0.5)``. The scan
@@ -378,8 +379,9 @@ def _slabs(shape, points: int | None = None):
 
 
 def grid_points(shape, start: int, stop: int, matrix: np.ndarray, device=None,
-                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``matrix @ [i, j, k, 1]`` for the voxels of planes start:stop of a grid -> [n_i, J, K, 3] (float32)."""
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``matrix @ [i, j, k, 1]`` for the voxels of planes start:stop of a grid -> [n_i, J, K, 3] of ``dtype``
+    (made in float64 either way)."""
     m = torch.as_tensor(np.asarray(matrix, dtype=np.float64)[:3], device=device)
     i = (torch.arange(start, stop, dtype=torch.float64, device=device)[:, None] * m[:, 0] + m[:, 3]).to(dtype)
     j = (torch.arange(shape[1], dtype=torch.float64, device=device)[:, None] * m[:, 1]).to(dtype)

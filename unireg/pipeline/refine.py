@@ -18,8 +18,8 @@ Method
     asks for 8, 4, 2, 1; images area-averaged). At each level the velocity lives on a coarser grid
     than the images: half the level's resolution, or ``velocity_factor`` times coarser than the fixed
     grid when that is coarser still (the pipeline asks for ~16 mm, 8 mm between subjects: a cheap
-    scaling and squaring while the similarity keeps the level's detail); the displacement is integrated there and upsampled
-    (trilinear) to the level grid for warping. With a preset ``steps``, sampled levels between the
+    scaling and squaring while the similarity keeps the level's detail); the displacement is integrated
+    there and upsampled (trilinear) to the level grid for warping. With a preset ``steps``, sampled levels between the
     first and the finest that would optimise the finest's own velocity grid are skipped
     (``_skip_redundant_levels``). Loss per step:
 
