@@ -241,6 +241,10 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the model runs")
     parser.add_argument("--no-save", action="store_true", help="register only: leave result.save out")
     args = parser.parse_args()
+    if args.device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            parser.error("--device cuda: torch sees no CUDA device on this machine")
     size = tuple(args.size)
     data = args.data or Path(tempfile.gettempdir()) / f"unireg_full_size_{'x'.join(map(str, size))}"
     with multiprocessing.get_context("spawn").Pool(1) as pool:  # generation's memory stays in the child

@@ -11,11 +11,13 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from known_deformation import (KnownDeformation, body_mask, evaluation_points, grid_points,  # noqa: E402
                                inside_grid, make_moving, sample)
+import vs_optimisers  # noqa: E402
 from registration_scores import folding_pct, label_scores, mapped_points, tre_stats, warp_labels  # noqa: E402
 
 from data_tools.phantom import make_subject  # noqa: E402
@@ -149,3 +151,11 @@ def test_aligned_row_is_the_pre_alignment_alone(subject):
     # an affine field: its second differences vanish (no deformable part)
     assert np.abs(np.diff(field, n=2, axis=0)).max() < 1e-3
     assert seconds > 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has a GPU")
+def test_device_cuda_without_a_gpu_is_a_clear_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        vs_optimisers.main(["--device", "cuda", "--cases", "phantom_inter", "--methods", "identity"])
+    assert exit_info.value.code == 2
+    assert "--device cuda: torch sees no CUDA device" in capsys.readouterr().err
