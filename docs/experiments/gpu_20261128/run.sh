@@ -2,19 +2,8 @@
 # One GPU call (issue 10): the default pipeline on the GPU against ConvexAdam on the same GPU, on the
 # benchmark's phantom and real-CT pairs, then a clinical-size pair (512x512x400) with the network alone and
 # with the full pipeline. BUDGET_S bounds the whole call; OUT is where the device tool collects files.
-# The real scans travel in $UNIREG_BENCH_CACHE (no package index there); ConvexAdam imports SimpleITK at
-# module level for file I/O it does not use here (the 53 MB wheel would not fit the carry): where it is missing,
-# a two-class stand-in lets that import pass; nothing here calls it.
-set -u
-cd "$(dirname "$0")/../../.."
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
-PY=${PYTHON:-python3}; T0=$(date +%s)
-log() { echo "[$(( $(date +%s) - T0 )) s] $*" | tee -a "$OUT/log.txt"; }
-if ! $PY -c "import SimpleITK" 2>/dev/null; then
-  mkdir -p /tmp/sitk_stand_in; printf 'class Image: pass\nclass Transform: pass\n' > /tmp/sitk_stand_in/SimpleITK.py
-  export PYTHONPATH=${PYTHONPATH:-}:/tmp/sitk_stand_in
-fi
+# The real scans travel in $UNIREG_BENCH_CACHE (no package index there); common.sh has the rest of the setting up.
+LOG_NAME=log.txt; source "$(dirname "$0")/common.sh"
 nvidia-smi -L 2>/dev/null | tee -a "$OUT/log.txt"
 $PY -c "import torch, unireg; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" 2>&1 | tee -a "$OUT/log.txt"
 # the clinical-size pair is generated on the CPU while the GPU runs the benchmark

@@ -1,16 +1,7 @@
 #!/usr/bin/env bash
 # Second GPU call (issue 10), after resampling moved onto the GPU and pre-alignment onto the CPU: the same
 # benchmark pairs (UniReg's pipeline and ConvexAdam on the GPU), one profile, and the clinical-size pair.
-set -u
-cd "$(dirname "$0")/../../.."
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
-PY=${PYTHON:-python3}; T0=$(date +%s)
-log() { echo "[$(( $(date +%s) - T0 )) s] $*" | tee -a "$OUT/log2.txt"; }
-if ! $PY -c "import SimpleITK" 2>/dev/null; then
-  mkdir -p /tmp/sitk_stand_in; printf 'class Image: pass\nclass Transform: pass\n' > /tmp/sitk_stand_in/SimpleITK.py
-  export PYTHONPATH=${PYTHONPATH:-}:/tmp/sitk_stand_in
-fi
+LOG_NAME=log2.txt; source "$(dirname "$0")/common.sh"
 $PY -c "import sys; sys.path.insert(0, 'bench'); from full_size import generate_pair; from pathlib import Path; \
 generate_pair((512, 512, 400), Path('/tmp/full_size'))" > /dev/null 2>&1 &
 GEN=$!
