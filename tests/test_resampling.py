@@ -32,6 +32,9 @@ def _rotation(angle):
     return rot
 
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
 @pytest.fixture()
 def small_chunks(monkeypatch):
     monkeypatch.setattr(io, "CHUNK_POINTS", 3000)
@@ -112,6 +115,21 @@ def test_warp_volume_matches_reference_for_images_and_labels(small_chunks, movin
     assert (warped == expected).mean() > 0.999           # only exact .5 ties may round the other way
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_label_warp_on_a_device_equals_the_stored_array_gather(small_chunks, moving, device):
+    """Label maps gathered on a named device (the pipeline names a GPU) give the ids the stored-array gather gives,
+    in the map's own type, for a Fortran-ordered big-endian uint16 map too."""
+    field = _smooth_field(FIXED_SHAPE, 8.0, seed=4)
+    rng = np.random.default_rng(2)
+    for ids in (rng.integers(0, 70000, moving.shape).astype(np.int32),
+                np.asfortranarray(rng.integers(0, 300, moving.shape)).astype(">u2")):
+        labels = nib.Nifti1Image(ids, moving.affine)
+        on_device = io.warp_volume(labels, field, FIXED_AFFINE, labels=True, device=device)
+        stored = io.warp_volume(labels, field, FIXED_AFFINE, labels=True)
+        assert on_device.dtype == ids.dtype and np.array_equal(on_device, stored)
+        assert (stored == 0).mean() < 0.5 and len(np.unique(stored)) > 100
+
+
 def test_warp_without_field_equals_zero_field(small_chunks, moving):
     zero = io.warp_volume(moving, np.zeros((*FIXED_SHAPE, 3), np.float32), FIXED_AFFINE)
     none = io.warp_volume(moving, None, FIXED_AFFINE, shape=FIXED_SHAPE)
@@ -135,9 +153,6 @@ def test_working_grid_resample_equals_nibabel(moving):
     assert ours.dtype == np.float32 and np.allclose(ours, np.asanyarray(expected.dataobj), atol=1e-3)
     ids = nib.Nifti1Image(np.full(moving.shape, 70001, np.int32), moving.affine)
     assert set(np.unique(grid.resample(ids, labels=True))) <= {0.0, 70001.0}
-
-
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 @pytest.mark.parametrize("device", DEVICES)

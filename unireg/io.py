@@ -332,8 +332,7 @@ def _resample_on_device(data: np.ndarray, to_img: np.ndarray, shape, labels: boo
     position in the scan (float64) lies outside [0, n - 1] on any axis takes the outside value;
     inside, linear interpolation (edges clamped) or the nearest voxel, ``floor(x + 0.5)``. The scan
     travels once, in its stored type; positions are made a slab of planes at a time."""
-    if not data.dtype.isnative or data.dtype.kind == "u" and data.dtype.itemsize > 1 or data.dtype.kind == "b":
-        data = data.astype(np.float32 if data.dtype.kind == "f" else np.int64)   # types torch cannot take as they are
+    data = _torch_compatible(data)
     reverse = data.flags.f_contiguous and not data.flags.c_contiguous     # nibabel's usual order: no host copy
     stored = torch.from_numpy(np.ascontiguousarray(data.T if reverse else data)).to(device)
     volume = stored.permute(2, 1, 0) if reverse else stored               # (i, j, k), a view
@@ -352,6 +351,13 @@ def _resample_on_device(data: np.ndarray, to_img: np.ndarray, shape, labels: boo
             values = grid_sample(volume, unit[None], mode="bilinear", padding_mode="border", align_corners=True)[0, 0]
         out[start:stop] = torch.where(inside, values, 0.0 if labels else float(HU_OUTSIDE))
     return out
+
+
+def _torch_compatible(data: np.ndarray) -> np.ndarray:
+    """``data`` as it is, or converted where torch cannot take its type (byte-swapped, wide unsigned, bool)."""
+    if not data.dtype.isnative or data.dtype.kind == "u" and data.dtype.itemsize > 1 or data.dtype.kind == "b":
+        return data.astype(np.float32 if data.dtype.kind == "f" else np.int64)
+    return data
 
 
 def ijk_to_tensor_order(array: np.ndarray) -> np.ndarray:
@@ -396,8 +402,9 @@ class _Sampler:
     edge centres take the edge value and points further out take ``outside`` - so fields
     exported for ITK reproduce our resampling exactly. Without it (None) every point takes
     the nearest edge value (scipy's mode "nearest"). Nearest-neighbour sampling gathers from
-    the stored array (labels keep their ids and type); linear sampling is torch ``grid_sample``
-    (all cores, or ``device``) on a float32 copy of the volume.
+    the stored array (labels keep their ids and type), or with a ``device`` named from a copy of it
+    there; linear sampling is torch ``grid_sample`` (all cores, or ``device``) on a float32 copy of
+    the volume.
 
     Points are produced in the sampler's own coordinates (:meth:`points`): voxel indices for
     nearest, grid_sample's normalised (x, y, z) for linear, so one matrix product per chunk
@@ -412,12 +419,15 @@ class _Sampler:
         self.channels = volume.shape[3] if volume.ndim == 4 else None
         self.space = np.eye(4)                                               # voxel (i, j, k) -> sampler coords
         if order == 0:
-            self.device = torch.device("cpu")
+            self.device = torch.device(device or "cpu")
             volume = volume if volume.flags.c_contiguous or volume.flags.f_contiguous else np.ascontiguousarray(volume)
             self.flat = volume.ravel(order="K")                              # a view, in memory order
             self.index_type = torch.int32 if volume.size < 2 ** 31 else torch.int64
             self.strides = [st // volume.itemsize for st in volume.strides[:3]]
-            self.high = torch.from_numpy((shape - 1).astype(np.float32))
+            self.high = torch.from_numpy((shape - 1).astype(np.float32)).to(self.device)
+            # With a device named, the ids travel there once and are gathered there (a GPU's label warp).
+            self.flat_on_device = None if device is None else \
+                torch.from_numpy(_torch_compatible(self.flat)).to(self.device)
         else:
             self.device = torch.device(device or "cpu")
             channels_first = volume[None] if self.channels is None else np.moveaxis(volume, 3, 0)
@@ -458,8 +468,10 @@ class _Sampler:
         return values
 
     def _nearest(self, points: torch.Tensor) -> np.ndarray:
-        index = (points + 0.5).floor_().clamp_(min=torch.zeros(3), max=self.high).to(self.index_type)
+        index = (points + 0.5).floor_().clamp_(min=torch.zeros_like(self.high), max=self.high).to(self.index_type)
         flat = index[:, 0] * self.strides[0] + index[:, 1] * self.strides[1] + index[:, 2] * self.strides[2]
+        if self.flat_on_device is not None:
+            return self.flat_on_device[flat].cpu().numpy()
         return np.take(self.flat, flat.numpy())
 
     def _linear(self, points: torch.Tensor) -> np.ndarray:

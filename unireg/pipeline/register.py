@@ -158,7 +158,8 @@ class RegistrationPipeline:
                                     jacobian=jacobian, seconds=0.0, affine_matrix=matrix, fixed_labels=pair.fixed_labels)
         if pair.moving_labels is not None:
             with _stage(stages, "labels"):
-                result.warped_labels, dice = _warp_labels(pair, field_mm, prompt)
+                result.warped_labels, dice = _warp_labels(pair, field_mm, prompt,
+                                                          device if device.type == "cuda" else None)
                 result.metrics.update(dice)
         refine_info = next((s for s in stages if s["stage"] == "refine"), {})
         if "dice_term_label_ids" in refine_info and "dice_after" in result.metrics:
@@ -435,10 +436,12 @@ def _focus_mask(pair: ScanPair, grid, device, matrix, prompt: Prompt) -> tuple[t
     return mask, info
 
 
-def _warp_labels(pair: ScanPair, field_mm: np.ndarray, prompt: Prompt):
+def _warp_labels(pair: ScanPair, field_mm: np.ndarray, prompt: Prompt, device=None):
+    """The moving label map through the total mapping (gathered on ``device`` when one is named), and Dice
+    before / after where the fixed labels are given."""
     import nibabel as nib
     fixed_aff = pair.fixed.affine
-    warped = warp_volume(pair.moving_labels, field_mm, fixed_aff, labels=True)
+    warped = warp_volume(pair.moving_labels, field_mm, fixed_aff, labels=True, device=device)
     image = nib.Nifti1Image(warped, fixed_aff, dtype=warped.dtype)
     if pair.fixed_labels is None:
         return image, {}
