@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         _sync(args.device)
         profiler.disable()
         text = io.StringIO()
-        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(args.top)
+        pstats.Stats(profiler, stream=text).strip_dirs().sort_stats("tottime").print_stats(args.top)
         print("\n".join(line for line in text.getvalue().splitlines() if line.strip())[:6000])
     return 0
 
