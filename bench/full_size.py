@@ -242,7 +242,7 @@ def main() -> None:
     parser.add_argument("--no-save", action="store_true", help="register only: leave result.save out")
     args = parser.parse_args()
     if args.device == "cuda":
-        import torch
+        import torch   # here only for the check: the pair is generated before this process loads anything large
         if not torch.cuda.is_available():
             parser.error("--device cuda: torch sees no CUDA device on this machine")
     size = tuple(args.size)

@@ -36,13 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="unireg-tiny-phantom")
     parser.add_argument("--top", type=int, default=25, help="functions listed per case")
     args = parser.parse_args(argv)
-    if args.device == "cuda":
-        import torch
-        if not torch.cuda.is_available():
-            parser.error("--device cuda: torch sees no CUDA device on this machine")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-
     import torch
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device on this machine")
+    warnings.filterwarnings("ignore", category=FutureWarning)
 
     from unireg import UniReg
     model = UniReg.from_pretrained(args.model, device=args.device)

@@ -244,15 +244,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="where UniReg and ConvexAdam run (the goals are set on the 2-core CPU)")
     parser.add_argument("--json", help="also write every pair's scores here")
     args = parser.parse_args(argv)
-    if args.device == "cuda":
-        import torch
-        if not torch.cuda.is_available():
-            parser.error("--device cuda: torch sees no CUDA device on this machine")
     cases = args.cases or (list(QUICK_CASES) if args.quick else list(CASES))
     seeds = args.seeds or (1 if args.quick else 3)
     n_points = args.points or (5000 if args.quick else 20000)
 
     import torch
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device on this machine")
     warnings.filterwarnings("ignore", category=FutureWarning)      # MONAI's deprecation notes in HD95
     print("command: python bench/vs_optimisers.py " + shlex.join(sys.argv[1:] if argv is None else argv))
     gpu = f", {torch.cuda.get_device_name()}" if args.device == "cuda" else ""
