@@ -130,3 +130,34 @@ def test_steering_summary_splits_the_seen_organs_by_registration_type(tmp_path):
     assert "Seen organs by registration type: inter +0.000 (1 pairs, 1 organs); intra +0.080 (2 pairs, 2 organs)" in text
     assert ("SDlogJ at smooth=1 over smooth=0, pair by pair: inter mean 0.55 (largest 0.55), 0 of 1 pairs at most 0.5; "
             "intra mean 0.55 (largest 0.60), 1 of 2 pairs at most 0.5") in text
+
+
+def _dice_by_masks(a, b, ids):
+    out = {}
+    for name, i in ids.items():
+        size = int((a == i).sum() + (b == i).sum())
+        if size:
+            out[name] = 2.0 * int(((a == i) & (b == i)).sum()) / size
+    return out
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int16, np.uint16, np.int32, np.float32])
+@pytest.mark.parametrize("wide", [False, True], ids=["joint histogram", "three histograms"])
+def test_organ_dice_equals_dice_of_the_masks(dtype, wide, monkeypatch):
+    """organ_dice's one-pass counting equals Dice of each organ's masks: ids beyond the largest asked for,
+    negative ids and absent organs included, in C and Fortran order, on both of its counting paths."""
+    from unireg import metrics
+    if wide:
+        monkeypatch.setattr(metrics, "_JOINT_IDS", 0)
+    rng = np.random.default_rng(0)
+    low = -3 if np.dtype(dtype).kind in "if" else 0
+    a = rng.integers(low, 80, (40, 30, 20)).astype(dtype)
+    b = np.where(rng.random(a.shape) < 0.3, rng.integers(low, 90, a.shape), a).astype(dtype)
+    organs = {f"organ_{i}": i for i in range(0, 50, 3)}          # the maps also hold ids 49-89 and -3..-1
+    for ids in (organs, organs | {"absent": 95}):
+        expected = _dice_by_masks(a, b, ids)
+        assert "absent" not in expected and len(expected) == 17 and 0.5 < min(expected.values()) < 1.0
+        for order in ("C", "F"):
+            got = metrics.organ_dice(np.asarray(a, order=order), np.asarray(b, order=order), ids)
+            assert got.keys() == expected.keys()
+            assert all(abs(got[k] - expected[k]) < 1e-12 for k in got)
