@@ -193,11 +193,12 @@ class RegistrationPipeline:
             # Always on the CPU: on grids of a few ten thousand voxels a GPU spends its time launching kernels
             # and solving 4x4 matrices (the real abdomen: 0.99 s on an H100, 0.32 s on two CPU cores).
             cfg, cpu = self.model.config, torch.device("cpu")
-            fixed_t = fixed_t.cpu()
             if cfg.working_spacing_mm < ALIGN_SPACING_MM:
                 cfg = dataclasses.replace(cfg, working_spacing_mm=ALIGN_SPACING_MM)
                 grid = working_grid(pair.fixed, cfg)
                 fixed_t = scan_tensor(pair.fixed, grid, cfg, cpu)
+            else:
+                fixed_t = fixed_t.cpu()
             moving_grid = working_grid(pair.moving, cfg)
             moving_own = scan_tensor(pair.moving, moving_grid, cfg, cpu)
             res = align_pair(fixed_t, tensor_affine(grid), moving_own, tensor_affine(moving_grid), mode=mode,
