@@ -118,7 +118,14 @@ class StepPreset:
 #: abdomen 0.42 / 0.939 -> 0.43 / 0.940, chest 0.26 -> 0.25, phantom breathing 2.19 / 0.915 -> 2.07 / 0.914,
 #: phantom inter-subject Dice 0.878 either way in 0.3 s less, thick slices, cropped and 10 deg + 15 mm unchanged
 #: (0.36, 0.26, 0.26 mm), 0.05-0.1 s less elsewhere.
-STEP_PRESETS = {"auto": StepPreset(max_steps=40, coarse_steps=10, sample_voxels=2 ** 15, edge_voxels=2 ** 14,
+#: Its finest level then went from 40 to 30 steps (session 21, with 3 squarings, two seeds each, median TRE mm /
+#: Dice / seconds): abdomen at 3 mm 0.43 / 0.940 / 1.8 -> 0.45 / 0.937 / 1.6 (ANTs SyN, the fastest
+#: optimiser, 5.3 s: 0.34x -> 0.30x), phantom breathing 2.04 / 0.914 / 1.3 -> 2.05 / 0.913 / 1.0 (ANTs 3.7 s),
+#: chest at 2 mm 0.25 -> 0.28, native 0.25 -> 0.28, thick slices 0.35 -> 0.38, cropped 0.26 -> 0.29,
+#: 10 deg + 15 mm 0.26 -> 0.28 in 0.85x the seconds, phantom inter-subject Dice 0.876 -> 0.874 in 3.0 -> 2.4 s.
+#: Every case still at about half the best optimiser's TRE (Greedy: chest 0.59, abdomen 0.83 mm); where
+#: the last 10 % of accuracy is worth 20 % more time, ``refine=<steps>`` asks for more.
+STEP_PRESETS = {"auto": StepPreset(max_steps=30, coarse_steps=10, sample_voxels=2 ** 15, edge_voxels=2 ** 14,
                                    similarity="mind_ncc"),
                 "fast": StepPreset(max_steps=20, coarse_steps=10, sample_voxels=2 ** 15, edge_voxels=0,
                                    similarity="mind")}
@@ -154,8 +161,11 @@ COARSE_LEVEL_SAMPLES = 2 ** 15
 #: network's own field. The optimised velocity is smooth and small per squaring: two seeds each, 5
 #: squarings throughout instead of 7 left median TRE and Dice as they were (real chest 0.31 mm / 0.991,
 #: abdomen 0.41 mm / 0.938, phantom breathing 2.43 mm / 0.908) in 5-10 % fewer seconds
-#: (docs/experiments/refine_speed/, section 2).
-OPTIMISATION_SQUARINGS = 5
+#: (docs/experiments/refine_speed/, section 2). 3 instead of 5 (session 21, two seeds each, "auto"): chest
+#: at 2 mm 0.25 mm / 0.992, abdomen 0.43 mm / 0.940, phantom breathing 2.07 -> 2.04 mm / 0.914, phantom
+#: inter-subject Dice 0.878 -> 0.876 (six seeds on the 8 mm grid: 0.851 -> 0.850); the 8 mm velocity grid's
+#: squarings, forward and backward, 37 -> 22 ms a step (48^3), inter-subject pairs 3.6 -> 3.0 s.
+OPTIMISATION_SQUARINGS = 3
 
 
 @dataclass

@@ -1,0 +1,25 @@
+"""Patch pipeline constants, then run bench/vs_optimisers.py: python docs/experiments/refine_budget/sweep.py NAME=VALUE ... -- <vs_optimisers args>
+
+NAME is a module constant of unireg.pipeline.register or .refine, AUTO_<FIELD> a field of STEP_PRESETS["auto"],
+KW_<arg> a default of refine_velocity."""
+import sys, importlib
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[3] / "bench"))
+import unireg.pipeline.register as R
+import unireg.pipeline.refine as F
+args = sys.argv[1:]
+split = args.index("--") if "--" in args else len(args)
+for kv in args[:split]:
+    k, v = kv.split("=")
+    val = eval(v)
+    if k.startswith("KW_"):
+        F.refine_velocity.__kwdefaults__[k[3:]] = val; print("kw", k[3:], val); continue
+    if k.startswith("AUTO_"):
+        import dataclasses
+        field = k[5:].lower()
+        F.STEP_PRESETS["auto"] = dataclasses.replace(F.STEP_PRESETS["auto"], **{field: val})
+        print("preset auto", F.STEP_PRESETS["auto"]); continue
+    for mod in (R, F):
+        if hasattr(mod, k):
+            setattr(mod, k, val); print("patched", mod.__name__, k, val)
+import vs_optimisers
+sys.exit(vs_optimisers.main(args[split + 1:]))
