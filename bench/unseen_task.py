@@ -14,10 +14,16 @@ Two kinds of "unseen", on held-out phantom subjects (64^3 at 6 mm, the shipped m
   the name's own gain over the phrase on the k training pairs, with its standard error: the bar
   ``adapt``'s cross-validation sets, which even a perfectly learnt name must clear.
 
+``--type inter`` (the default) uses inter-subject example pairs (two subjects), ``--type intra``
+breathing pairs of one subject (``app.examples.intra_example_pair``), where the shipped model's
+prompt moves organs most (docs/experiments/inter_steering/: held-out specificity +0.049 breathing,
++0.001 between subjects).
+
 Dice is the mean over held-out pairs of the prompted structure on the working grid (for these
 phantoms the scans' own grid). Few-shot pairs and held-out pairs share no subject.
 
     python bench/unseen_task.py                       # the table (about an hour on 2 busy cores)
+    python bench/unseen_task.py --type intra          # the same on breathing pairs
     python bench/unseen_task.py --organs duodenum --k 1 --steps 10 --test-pairs 2   # a smoke run
 """
 from __future__ import annotations
@@ -33,7 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from app.examples import example_pairs  # noqa: E402
+from app.examples import example_pairs, intra_example_pair  # noqa: E402
 from unireg.adapt import DEFAULT_RANK, adapt, mean_dice, pair_dice, prepare_pair  # noqa: E402
 from unireg.api import UniReg  # noqa: E402
 from unireg.data import MIN_PROMPT_VOXELS  # noqa: E402
@@ -42,10 +48,19 @@ from unireg.prompt import parse_prompt  # noqa: E402
 
 HELD_OUT = ["duodenum"]     # also possible: esophagus, trachea (see never_prompted)
 PHRASES = {  # seen organ -> words the model never saw for it (free text naming no organ)
-    "pancreas": "align the elongated soft gland across the upper abdomen between two patients",
-    "gallbladder": "align the small pear shaped sac in the upper right abdomen between two patients",
+    "pancreas": "align the elongated soft gland across the upper abdomen",
+    "gallbladder": "align the small pear shaped sac in the upper right abdomen",
 }
+#: How a phrase says the registration type (``unireg.prompt``'s free-text rules).
+TYPE_WORDS = {"inter": "between two patients", "intra": "of one patient breathing"}
 TRAIN_START, TEST_START = 0, 10      # example pair indices: training pairs 0..4, held-out pairs 10..
+
+
+def type_pairs(reg_type: str, n: int, start: int) -> list[dict]:
+    """``n`` example pairs from index ``start``: two subjects ("inter") or two breathing phases ("intra")."""
+    if reg_type == "inter":
+        return example_pairs(n, start=start)
+    return [intra_example_pair(start + i) for i in range(n)]
 
 
 def never_prompted(n_subjects: int = 6) -> list[str]:
@@ -78,21 +93,22 @@ def full_pipeline_dice(model, pairs: list[dict], prompt: str, organ: str, adapte
     return float(np.nanmean(scores))
 
 
-def name_gain_on_training_pairs(model, organ: str, prompt: str, seen_prompt: str, k: int) -> tuple[float, float]:
+def name_gain_on_training_pairs(model, organ: str, prompt: str, seen_prompt: str, train_raw: list[dict]) -> tuple[float, float]:
     """The best a phrase's adapter could learn, measured the way ``adapt`` judges it: the organ's Dice
     under its own name minus under the phrase, on each of the k training pairs; mean and standard
     error. With k <= 5 each pair is one cross-validation fold, and ``adapt`` trusts a step count only
     when its mean gain over the folds exceeds this standard error, so when the name itself does not,
     no adapter can be trusted there, however well it learnt the name."""
-    pairs = [prepare_pair(model, p) for p in example_pairs(k, start=TRAIN_START)]
+    pairs = [prepare_pair(model, p) for p in train_raw]
     named, phrase = parse_prompt(seen_prompt), parse_prompt(prompt)
     gains = np.array([pair_dice(model, p, named, [organ]) - pair_dice(model, p, phrase, [organ]) for p in pairs])
     se = float(gains.std(ddof=1) / np.sqrt(len(gains))) if len(gains) > 1 else float("nan")
     return float(gains.mean()), se
 
 
-def evaluate(model, organ: str, prompt: str, seen_prompt: str | None, ks, steps: int, test_raw, test, full: bool,
-             lr: float, rank: int = DEFAULT_RANK) -> dict:
+def evaluate(model, organ: str, prompt: str, seen_prompt: str | None, ks, steps: int, train_raw, test_raw, test,
+             full: bool, lr: float, rank: int = DEFAULT_RANK) -> dict:
+    """One row of the table; adapters of k pairs train on ``train_raw[:k]``."""
     parsed = parse_prompt(prompt)
     row = {"organ": organ, "prompt": prompt,
            "no_registration": mean_dice(model, test, parsed, [organ], identity=True),
@@ -102,7 +118,7 @@ def evaluate(model, organ: str, prompt: str, seen_prompt: str | None, ks, steps:
     adapters = {}
     for k in ks:
         start = time.perf_counter()
-        adapters[k] = adapt(model, example_pairs(k, start=TRAIN_START), prompt, steps=steps, lr=lr, structure=organ,
+        adapters[k] = adapt(model, train_raw[:k], prompt, steps=steps, lr=lr, structure=organ,
                             rank=rank, progress=False)
         row[f"seconds_k{k}"] = round(time.perf_counter() - start, 1)
         row[f"k{k}"] = mean_dice(model, test, parsed, [organ], adapter=adapters[k])
@@ -113,7 +129,7 @@ def evaluate(model, organ: str, prompt: str, seen_prompt: str | None, ks, steps:
             row[f"full_k{max(ks)}"] = full_pipeline_dice(model, test_raw, prompt, organ, adapters[max(ks)])
     if seen_prompt and ks:
         row["name_gain_train"], row["name_gain_train_se"] = name_gain_on_training_pairs(
-            model, organ, prompt, seen_prompt, max(ks))
+            model, organ, prompt, seen_prompt, train_raw[:max(ks)])
         gap = row["seen"] - row["zero_shot"]
         row["gap_closed_k%d" % max(ks)] = (row[f"k{max(ks)}"] - row["zero_shot"]) / gap if abs(gap) > 1e-6 else None
     return row
@@ -165,6 +181,8 @@ def main(argv=None) -> int:
     parser.add_argument("--rank", type=int, default=DEFAULT_RANK,
                         help="adapter LoRA rank (default %(default)s: the prompt embedding alone)")
     parser.add_argument("--test-pairs", type=int, default=3)
+    parser.add_argument("--type", default="inter", choices=list(TYPE_WORDS),
+                        help="inter-subject pairs or breathing pairs of one subject (default %(default)s)")
     parser.add_argument("--no-full", action="store_true", help="skip the full-pipeline columns")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", help="also write the rows here")
@@ -176,17 +194,21 @@ def main(argv=None) -> int:
     for organ in args.organs:
         if organ not in unprompted:
             print(f"warning: {organ} reaches {MIN_PROMPT_VOXELS} voxels in some training subject; it may have been seen")
-    test_raw = example_pairs(args.test_pairs, start=TEST_START)
+    test_raw = type_pairs(args.type, args.test_pairs, TEST_START)
+    train_raw = type_pairs(args.type, max(args.k, default=0), TRAIN_START)
     test = [prepare_pair(model, p) for p in test_raw]
     rows = []
-    jobs = [(o, f"inter | {o}", None) for o in args.organs] + [(o, PHRASES[o], f"inter | {o}") for o in args.phrases]
+    jobs = [(o, f"{args.type} | {o}", None) for o in args.organs] + \
+        [(o, f"{PHRASES[o]} {TYPE_WORDS[args.type]}", f"{args.type} | {o}") for o in args.phrases]
     for organ, prompt, _ in jobs:
         if organ in args.phrases and parse_prompt(prompt).organs:
             raise SystemExit(f"the phrase for {organ} names an organ ({parse_prompt(prompt).organs}); reword it")
+        if parse_prompt(prompt).type != args.type:
+            raise SystemExit(f"the prompt {prompt!r} reads as {parse_prompt(prompt).type!r}, not {args.type!r}; reword it")
     for organ, prompt, seen in jobs:
         print(f"{organ}: prompt {prompt!r}", flush=True)
-        rows.append(evaluate(model, organ, prompt, seen, args.k, args.steps, test_raw, test, not args.no_full, args.lr,
-                             args.rank))
+        rows.append(evaluate(model, organ, prompt, seen, args.k, args.steps, train_raw, test_raw, test,
+                             not args.no_full, args.lr, args.rank))
     print()
     print_table(rows, args.k)
     if args.k:
