@@ -32,7 +32,7 @@ def junk(tmp_path_factory):
     ("register", lambda d: ["--fixed", str(d / "nope.nii.gz"), "--moving", str(d / "nope.nii.gz"), "--out",
                             str(d / "o")], "fixed image not found"),
     ("register", lambda d: ["--fixed", "a", "--moving", "b", "--out", str(d / "o2"), "--refine", "lots"],
-     "refine must be 'auto', 'fast', False or a number"),
+     "refine must be 'auto', 'fast', 'accurate', False or a number"),
     ("register", lambda d: ["--fixed", "a"], "the following arguments are required"),
     ("prepare", lambda d: ["dataset", "--layout", "csv", "--root", str(d / "missing.csv"), "--out", str(d / "p")],
      "missing.csv"),

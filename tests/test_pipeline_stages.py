@@ -113,7 +113,8 @@ def _tre(result, truth, lab):
     return float(np.linalg.norm(result.displacement[body] - truth[body], axis=1).mean())
 
 
-@pytest.mark.parametrize("options", [{}, {"similarity": "lncc"}, {"refine": "fast"}], ids=["default", "lncc", "fast"])
+@pytest.mark.parametrize("options", [{}, {"similarity": "lncc"}, {"refine": "fast"}, {"refine": "accurate"}],
+                         ids=["default", "lncc", "fast", "accurate"])
 def test_instance_optimisation_beats_the_network_without_folding(model, deformed, options):
     hu, lab, moving, moving_lab, truth, affine = deformed
     kw = dict(moving_labels=(moving_lab, affine), align="none")
@@ -130,6 +131,9 @@ def test_instance_optimisation_beats_the_network_without_folding(model, deformed
     # no level coarser than COARSEST_LEVEL_MM: on this 4 mm grid a 32 mm level sees 6^3 voxels
     assert [level["spacing_mm"] for level in refine["levels"]] == [16.0, 8.0, 4.0][-len(refine["levels"]):]
     assert full.jacobian["nonpositive_jacobian_pct"] == 0.0
+    # the preset's steps: on this pair the loss still falls at every check, so no level stops early
+    preset = STEP_PRESETS[options.get("refine", "auto")]
+    assert [level["steps"] for level in refine["levels"]] == [preset.coarse_steps] * 2 + [preset.max_steps]
     if options.get("refine") == "fast":   # half the steps; the 48^3 level on samples of its 110,592 voxels
         assert max(level["steps"] for level in refine["levels"]) <= 20
         assert refine["levels"][-1]["sampled_voxels"] == STEP_PRESETS["fast"].sample_voxels < 48 ** 3

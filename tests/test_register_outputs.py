@@ -56,7 +56,7 @@ def test_refine_false_is_the_network_field(model, scans, network_only):
 def test_bad_refine_align_and_rigid_values(model, scans):
     f, m = scans["fixed"], scans["moving"]
     for bad in ("lots", -3, 2.5):
-        with pytest.raises(UserError, match="refine must be 'auto', 'fast', False or a number of steps"):
+        with pytest.raises(UserError, match="refine must be 'auto', 'fast', 'accurate', False or a number of steps"):
             model.register(f, m, refine=bad)
     with pytest.raises(UserError, match="align must be one of auto, none, rigid, affine"):
         model.register(f, m, align="similarity")

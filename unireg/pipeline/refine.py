@@ -100,7 +100,8 @@ class StepPreset:
     similarity: str
 
 
-#: ``"auto"``, the default, puts accuracy first; ``"fast"`` halves the steps and matches MIND-SSC alone.
+#: ``"auto"``, the default, balances accuracy and time; ``"fast"`` takes fewer steps and matches MIND-SSC
+#: alone; ``"accurate"`` gives the finest level 40 steps (about 10 % lower TRE in 1.2x the seconds).
 #: Both read large levels at a new random sample of 2^15 voxels every step (elastix's random sampler)
 #: instead of one fixed sample of 2^17: same accuracy in 0.65-0.75x the seconds, where a fixed 2^15
 #: sample had cost the chest 0.32 -> 0.43 mm (sweeps: docs/experiments/refine_speed/). Measured
@@ -124,11 +125,13 @@ class StepPreset:
 #: chest at 2 mm 0.25 -> 0.28, native 0.25 -> 0.28, thick slices 0.35 -> 0.38, cropped 0.26 -> 0.29,
 #: 10 deg + 15 mm 0.26 -> 0.28 in 0.85x the seconds, phantom inter-subject Dice 0.876 -> 0.874 in 3.0 -> 2.4 s.
 #: Every case still at about half the best optimiser's TRE (Greedy: chest 0.59, abdomen 0.83 mm); where
-#: the last 10 % of accuracy is worth 20 % more time, ``refine=<steps>`` asks for more.
+#: the last 10 % of accuracy is worth 20 % more time, ``"accurate"`` keeps the 40 steps.
 STEP_PRESETS = {"auto": StepPreset(max_steps=30, coarse_steps=10, sample_voxels=2 ** 15, edge_voxels=2 ** 14,
                                    similarity="mind_ncc"),
                 "fast": StepPreset(max_steps=20, coarse_steps=10, sample_voxels=2 ** 15, edge_voxels=0,
-                                   similarity="mind")}
+                                   similarity="mind"),
+                "accurate": StepPreset(max_steps=40, coarse_steps=10, sample_voxels=2 ** 15, edge_voxels=2 ** 14,
+                                       similarity="mind_ncc")}
 #: The edges extra points are drawn from: this fraction of a level's voxels (within the moving scan's
 #: coverage) where the fixed image's local variance (3-voxel window) is highest.
 EDGE_FRACTION = 0.25
@@ -486,7 +489,7 @@ def refine_velocity(fixed: torch.Tensor, moving: torch.Tensor, velocity: torch.T
     """Optimise a velocity for this pair, coarse to fine; see the module docstring for the loss.
 
     ``steps``: a preset of ``STEP_PRESETS`` (``"auto"``: a voxel-step budget, ``AUTO_BUDGET``, a 128^3
-    CPU run in seconds; ``"fast"``: about half the time), a total number of Adam steps split over the
+    CPU run in seconds; ``"fast"``: about half the time; ``"accurate"``: more steps), a total number of Adam steps split over the
     levels (at most; early stopping may use fewer), or a list with one number per level.
     ``moving_coverage`` [1,1,D,H,W] (1 where the moving scan has data, on this grid): the similarity
     is measured only there (a partial field of view; beyond it the moving scan is padding air).

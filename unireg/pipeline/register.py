@@ -4,7 +4,8 @@
       → total mapping on the fixed grid → metrics → RegistrationResult
 
 The default call runs it all (``align="auto"``, ``refine="auto"``); ``refine="fast"`` trades some
-accuracy for about half the optimisation time; ``refine=False`` gives the network's field alone.
+accuracy for about half the optimisation time, ``refine="accurate"`` some time for accuracy;
+``refine=False`` gives the network's field alone.
 Each stage's time (and loss, where it optimises) goes to
 ``result.metrics["stages"]`` and so to ``metrics.json``.
 """
@@ -238,7 +239,7 @@ class RegistrationPipeline:
                 focus_mask, info["focus"] = _predicted_focus_mask(organ_map, fine, prompt)
             if similarity == "auto":
                 similarity = step_preset(steps).similarity
-            between_subjects = prompt.type == "inter" and step_preset(steps) == STEP_PRESETS["auto"]
+            between_subjects = prompt.type == "inter" and step_preset(steps) is not STEP_PRESETS["fast"]
             res = refine_velocity(fixed_f, moving_f, velocity, smoothness=self.model.condition.smoothness_of(prompt),
                                   spacing_mm=fine.spacing, steps=steps,
                                   levels=refine_levels(fine.spacing), similarity=similarity,
@@ -298,7 +299,7 @@ def _velocity_factor(prompt: Prompt, spacing_mm: float, between_subjects: bool =
 
 
 def check_refine(refine) -> "str | int":
-    """A preset name (``"auto"``/``True`` -> "auto", ``"fast"``), ``False``/``None``/0 -> 0, or a positive
+    """A preset name (``"auto"``/``True`` -> "auto", ``"fast"``, ``"accurate"``), ``False``/``None``/0 -> 0, or a positive
     number of steps."""
     if refine is True:
         return "auto"
