@@ -197,7 +197,7 @@ def build_app(model: str = DEFAULT_MODEL, max_upload_mb: float = 512.0, device: 
                                         info="full (the default, as in the Python API): pre-alignment, network and "
                                              "instance optimisation, which also matches uploaded label maps; network "
                                              "only: one forward pass; "
-                                             "fast: the pipeline in about half the time; organ focus: the full "
+                                             "fast: the pipeline in about 0.8x the time; organ focus: the full "
                                              "pipeline favouring the named organs where a label map shows them")
                     run = gr.Button("Register", variant="primary", elem_id="register-button")
             metrics_md = gr.Markdown(elem_id="metrics")

@@ -93,7 +93,8 @@ def full_pipeline_dice(model, pairs: list[dict], prompt: str, organ: str, adapte
     return float(np.nanmean(scores))
 
 
-def name_gain_on_training_pairs(model, organ: str, prompt: str, seen_prompt: str, train_raw: list[dict]) -> tuple[float, float]:
+def name_gain_on_training_pairs(model, organ: str, prompt: str, seen_prompt: str,
+                                train_raw: list[dict]) -> tuple[float, float]:
     """The best a phrase's adapter could learn, measured the way ``adapt`` judges it: the organ's Dice
     under its own name minus under the phrase, on each of the k training pairs; mean and standard
     error. With k <= 5 each pair is one cross-validation fold, and ``adapt`` trusts a step count only

@@ -20,7 +20,7 @@ class UniReg(UniRegModel):
         """Register ``moving`` onto ``fixed`` (paths, nibabel images, (array, affine) or arrays).
 
         ``refine``: "auto" (instance optimisation from the network's field, the default), "fast" (about
-        half the time, a little less accurate), "accurate" (about 10 % lower error in 1.2x the time),
+        0.8x the time, a little less accurate), "accurate" (about 10 % lower error in 1.2x the time),
         False (the network alone) or a number of steps.
         ``align``: "auto" | "none" | "rigid" | "affine".
         ``similarity`` of instance optimisation: "auto" (the default: MIND-SSC plus local intensity,

@@ -20,7 +20,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--fixed-labels", help="label map on the fixed grid: places rigid= structures and --focus "
                                           "organs; with --moving-labels, Dice before/after is reported")
     p.add_argument("--refine", default="auto",
-                   help="instance optimisation: auto (default), fast (about half the time, a little less accurate), "
+                   help="instance optimisation: auto (default), fast (about 0.8x the time, a little less accurate), "
                         "accurate (about 10%% lower error in 1.2x the time), off (network alone) or a number of steps")
     p.add_argument("--align", default="auto", choices=["auto", "none", "rigid", "affine"],
                    help="pre-alignment before the network (default auto: only when the scans are not aligned)")

@@ -489,7 +489,7 @@ def refine_velocity(fixed: torch.Tensor, moving: torch.Tensor, velocity: torch.T
     """Optimise a velocity for this pair, coarse to fine; see the module docstring for the loss.
 
     ``steps``: a preset of ``STEP_PRESETS`` (``"auto"``: a voxel-step budget, ``AUTO_BUDGET``, a 128^3
-    CPU run in seconds; ``"fast"``: about half the time; ``"accurate"``: more steps), a total number of Adam steps split over the
+    CPU run in seconds; ``"fast"``: fewer steps; ``"accurate"``: more), a total number of Adam steps split over the
     levels (at most; early stopping may use fewer), or a list with one number per level.
     ``moving_coverage`` [1,1,D,H,W] (1 where the moving scan has data, on this grid): the similarity
     is measured only there (a partial field of view; beyond it the moving scan is padding air).

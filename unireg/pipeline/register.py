@@ -4,7 +4,7 @@
       → total mapping on the fixed grid → metrics → RegistrationResult
 
 The default call runs it all (``align="auto"``, ``refine="auto"``); ``refine="fast"`` trades some
-accuracy for about half the optimisation time, ``refine="accurate"`` some time for accuracy;
+accuracy for time (about 0.8x), ``refine="accurate"`` some time for accuracy (about 1.2x);
 ``refine=False`` gives the network's field alone.
 Each stage's time (and loss, where it optimises) goes to
 ``result.metrics["stages"]`` and so to ``metrics.json``.
