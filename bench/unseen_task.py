@@ -205,7 +205,8 @@ def main(argv=None) -> int:
         if organ in args.phrases and parse_prompt(prompt).organs:
             raise SystemExit(f"the phrase for {organ} names an organ ({parse_prompt(prompt).organs}); reword it")
         if parse_prompt(prompt).type != args.type:
-            raise SystemExit(f"the prompt {prompt!r} reads as {parse_prompt(prompt).type!r}, not {args.type!r}; reword it")
+            raise SystemExit(f"the prompt {prompt!r} reads as {parse_prompt(prompt).type!r}, not {args.type!r}; "
+                             "reword it")
     for organ, prompt, seen in jobs:
         print(f"{organ}: prompt {prompt!r}", flush=True)
         rows.append(evaluate(model, organ, prompt, seen, args.k, args.steps, train_raw, test_raw, test,

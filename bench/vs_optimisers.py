@@ -9,8 +9,8 @@ optimiser. Methods: ``identity``, ``aligned`` (UniReg's pre-alignment alone, ``a
 linear stage's share of the gain), ``network`` (UniReg, ``refine=False, align="none"``),
 ``network_aligned`` (pre-alignment + network, ``refine=False``: what the network adds to a rigid or
 affine start), ``pipeline`` (UniReg defaults: pre-alignment + network + instance optimisation with
-MIND-SSC), ``pipeline_fast`` (``refine="fast"``), ``pipeline_accurate`` (``refine="accurate"``), ``pipeline_lncc`` (``similarity="lncc"``),
-``ants_syn``, ``greedy``,
+MIND-SSC), ``pipeline_fast`` (``refine="fast"``), ``pipeline_accurate`` (``refine="accurate"``),
+``pipeline_lncc`` (``similarity="lncc"``), ``ants_syn``, ``greedy``,
 ``convexadam`` (see ``optimiser_methods``; install them with ``pip install -e ".[bench]"``).
 
 Cases (see ``known_deformation`` for how the truth is made and ``real_ct`` for the scans):
@@ -208,7 +208,8 @@ def print_ratios(summary: dict) -> None:
     print()
     for case, by_method in summary.items():
         opts = {m: s for m, s in by_method.items() if m in OPTIMISERS and "error" not in s}
-        ok = [m for m in ("pipeline", "pipeline_fast", "pipeline_accurate") if m in by_method and "error" not in by_method[m]]
+        ok = [m for m in ("pipeline", "pipeline_fast", "pipeline_accurate")
+              if m in by_method and "error" not in by_method[m]]
         if not ok and "network" in by_method and "error" not in by_method["network"]:
             ok = ["network"]
         if not opts:

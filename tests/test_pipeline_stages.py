@@ -134,8 +134,7 @@ def test_instance_optimisation_beats_the_network_without_folding(model, deformed
     # the preset's steps: on this pair the loss still falls at every check, so no level stops early
     preset = STEP_PRESETS[options.get("refine", "auto")]
     assert [level["steps"] for level in refine["levels"]] == [preset.coarse_steps] * 2 + [preset.max_steps]
-    if options.get("refine") == "fast":   # half the steps; the 48^3 level on samples of its 110,592 voxels
-        assert max(level["steps"] for level in refine["levels"]) <= 20
+    if options.get("refine") == "fast":   # the 48^3 level on samples of its 110,592 voxels
         assert refine["levels"][-1]["sampled_voxels"] == STEP_PRESETS["fast"].sample_voxels < 48 ** 3
 
 

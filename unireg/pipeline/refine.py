@@ -102,7 +102,7 @@ class StepPreset:
 
 #: ``"auto"``, the default, balances accuracy and time; ``"fast"`` takes fewer steps and matches MIND-SSC
 #: alone; ``"accurate"`` gives the finest level 40 steps (about 10 % lower TRE in 1.2x the seconds).
-#: Both read large levels at a new random sample of 2^15 voxels every step (elastix's random sampler)
+#: Each reads large levels at a new random sample of 2^15 voxels every step (elastix's random sampler)
 #: instead of one fixed sample of 2^17: same accuracy in 0.65-0.75x the seconds, where a fixed 2^15
 #: sample had cost the chest 0.32 -> 0.43 mm (sweeps: docs/experiments/refine_speed/). Measured
 #: (bench/vs_optimisers.py, two seeds, 2-core CPU), median TRE mm / Dice / seconds, auto -> fast: real
@@ -489,8 +489,8 @@ def refine_velocity(fixed: torch.Tensor, moving: torch.Tensor, velocity: torch.T
     """Optimise a velocity for this pair, coarse to fine; see the module docstring for the loss.
 
     ``steps``: a preset of ``STEP_PRESETS`` (``"auto"``: a voxel-step budget, ``AUTO_BUDGET``, a 128^3
-    CPU run in seconds; ``"fast"``: fewer steps; ``"accurate"``: more), a total number of Adam steps split over the
-    levels (at most; early stopping may use fewer), or a list with one number per level.
+    CPU run in seconds; ``"fast"``: fewer steps; ``"accurate"``: more), a total number of Adam steps split
+    over the levels (at most; early stopping may use fewer), or a list with one number per level.
     ``moving_coverage`` [1,1,D,H,W] (1 where the moving scan has data, on this grid): the similarity
     is measured only there (a partial field of view; beyond it the moving scan is padding air).
     ``lr``: Adam step in voxels of each level's velocity grid. ``progress(level_index, step, loss)``

@@ -299,8 +299,8 @@ def _velocity_factor(prompt: Prompt, spacing_mm: float, between_subjects: bool =
 
 
 def check_refine(refine) -> "str | int":
-    """A preset name (``"auto"``/``True`` -> "auto", ``"fast"``, ``"accurate"``), ``False``/``None``/0 -> 0, or a positive
-    number of steps."""
+    """A preset name (``"auto"``/``True`` -> "auto", ``"fast"``, ``"accurate"``), ``False``/``None``/0 -> 0,
+    or a positive number of steps."""
     if refine is True:
         return "auto"
     if refine is False or refine is None:
