@@ -188,7 +188,8 @@ def _fmt(value, digits=2, suffix=""):
 
 
 def print_table(summary: dict, methods: list[str]) -> None:
-    print(f"\n{'case':<16}{'method':<15}{'pairs':>6}{'TRE med':>9}{'TRE p95':>9}{'Dice':>7}{'HD95':>7}"
+    width = max(15, *(len(m) + 1 for m in methods))
+    print(f"\n{'case':<16}{'method':<{width}}{'pairs':>6}{'TRE med':>9}{'TRE p95':>9}{'Dice':>7}{'HD95':>7}"
           f"{'detJ<=0 %':>11}{'s/pair':>9}")
     for case, by_method in summary.items():
         for m in methods:
@@ -196,9 +197,9 @@ def print_table(summary: dict, methods: list[str]) -> None:
             if s is None:
                 continue
             if "error" in s:
-                print(f"{case:<16}{m:<15}  failed: {s['error']}")
+                print(f"{case:<16}{m:<{width}}  failed: {s['error']}")
                 continue
-            print(f"{case:<16}{m:<15}{s['pairs']:>6}{_fmt(s['tre_median']):>9}{_fmt(s['tre_p95']):>9}"
+            print(f"{case:<16}{m:<{width}}{s['pairs']:>6}{_fmt(s['tre_median']):>9}{_fmt(s['tre_p95']):>9}"
                   f"{_fmt(s['dice'], 3):>7}{_fmt(s['hd95'], 1):>7}{_fmt(s['folding_pct'], 3):>11}"
                   f"{_fmt(s['seconds'], 1):>9}")
 
@@ -284,10 +285,10 @@ def main(argv: list[str] | None = None) -> int:
                     rows[case][name].append(row)
                     tre = f"TRE median {np.median(row['errors']):.2f} mm, " if "errors" in row else ""
                     dice = f"Dice {row['dice']:.3f}, " if "dice" in row else ""
-                    print(f"    {name:<14} {tre}{dice}{row['folding_pct']:.3f} % folded, {seconds:.1f} s", flush=True)
+                    print(f"    {name:<17} {tre}{dice}{row['folding_pct']:.3f} % folded, {seconds:.1f} s", flush=True)
                 except Exception as exc:  # one failing tool must not stop the comparison
                     errors[(case, name)] = f"{type(exc).__name__}: {str(exc)[:120]}"
-                    print(f"    {name:<14} failed: {errors[(case, name)]}", flush=True)
+                    print(f"    {name:<17} failed: {errors[(case, name)]}", flush=True)
                     if name not in traced:                       # the first failure of a method in full
                         traced.add(name)
                         traceback.print_exc(limit=-3, file=sys.stdout)

@@ -167,8 +167,11 @@ COARSE_LEVEL_SAMPLES = 2 ** 15
 #: (docs/experiments/refine_speed/, section 2). 3 instead of 5 (session 21, two seeds each, "auto"): chest
 #: at 2 mm 0.25 mm / 0.992, abdomen 0.43 mm / 0.940, phantom breathing 2.07 -> 2.04 mm / 0.914, phantom
 #: inter-subject Dice 0.878 -> 0.876 (six seeds on the 8 mm grid: 0.851 -> 0.850); the 8 mm velocity grid's
-#: squarings, forward and backward, 37 -> 22 ms a step (48^3), inter-subject pairs 3.6 -> 3.0 s.
-OPTIMISATION_SQUARINGS = 3
+#: squarings, forward and backward, 37 -> 22 ms a step (48^3), inter-subject pairs 3.6 -> 3.0 s. Then 2
+#: (30 finest steps, four seeds, 3 -> 2 -> 1): phantom inter-subject Dice 0.841 -> 0.841 -> 0.838, breathing
+#: 1.90 / 0.915 -> 1.89 / 0.914 -> 1.92 / 0.914, 10 deg + 15 mm chest 0.28 mm throughout; two seeds: chest
+#: at 2 mm 0.28, abdomen 0.45 mm either way; inter-subject pairs about 0.2 s faster.
+OPTIMISATION_SQUARINGS = 2
 
 
 @dataclass
