@@ -5,7 +5,7 @@
 For each case (``bench/vs_optimisers.py``'s, seed 0) ``register`` runs once untimed (CUDA kernels,
 allocator, text model), then once timed with its stages (``metrics["stages"]``, the instance
 optimisation's levels from its stage's ``levels``), then once under cProfile: the functions with the
-most own time. On a GPU, time spent waiting for kernels shows up at the points that read results
+most own time (``--sort cumulative``: including what they call). On a GPU, time spent waiting for kernels shows up at the points that read results
 back (``.item()``, ``float()``, ``.cpu()``): a Python-bound loop shows as many small calls instead.
 """
 from __future__ import annotations
@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--model", default="unireg-tiny-phantom")
     parser.add_argument("--top", type=int, default=25, help="functions listed per case")
+    parser.add_argument("--sort", default="tottime", choices=["tottime", "cumulative"],
+                        help="list functions by their own time or by time including what they call")
     args = parser.parse_args(argv)
     import torch
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -66,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         _sync(args.device)
         profiler.disable()
         text = io.StringIO()
-        pstats.Stats(profiler, stream=text).strip_dirs().sort_stats("tottime").print_stats(args.top)
+        pstats.Stats(profiler, stream=text).strip_dirs().sort_stats(args.sort).print_stats(args.top)
         print("\n".join(line for line in text.getvalue().splitlines() if line.strip())[:6000])
     return 0
 

@@ -2,6 +2,7 @@
 
     python bench/vs_optimisers.py [--quick] [--cases NAME ...] [--methods NAME ...] [--seeds N]
                                   [--points N] [--model NAME_OR_PATH] [--device cpu|cuda] [--json FILE]
+                                  [--smooth LAMBDA]
 
 Prints one table - median and 95th-percentile TRE (mm), mean Dice, mean HD95 (mm), % of voxels
 with det J <= 0, seconds per pair - then ratio lines of the default pipeline against the best
@@ -12,6 +13,7 @@ affine start), ``pipeline`` (UniReg defaults: pre-alignment + network + instance
 MIND-SSC), ``pipeline_fast`` (``refine="fast"``), ``pipeline_accurate`` (``refine="accurate"``),
 ``pipeline_lncc`` (``similarity="lncc"``), ``ants_syn``, ``greedy``,
 ``convexadam`` (see ``optimiser_methods``; install them with ``pip install -e ".[bench]"``).
+``--smooth`` appends ``| smooth=LAMBDA`` to UniReg's prompts: the smoothness knob's trade-off on the same pairs.
 
 Cases (see ``known_deformation`` for how the truth is made and ``real_ct`` for the scans):
 
@@ -246,7 +248,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                         help="where UniReg and ConvexAdam run (the goals are set on the 2-core CPU)")
     parser.add_argument("--json", help="also write every pair's scores here")
+    parser.add_argument("--smooth", type=float, metavar="LAMBDA",
+                        help="UniReg's prompts end in '| smooth=LAMBDA' (0-1; default: the type's own smoothness)")
     args = parser.parse_args(argv)
+    if args.smooth is not None and not 0.0 <= args.smooth <= 1.0:
+        parser.error(f"--smooth must lie in [0, 1], got {args.smooth}")
     cases = args.cases or (list(QUICK_CASES) if args.quick else list(CASES))
     seeds = args.seeds or (1 if args.quick else 3)
     n_points = args.points or (5000 if args.quick else 20000)
@@ -280,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"({time.perf_counter() - start:.1f} s to make)", flush=True)
             for name, run in methods.items():
                 try:
-                    field_mm, seconds = run(pair.fixed, pair.moving, pair.prompt)
+                    prompt = pair.prompt if args.smooth is None else f"{pair.prompt} | smooth={args.smooth:g}"
+                    field_mm, seconds = run(pair.fixed, pair.moving, prompt)
                     row = score(pair, field_mm, seconds)
                     rows[case][name].append(row)
                     tre = f"TRE median {np.median(row['errors']):.2f} mm, " if "errors" in row else ""

@@ -159,3 +159,28 @@ def test_device_cuda_without_a_gpu_is_a_clear_error(capsys):
         vs_optimisers.main(["--device", "cuda", "--cases", "phantom_inter", "--methods", "identity"])
     assert exit_info.value.code == 2
     assert "--device cuda: torch sees no CUDA device" in capsys.readouterr().err
+
+
+def test_smooth_flag_reaches_the_prompts_and_is_checked(monkeypatch, capsys):
+    """``--smooth`` is how the benchmark shows the smoothness knob's trade-off: every registration call gets
+    the pair's prompt with ``| smooth=λ`` appended; a value outside [0, 1] stops before any work."""
+    prompts = []
+    real_build = vs_optimisers.build_methods
+
+    def recording(names, model, device):
+        methods, notes = real_build(["identity"], model, device)
+        identity = methods["identity"]
+
+        def run(fixed, moving, prompt):
+            prompts.append(prompt)
+            return identity(fixed, moving, prompt)
+        return {"identity": run}, notes
+
+    monkeypatch.setattr(vs_optimisers, "build_methods", recording)
+    assert vs_optimisers.main(["--cases", "phantom_intra", "--methods", "identity", "--seeds", "1",
+                               "--points", "200", "--smooth", "0.25"]) == 0
+    assert prompts == ["intra | smooth=0.25"]
+    with pytest.raises(SystemExit) as exit_info:
+        vs_optimisers.main(["--cases", "phantom_intra", "--methods", "identity", "--smooth", "1.5"])
+    assert exit_info.value.code == 2
+    assert "--smooth must lie in [0, 1], got 1.5" in capsys.readouterr().err

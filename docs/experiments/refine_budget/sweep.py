@@ -1,7 +1,7 @@
 """Patch pipeline constants, then run bench/vs_optimisers.py: python docs/experiments/refine_budget/sweep.py NAME=VALUE ... -- <vs_optimisers args>
 
 NAME is a module constant of unireg.pipeline.register or .refine, AUTO_<FIELD> a field of STEP_PRESETS["auto"],
-KW_<arg> a default of refine_velocity."""
+KW_<arg> a default of refine_velocity, ALIGN_<arg> a default of align_pair."""
 import sys, importlib
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[3] / "bench"))
 import unireg.pipeline.register as R
@@ -11,6 +11,9 @@ split = args.index("--") if "--" in args else len(args)
 for kv in args[:split]:
     k, v = kv.split("=")
     val = eval(v)
+    if k.startswith("ALIGN_"):
+        import unireg.pipeline.align as A
+        A.align_pair.__kwdefaults__[k[6:].lower()] = val; print("align", k[6:].lower(), val); continue
     if k.startswith("KW_"):
         F.refine_velocity.__kwdefaults__[k[3:]] = val; print("kw", k[3:], val); continue
     if k.startswith("AUTO_"):
