@@ -179,17 +179,17 @@ def test_a_sampled_level_has_the_dense_loss_and_registers_as_well():
     """Reading the field and the moving features at points is the dense warp read there (all voxels
     sampled: the same loss), and a MIND level on 16384 of its 110,592 voxels recovers the field
     about as well as every voxel does."""
-    from unireg.pipeline.refine import _field_at, _level_points, _values_at, _warp_at
+    from unireg.pipeline.points import field_at, level_points, values_at, warp_at
     from unireg.similarity import mind_loss, mind_ssc
     fixed, moving, truth, body, _ = _pair()
     f_feat, m_feat = mind_ssc(fixed), mind_ssc(moving)
     u = resize_field(_smooth_velocity(1, 3.0), (12, 12, 12))
-    points = _level_points(SHAPE, 48 ** 3, None, "cpu")
+    points = level_points(SHAPE, 48 ** 3, None, "cpu")
     assert len(torch.unique(points, dim=0)) == 48 ** 3
     # a channels-last volume (how refinement keeps the descriptors) is read row by row: the same values
-    assert torch.equal(_values_at(f_feat.contiguous(memory_format=torch.channels_last_3d), points),
-                       _values_at(f_feat, points))
-    sampled = mind_loss(_values_at(f_feat, points), _warp_at(m_feat, points, _field_at(u, points, SHAPE)))
+    assert torch.equal(values_at(f_feat.contiguous(memory_format=torch.channels_last_3d), points),
+                       values_at(f_feat, points))
+    sampled = mind_loss(values_at(f_feat, points), warp_at(m_feat, points, field_at(u, points, SHAPE)))
     dense = mind_loss(f_feat, SpatialTransformer()(m_feat, resize_field(u, SHAPE)))
     assert float(sampled) == pytest.approx(float(dense), rel=1e-5)
 
@@ -206,10 +206,10 @@ def test_a_sampled_level_has_the_dense_loss_and_registers_as_well():
 def test_sampled_steps_draw_new_points_inside_the_mask_and_runs_repeat():
     """Every step reads a new random sample (over its steps the optimiser sees most of the grid), only
     where the moving scan has data, and the seeded draws make two runs identical."""
-    from unireg.pipeline.refine import _PointSampler
+    from unireg.pipeline.points import PointSampler
     mask = torch.zeros(1, 1, *SHAPE, dtype=torch.bool)
     mask[..., 10:30, :, :] = True
-    sampler = _PointSampler(SHAPE, mask, "cpu")
+    sampler = PointSampler(SHAPE, mask, "cpu")
     first, second = sampler.draw(4096), sampler.draw(4096)
     assert not torch.equal(first, second)
     for points in (first, second):
@@ -226,16 +226,16 @@ def test_sampled_steps_draw_new_points_inside_the_mask_and_runs_repeat():
 def test_edge_points_come_from_the_quarter_of_voxels_that_varies_most():
     """Besides its uniform sample, a step reads points where the fixed image varies most (organ
     boundaries), within the moving scan's coverage."""
-    from unireg.pipeline.refine import EDGE_FRACTION, _edge_mask, _PointSampler
+    from unireg.pipeline.points import EDGE_FRACTION, PointSampler, edge_mask
     fixed, _, _, _, _ = _pair()
     inside = torch.zeros(1, 1, *SHAPE, dtype=torch.bool)
     inside[..., 4:44, :, :] = True
-    edges = _edge_mask(fixed, inside)
+    edges = edge_mask(fixed, inside)
     assert not bool((edges & ~inside).any())
     assert abs(float(edges.sum()) / float(inside.sum()) - EDGE_FRACTION) < 0.01
     variance = local_variance(fixed, 3)
     assert float(variance[edges].min()) >= float(variance[inside & ~edges].max())
-    points = _PointSampler(SHAPE, inside, "cpu", edges).draw(1000, 500)
+    points = PointSampler(SHAPE, inside, "cpu", edges).draw(1000, 500)
     assert len(points) == 1500
     on_edges = edges[0, 0][points[:, 0], points[:, 1], points[:, 2]]
     expected = (500 + 1000 * EDGE_FRACTION) / 1500            # the edge draws, and the uniform ones landing there
@@ -294,11 +294,11 @@ def test_a_sampled_level_reads_extra_points_in_the_focus_and_follows_it():
     """A MIND level on samples draws FOCUS_VOXELS more points among the focus voxels at every step;
     from a start 60 % of the way, the focused field ends closer to the liver's slide."""
     from scipy import ndimage
-    from unireg.pipeline import refine
+    from unireg.pipeline import points as point_sampling, refine
     fixed, moving, truth, liver, core = _sliding_pair()
     focus = torch.from_numpy(ndimage.binary_dilation(liver.numpy(), iterations=2))[None, None]
     drawn = []
-    original = refine._PointSampler.draw
+    original = point_sampling.PointSampler.draw
 
     def recording(self, n, n_edge=0):
         points = original(self, n, n_edge)
@@ -309,7 +309,7 @@ def test_a_sampled_level_reads_extra_points_in_the_focus_and_follows_it():
               sample_voxels=8192)
     whole = refine_velocity(fixed, moving, start, **kw)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(refine._PointSampler, "draw", recording)
+        patch.setattr(point_sampling.PointSampler, "draw", recording)
         focused = refine_velocity(fixed, moving, start, focus=focus, **kw)
     region = [points for count, points in drawn if count == int(focus.sum())]
     assert region and all(len(points) == refine.FOCUS_VOXELS for points in region)

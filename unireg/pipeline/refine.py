@@ -45,7 +45,7 @@ Method
     full-resolution level fits the CPU budget (real abdomen CT at 3 mm: the full grid cut median TRE
     0.67 -> 0.44 mm but took 24 s dense), while over its steps the optimiser still sees most of the
     grid. Each step also reads ``edge_voxels`` more among the quarter of the voxels where the fixed
-    image varies most (``EDGE_FRACTION``): organ boundaries, which decide label overlap. The losses a
+    image varies most (``points.EDGE_FRACTION``): organ boundaries, which decide label overlap. The losses a
     level reports, and the final check, are measured on one fixed sample of ``CHECK_SAMPLES`` voxels.
     The Dice and rigidity terms need the dense field, so they keep every voxel.
 
@@ -68,8 +68,9 @@ import torch.nn.functional as F
 from ..io import InputError
 from ..losses import gradient_l2
 from ..modeling.transform import SpatialTransformer, VelocityIntegrator, resize_field
-from ..sampling import grid_sample, trilinear_at_points
-from ..similarity import LNCC_EPS, box_filter, lncc_loss, local_standardise, local_variance, mind_loss, mind_ssc
+from ..sampling import grid_sample
+from ..similarity import LNCC_EPS, box_filter, lncc_loss, local_standardise, mind_loss, mind_ssc
+from .points import PointSampler, edge_mask, field_at, values_at, warp_at
 
 SIMILARITIES = ("lncc", "mind", "mind_ncc")
 DESCRIPTORS = ("mind", "mind_ncc")   # per-voxel descriptors: a plain mean over voxels, so sampleable
@@ -110,7 +111,7 @@ class StepPreset:
 #: 0.41 / 0.939 / 3.9 -> 0.50 / 0.921 / 2.7 (Greedy 0.83 mm / 0.926); phantom breathing 2.43 / 0.908 /
 #: 3.1 -> 2.08 / 0.896 / 1.9; phantom inter-subject Dice 0.826 / 3.7 s -> 0.813 / 2.4. "fast" with the
 #: intensity channel too cost the chest 0.35 -> 0.48 mm on 2^14 points.
-#: "auto" then adds 2^14 points per step among the edges (``EDGE_FRACTION``); two seeds, median TRE /
+#: "auto" then adds 2^14 points per step among the edges (``points.EDGE_FRACTION``); two seeds, median TRE /
 #: Dice: phantom breathing 2.43 / 0.908 -> 2.21 / 0.915, phantom inter Dice 0.826 -> 0.829, chest 0.31 /
 #: 0.990 -> 0.30 / 0.990, abdomen 0.41 / 0.939 -> 0.42 / 0.941, seconds within the machine's noise. The
 #: same number of extra uniform points left the phantoms as they were (2.43 / 0.907): the edges, not the
@@ -130,9 +131,6 @@ _AUTO = StepPreset(max_steps=30, coarse_steps=10, sample_voxels=2 ** 15, edge_vo
 STEP_PRESETS = {"auto": _AUTO,
                 "fast": replace(_AUTO, max_steps=20, edge_voxels=0, similarity="mind"),
                 "accurate": replace(_AUTO, max_steps=40)}
-#: The edges extra points are drawn from: this fraction of a level's voxels (within the moving scan's
-#: coverage) where the fixed image's local variance (3-voxel window) is highest.
-EDGE_FRACTION = 0.25
 #: "mind_ncc": MIND-SSC plus the locally standardised intensity (``similarity.local_standardise``,
 #: a 5-voxel window, weight 1) as a 13th channel, an LNCC-like term that can be read point by point.
 #: Two seeds each (bench/vs_optimisers.py, shipped model, "auto" steps), "mind" -> "mind_ncc", median /
@@ -223,106 +221,6 @@ def soft_dice_loss(fixed_masks: torch.Tensor, warped_masks: torch.Tensor) -> tor
     return 1.0 - (2.0 * inter[present] / total[present]).mean()
 
 
-def _level_points(shape, n: int, mask: torch.Tensor | None, device) -> torch.Tensor:
-    """A fixed random sample (seeded: runs repeat) of ``n`` voxel indices [N,3] (d,h,w) of a level grid,
-    among the voxels of ``mask`` when one is given, in memory order (reading a volume at sorted points
-    is twice as fast as at shuffled ones: the cache sees neighbours)."""
-    return _PointSampler(shape, mask, device).fixed(n)
-
-
-class _PointSampler:
-    """Random voxels of a level grid (among ``mask``'s when one is given), a new set per draw, plus
-    ``n_edge`` more among the voxels of ``edges``; seeded: runs repeat.
-
-    A draw is stratified: the candidates, in memory order, are cut into as many equal runs as points
-    wanted and one is picked at random in each. Every voxel is as likely to be read as with
-    independent picks, the points come out sorted (reading a volume at sorted points is twice as fast
-    as at shuffled ones: the cache sees neighbours) and none repeats, with no sort per step."""
-
-    def __init__(self, shape, mask: torch.Tensor | None, device, edges: torch.Tensor | None = None):
-        self.shape = tuple(shape)
-        self.candidates = None if mask is None else mask.flatten().nonzero()[:, 0]
-        self.count = math.prod(self.shape) if mask is None else len(self.candidates)
-        self.edges = None if edges is None else edges.flatten().nonzero()[:, 0]
-        self.generator = torch.Generator().manual_seed(1)
-        self.device = device
-
-    def fixed(self, n: int) -> torch.Tensor:
-        """``n`` distinct voxels, the same for every call (``_level_points``)."""
-        candidates = (torch.arange(self.count, device=self.device) if self.candidates is None
-                      else self.candidates)
-        order = torch.randperm(len(candidates), generator=torch.Generator().manual_seed(0))[:n]
-        return self._points(candidates[order.to(self.device)].sort().values)
-
-    def draw(self, n: int, n_edge: int = 0) -> torch.Tensor:
-        """``n`` voxels, then ``n_edge`` among the edges, each part in memory order."""
-        chosen = self._stratified(self.count, n)
-        if self.candidates is not None:
-            chosen = self.candidates[chosen]
-        if n_edge and self.edges is not None and len(self.edges):
-            chosen = torch.cat([chosen, self.edges[self._stratified(len(self.edges), n_edge)]])
-        return self._points(chosen)
-
-    def _stratified(self, count: int, n: int) -> torch.Tensor:
-        """One position in [0, count) per run of count / n, ascending (repeats only when n > count)."""
-        runs = torch.arange(n, dtype=torch.float64).add_(torch.rand(n, generator=self.generator, dtype=torch.float64))
-        return runs.mul_(count / n).long().clamp_(max=count - 1).to(self.device)
-
-    def _points(self, chosen: torch.Tensor) -> torch.Tensor:
-        """Flat indices -> [N,3] voxels (d, h, w) (``torch.unravel_index`` in half the time)."""
-        plane, row = self.shape[1] * self.shape[2], self.shape[2]
-        d = torch.div(chosen, plane, rounding_mode="floor")
-        rest = chosen - d * plane
-        h = torch.div(rest, row, rounding_mode="floor")
-        return torch.stack([d, h, rest - h * row], dim=1)
-
-
-def _edge_mask(image: torch.Tensor, inside: torch.Tensor | None, fraction: float = EDGE_FRACTION) -> torch.Tensor:
-    """The ``fraction`` of voxels (among ``inside``'s) of an image [1,1,D,H,W] with the highest local
-    variance over a 3-voxel window: its edges."""
-    variance = local_variance(image, 3)
-    values = variance.flatten() if inside is None else variance[inside]
-    keep = max(1, int(len(values) * fraction))
-    threshold = values.kthvalue(len(values) - keep + 1).values
-    edges = variance >= threshold
-    return edges if inside is None else edges & inside
-
-
-def _values_at(volume: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
-    """``volume`` [1,C,D,H,W] at integer voxels ``points`` [N,3] -> [N,C].
-
-    A channels-last volume is read a voxel's C values at a time (25x faster than C strided reads)."""
-    _, h, w = volume.shape[2:]
-    index = points[:, 0] * (h * w) + points[:, 1] * w + points[:, 2]
-    channels = volume.shape[1]
-    if volume.is_contiguous(memory_format=torch.channels_last_3d):
-        rows = volume.permute(0, 2, 3, 4, 1).reshape(-1, channels)        # a view: no copy
-        return rows.index_select(0, index)
-    return volume.flatten(2)[0, :, index].T
-
-
-def _field_at(field: torch.Tensor, points: torch.Tensor, shape) -> torch.Tensor:
-    """``resize_field(field, shape)`` read at level voxels ``points`` [N,3] -> [N,3], without the grid.
-
-    Voxel centres (align_corners=False) and border clamping, as ``F.interpolate`` does."""
-    size = torch.tensor(shape, device=field.device, dtype=field.dtype)
-    where = ((points.to(field.dtype) + 0.5) / size * 2 - 1).flip(-1).view(1, -1, 1, 1, 3)
-    values = grid_sample(field, where, mode="bilinear", padding_mode="border", align_corners=False)
-    scale = size / torch.tensor(field.shape[2:], device=field.device, dtype=field.dtype)
-    return values.view(3, -1).T * scale
-
-
-def _warp_at(image: torch.Tensor, points: torch.Tensor, displacement: torch.Tensor,
-             to_moving: torch.Tensor | None = None) -> torch.Tensor:
-    """``SpatialTransformer()(image, u)`` read at ``points`` [N,3] given ``u`` there [N,3] -> [N,C]
-    (``trilinear_at_points``: a channels-last image is read without a copy). With ``to_moving`` (4x4,
-    fixed level voxel -> moving level voxel) the image lies on the moving scan's own grid."""
-    moved = points.to(displacement.dtype) + displacement
-    if to_moving is not None:
-        moved = moved @ to_moving[:3, :3].T + to_moving[:3, 3]
-    return trilinear_at_points(image, moved)
-
-
 def _pool_exact(x: torch.Tensor, factor: int) -> torch.Tensor:
     """Average over blocks of ``factor`` voxels, the last incomplete block of each axis left out: level
     voxel a is exactly the mean of voxels factor * a .. factor * a + factor - 1 (an area resize to a
@@ -383,6 +281,167 @@ def _descriptor(image: torch.Tensor, similarity: str, intensity_weight: float = 
 def _start_on(start: torch.Tensor | None, vel_shape, like: torch.Tensor) -> torch.Tensor:
     """The starting velocity (the network's, else zero) on a level's velocity grid."""
     return resize_field(start, vel_shape) if start is not None else like.new_zeros(1, 3, *vel_shape)
+
+
+@dataclass
+class _Scans:
+    """What every level is cut from: both images on the grids passed in, the optional masks (on the fixed
+    grid), and, once a level asks for them, the MIND-SSC descriptors of both images (made once)."""
+    fixed: torch.Tensor
+    moving: torch.Tensor
+    fixed_to_moving: torch.Tensor | None = None
+    fixed_masks: torch.Tensor | None = None
+    moving_masks: torch.Tensor | None = None
+    rigid_mask: torch.Tensor | None = None
+    coverage: torch.Tensor | None = None
+    focus: torch.Tensor | None = None
+    features: tuple | None = None
+
+    def descriptors(self, similarity: str, intensity_weight: float) -> tuple:
+        if self.features is None:
+            self.features = tuple(_descriptor(x, similarity, intensity_weight) for x in (self.fixed, self.moving))
+        return self.features
+
+
+class _LevelLoss:
+    """One pyramid level's images, masks and samples, and the loss of a velocity on them (the module
+    docstring's loss): ``loss(p)`` -> (total, similarity) on the level's fixed check sample (or its dense
+    grid), ``loss(p, *loss.draw())`` on a new sample, as every Adam step does.
+
+    ``sample`` (None: the level is dense) is how many voxels a step reads uniformly, ``edge_voxels`` how many
+    more among the fixed image's edges. ``release_features``: this is the last level that needs the
+    full-size descriptors, so the scans' copies are let go before the level's channels-last ones are made
+    (at most three full-size descriptors at once: a 512^2 x 400 pair's peak memory)."""
+
+    def __init__(self, scans: _Scans, factor: int, shape, *, integrate: VelocityIntegrator, warp: SpatialTransformer,
+                 similarity: str, lam: float, lncc_kernel: int, intensity_weight: float, dice_weight: float,
+                 rigid_weight: float, focus_gain: float, sample: int | None, edge_voxels: int,
+                 release_features: bool):
+        self.shape, self.integrate, self.warp = tuple(shape), integrate, warp
+        self.lam, self.lncc_kernel, self.dice_weight, self.rigid_weight = lam, lncc_kernel, dice_weight, rigid_weight
+        self.sample, self.edge_voxels = sample, int(edge_voxels)
+        fixed, device = scans.fixed, scans.fixed.device
+        # The moving scan's own grid is pooled exactly (its size is the scan's, not a multiple of the factor).
+        moving_level = (lambda x: _resample(x, shape)) if scans.fixed_to_moving is None else \
+            (lambda x: _pool_exact(x, factor))
+        self.f_l, self.m_l = _resample(fixed, shape), moving_level(scans.moving)
+        self.to_moving = None if scans.fixed_to_moving is None else \
+            _level_map(scans.fixed_to_moving, fixed.shape[2:], shape, factor).float().to(device)
+        self.moved = _MovingReader(warp, self.to_moving)
+        # A fixed mask, not one warped with the moving scan (warped, the optimiser could lower the loss
+        # by pushing badly matching voxels out of it), eroded by the LNCC window (a window reaching past
+        # the moving scan's edge sees its padding).
+        mask = None if scans.coverage is None else \
+            (box_filter(_resample(scans.coverage, shape), lncc_kernel) > 0.999).float()
+        f_feat = m_feat = None
+        if similarity in DESCRIPTORS:
+            features = scans.descriptors(similarity, intensity_weight)
+            f_feat, m_feat = _resample(features[0], shape), moving_level(features[1])
+            del features
+        # Any level voxel the region touches is in it (a small organ must not vanish at a coarse level).
+        focus_l = None if scans.focus is None else _resample(scans.focus, shape) > 0
+        if focus_l is not None and mask is not None:
+            focus_l &= mask > 0
+        if focus_l is not None and not bool(focus_l.any()):
+            focus_l = None                # the region lies outside the moving scan's coverage: nothing to favour
+        self.points = self.sampler = self.focus_sampler = self.focus_points = None
+        self.focus_weight = 0.0
+        if sample is not None and (mask is None or bool(mask.any())):
+            inside = None if mask is None else mask > 0
+            self.sampler = PointSampler(shape, inside, device,                    # a new sample per step
+                                        edge_mask(self.f_l, inside) if edge_voxels else None)
+            self.points = self.sampler.fixed(CHECK_SAMPLES)                  # the fixed sample losses are reported on
+            if focus_l is not None:
+                self.focus_sampler = PointSampler(shape, focus_l, device)
+                self.focus_points = self.focus_sampler.fixed(min(CHECK_SAMPLES, self.focus_sampler.count))
+                # the focus's weight next to the whole level's: gain x its share of the level
+                self.focus_weight = focus_gain * self.focus_sampler.count / (self.sampler.count or 1)
+            if release_features:
+                scans.features = None
+            # Channels last: the descriptor's values read at a corner share a cache line (3x faster on a CPU).
+            f_feat = f_feat.contiguous(memory_format=torch.channels_last_3d)
+            m_feat = m_feat.contiguous(memory_format=torch.channels_last_3d)
+            mask = None            # the points lie inside it
+        elif focus_l is not None:
+            mask = (1 + focus_gain * focus_l.float()) * (1 if mask is None else mask)   # a weighted mean
+        self.f_feat, self.m_feat, self.mask, self.focus_l = f_feat, m_feat, mask, focus_l
+        self.fm_l, self.mm_l = (None, None) if scans.fixed_masks is None else \
+            (_resample(scans.fixed_masks, shape), _resample(scans.moving_masks, shape))
+        # Every coarse voxel that touches the structure is held rigid: its boundary must not be
+        # averaged into a half-weight seam that the upsampled field then bends.
+        self.rigid_l = None if scans.rigid_mask is None else (_resample(scans.rigid_mask, shape) > 0.01).float()
+
+    def draw(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """One step's points: a new sample (and one among the focus voxels), or (None, None) on a dense level."""
+        if self.sampler is None:
+            return None, None
+        return (self.sampler.draw(self.sample, self.edge_voxels),
+                None if self.focus_sampler is None else self.focus_sampler.draw(FOCUS_VOXELS))
+
+    def __call__(self, p: torch.Tensor, at: torch.Tensor | None = None,
+                 at_focus: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Total and similarity losses of velocity ``p``; a sampled level reads them at points ``at`` and, with
+        a focus, ``at_focus`` among its voxels (default: the fixed check samples)."""
+        if self.points is not None:
+            at = self.points if at is None else at
+            if self.focus_points is not None:
+                at_focus = self.focus_points if at_focus is None else at_focus
+                at = torch.cat([at, at_focus])
+            moved = warp_at(self.m_feat, at, field_at(self.integrate(p), at, self.shape), self.to_moving)
+            distance = (values_at(self.f_feat, at) - moved).pow(2).mean(1)
+            if self.focus_points is None:
+                sim = distance.mean()
+            else:                      # the dense weighted mean, from the two samples
+                n_focus = len(at_focus)
+                sim = (distance[:-n_focus].mean() + self.focus_weight * distance[-n_focus:].mean()) \
+                    / (1 + self.focus_weight)
+            return sim + self.lam * gradient_l2(p).sum(), sim
+        disp = resize_field(self.integrate(p), self.shape)
+        if self.f_feat is not None:
+            sim = mind_loss(self.f_feat, self.moved(self.m_feat, disp), mask=self.mask)
+        else:
+            sim = lncc_loss(self.f_l, self.moved(self.m_l, disp), kernel=self.lncc_kernel, eps=LNCC_EPS, mask=self.mask)
+        total = sim + self.lam * gradient_l2(p).sum()
+        if self.fm_l is not None:
+            total = total + self.dice_weight * soft_dice_loss(self.fm_l, self.warp(self.mm_l, disp))
+        if self.rigid_l is not None:
+            total = total + self.rigid_weight * rigidity_penalty(disp, self.rigid_l)
+        return total, sim
+
+    def record(self) -> dict:
+        """What the level's history entry says of its sampling."""
+        sampled = self.points is not None
+        return {"sampled_voxels": self.sample if sampled else None, "edge_voxels": self.edge_voxels if sampled else None,
+                "focus_voxels": None if self.focus_l is None else int(self.focus_l.sum())}
+
+
+def _optimise_level(loss: _LevelLoss, param: torch.Tensor, n_steps: int, lr: float, check_every: int,
+                    min_improvement: float, progress: Callable[[int], None] | None) -> int:
+    """Adam on ``param`` for at most ``n_steps``, a new sample per step; stops when the loss, averaged over
+    windows of ``check_every`` steps, improves by less than ``min_improvement`` (relative). Returns the steps
+    taken; ``progress(step, loss)`` after each."""
+    optimizer = torch.optim.Adam([param], lr=lr)
+    # Adam moves every voxel by about lr per step whatever its gradient; decaying the rate lets
+    # the field settle instead of ending on that noise (which shows as det J ripples).
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=n_steps, eta_min=0.1 * lr)
+    window, previous, run = [], None, 0
+    for step in range(n_steps):
+        total, _ = loss(param, *loss.draw())
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        optimizer.step()
+        schedule.step()
+        run += 1
+        value = float(total.detach())
+        if progress is not None:
+            progress(step, value)
+        window.append(value)
+        if len(window) == check_every:
+            mean = sum(window) / len(window)
+            if previous is not None and previous - mean < min_improvement * abs(previous):
+                break
+            previous, window = mean, []
+    return run
 
 
 def _auto_steps(shapes, device: torch.device, preset: StepPreset) -> list[int]:
@@ -537,129 +596,39 @@ def refine_velocity(fixed: torch.Tensor, moving: torch.Tensor, velocity: torch.T
         plan = _skip_redundant_levels(plan, sampled, vel_shapes)
     v = None if velocity is None else velocity.detach().float().to(device)
     initial = v
-    fixed_masks, moving_masks, rigid_mask, moving_coverage, focus = (
-        None if m is None else m.detach().float().to(device)
-        for m in (fixed_masks, moving_masks, rigid_mask, moving_coverage, focus))
+    if not use_dice:
+        fixed_masks = moving_masks = None
+    if not use_rigid:
+        rigid_mask = None
+    scans = _Scans(fixed, moving, fixed_to_moving, *(None if m is None else m.detach().float().to(device) for m in (
+        fixed_masks, moving_masks, rigid_mask, moving_coverage, focus)))
     history, check = [], {}
     last_level = max((i for i, n in enumerate(plan) if n > 0), default=-1)  # where the final check is taken
-    features = None  # MIND-SSC of both images at the grid passed in, made once
 
     for index, (factor, shape, n_steps) in enumerate(zip(levels, shapes, plan)):
         if n_steps <= 0:
             continue
         start = time.perf_counter()
         vel_shape = vel_shapes[index]
-        # The moving scan's own grid is pooled exactly (its size is the scan's, not a multiple of the factor).
-        moving_level = (lambda x: _resample(x, shape)) if fixed_to_moving is None else \
-            (lambda x: _pool_exact(x, int(factor)))
-        f_l, m_l = _resample(fixed, shape), moving_level(moving)
-        to_moving = None if fixed_to_moving is None else \
-            _level_map(fixed_to_moving, fixed.shape[2:], shape, int(factor)).float().to(device)
-        moved = _MovingReader(warp, to_moving)
-        # A fixed mask, not one warped with the moving scan (warped, the optimiser could lower the loss
-        # by pushing badly matching voxels out of it), eroded by the LNCC window (a window reaching past
-        # the moving scan's edge sees its padding).
-        mask = None if moving_coverage is None else \
-            (box_filter(_resample(moving_coverage, shape), lncc_kernel) > 0.999).float()
-        if similarity in DESCRIPTORS:
-            if features is None:
-                features = tuple(_descriptor(x, similarity, intensity_weight) for x in (fixed, moving))
-            f_feat, m_feat = _resample(features[0], shape), moving_level(features[1])
-        # Any level voxel the region touches is in it (a small organ must not vanish at a coarse level).
-        focus_l = None if focus is None else _resample(focus, shape) > 0
-        if focus_l is not None and mask is not None:
-            focus_l &= mask > 0
-        if focus_l is not None and not bool(focus_l.any()):
-            focus_l = None                # the region lies outside the moving scan's coverage: nothing to favour
-        points = sampler = focus_sampler = focus_points = None
-        if sampled[index] and (mask is None or bool(mask.any())):
-            inside = None if mask is None else mask > 0
-            sampler = _PointSampler(shape, inside, device,                    # a new sample per step
-                                    _edge_mask(f_l, inside) if edge_voxels else None)
-            points = sampler.fixed(CHECK_SAMPLES)                             # the fixed sample losses are reported on
-            if focus_l is not None:
-                focus_sampler = _PointSampler(shape, focus_l, device)
-                focus_points = focus_sampler.fixed(min(CHECK_SAMPLES, focus_sampler.count))
-                # the focus's weight next to the whole level's: gain x its share of the level
-                focus_weight = focus_gain * focus_sampler.count / (sampler.count or 1)
-            if index == last_level:
-                features = None      # no finer level needs them; converted one at a time, at most three
-                #                      full-size descriptors exist at once (a 512^2 x 400 pair's peak memory)
-            # Channels last: the descriptor's values read at a corner share a cache line (3x faster on a CPU).
-            f_feat = f_feat.contiguous(memory_format=torch.channels_last_3d)
-            m_feat = m_feat.contiguous(memory_format=torch.channels_last_3d)
-            mask = None            # the points lie inside it
-        elif focus_l is not None:
-            mask = (1 + focus_gain * focus_l.float()) * (1 if mask is None else mask)   # a weighted mean
-        fm_l, mm_l = (_resample(fixed_masks, shape), _resample(moving_masks, shape)) if use_dice else (None, None)
-        # Every coarse voxel that touches the structure is held rigid: its boundary must not be
-        # averaged into a half-weight seam that the upsampled field then bends.
-        rigid_l = (_resample(rigid_mask, shape) > 0.01).float() if use_rigid else None
+        loss = _LevelLoss(scans, int(factor), shape, integrate=integrate, warp=warp, similarity=similarity, lam=lam,
+                          lncc_kernel=lncc_kernel, intensity_weight=intensity_weight, dice_weight=dice_weight,
+                          rigid_weight=rigid_weight, focus_gain=focus_gain,
+                          sample=samples[index] if sampled[index] else None, edge_voxels=edge_voxels,
+                          release_features=index == last_level)
         param = (resize_field(v, vel_shape) if v is not None else fixed.new_zeros(1, 3, *vel_shape)).clone()
         param.requires_grad_(True)
-        optimizer = torch.optim.Adam([param], lr=lr)
-        # Adam moves every voxel by about lr per step whatever its gradient; decaying the rate lets
-        # the field settle instead of ending on that noise (which shows as det J ripples).
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=n_steps, eta_min=0.1 * lr)
-
-        def losses(p, at=None, at_focus=None):
-            """Total and similarity losses of velocity ``p``; a sampled level reads them at points ``at``
-            and, with a focus, ``at_focus`` among its voxels (default: the fixed check samples)."""
-            if points is not None:
-                at = points if at is None else at
-                if focus_points is not None:
-                    at_focus = focus_points if at_focus is None else at_focus
-                    at = torch.cat([at, at_focus])
-                distance = (_values_at(f_feat, at)
-                            - _warp_at(m_feat, at, _field_at(integrate(p), at, shape), to_moving)).pow(2).mean(1)
-                if focus_points is None:
-                    sim = distance.mean()
-                else:                      # the dense weighted mean, from the two samples
-                    n_focus = len(at_focus)
-                    sim = (distance[:-n_focus].mean() + focus_weight * distance[-n_focus:].mean()) / (1 + focus_weight)
-                return sim + lam * gradient_l2(p).sum(), sim
-            disp = resize_field(integrate(p), shape)
-            if similarity in DESCRIPTORS:
-                sim = mind_loss(f_feat, moved(m_feat, disp), mask=mask)
-            else:
-                sim = lncc_loss(f_l, moved(m_l, disp), kernel=lncc_kernel, eps=LNCC_EPS, mask=mask)
-            total = sim + lam * gradient_l2(p).sum()
-            if use_dice:
-                total = total + dice_weight * soft_dice_loss(fm_l, warp(mm_l, disp))
-            if use_rigid:
-                total = total + rigid_weight * rigidity_penalty(disp, rigid_l)
-            return total, sim
-
-        window, previous, run = [], None, 0
         with torch.no_grad():
-            first = tuple(float(x) for x in losses(param))
-        for step in range(n_steps):
-            total, sim = losses(param, None if sampler is None else sampler.draw(samples[index], int(edge_voxels)),
-                                None if focus_sampler is None else focus_sampler.draw(FOCUS_VOXELS))
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            optimizer.step()
-            schedule.step()
-            run += 1
-            value = float(total.detach())
-            if progress is not None:
-                progress(index, step, value)
-            window.append(value)
-            if len(window) == check_every:
-                mean = sum(window) / len(window)
-                if previous is not None and previous - mean < min_improvement * abs(previous):
-                    break
-                previous, window = mean, []
+            first = tuple(float(x) for x in loss(param))
+        run = _optimise_level(loss, param, n_steps, lr, check_every, min_improvement,
+                              None if progress is None else (lambda step, value, i=index: progress(i, step, value)))
         with torch.no_grad():
-            total, sim = losses(param)
+            total, sim = loss(param)
             if index == last_level:   # the final check (below): the start against the result, here
-                start_loss = losses(_start_on(initial, vel_shape, param))[0]
+                start_loss = loss(_start_on(initial, vel_shape, param))[0]
                 check = {"loss_optimised": float(total), "loss_start": float(start_loss)}
         v = param.detach()
         history.append({"level": int(factor), "spacing_mm": float(spacing_mm) * int(factor), "shape": list(shape),
-                        "velocity_shape": list(vel_shape), "sampled_voxels": None if points is None else samples[index],
-                        "edge_voxels": None if points is None else int(edge_voxels),
-                        "focus_voxels": None if focus_l is None else int(focus_l.sum()),
+                        "velocity_shape": list(vel_shape), **loss.record(),
                         "steps": run, "loss_start": first[0],
                         "loss_end": float(total), "similarity_start": first[1], "similarity_end": float(sim),
                         "seconds": time.perf_counter() - start})

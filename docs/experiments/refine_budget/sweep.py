@@ -2,7 +2,7 @@
 
 NAME is a module constant of unireg.pipeline.register or .refine, AUTO_<FIELD> a field of STEP_PRESETS["auto"],
 KW_<arg> a default of refine_velocity, ALIGN_<arg> a default of align_pair."""
-import sys, importlib
+import sys
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[3] / "bench"))
 import unireg.pipeline.register as R
 import unireg.pipeline.refine as F
