@@ -13,6 +13,8 @@ for kv in args[:split]:
     val = eval(v)
     if k.startswith("ALIGN_"):
         import unireg.pipeline.align as A
+        if hasattr(A, k[6:]):
+            setattr(A, k[6:], val); print("align constant", k[6:], val); continue
         A.align_pair.__kwdefaults__[k[6:].lower()] = val; print("align", k[6:].lower(), val); continue
     if k.startswith("KW_"):
         F.refine_velocity.__kwdefaults__[k[3:]] = val; print("kw", k[3:], val); continue
