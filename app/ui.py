@@ -189,7 +189,9 @@ def build_app(model: str = DEFAULT_MODEL, max_upload_mb: float = 512.0, device: 
                                          elem_id="organ-picker")
                     with gr.Row():
                         custom_smooth = gr.Checkbox(False, label="set smoothness")
-                        smooth = gr.Slider(0.0, 1.0, value=0.3, step=0.05, label="smoothness (0 = flexible, 1 = stiff)")
+                        smooth = gr.Slider(0.0, 1.0, value=0.3, step=0.05, label="smoothness (0 = flexible, 1 = stiff)",
+                                           info="lower where organs slide (breathing), higher where the body moves "
+                                                "as one (repositioning)")
                     prompt = gr.Textbox("inter", label="Prompt (composed above, or type your own)",
                                         placeholder='e.g. "intra-subject | liver, spleen | smooth=0.3"',
                                         elem_id="prompt-box")

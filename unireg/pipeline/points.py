@@ -75,9 +75,10 @@ class PointSampler:
         return torch.stack([d, h, rest - h * row], dim=1)
 
 
-def edge_mask(image: torch.Tensor, inside: torch.Tensor | None, fraction: float = EDGE_FRACTION) -> torch.Tensor:
-    """The ``fraction`` of voxels (among ``inside``'s) of an image [1,1,D,H,W] with the highest local
-    variance over a 3-voxel window: its edges."""
+def edge_mask(image: torch.Tensor, inside: torch.Tensor | None, fraction: float | None = None) -> torch.Tensor:
+    """The ``fraction`` (None: ``EDGE_FRACTION``) of voxels (among ``inside``'s) of an image [1,1,D,H,W] with
+    the highest local variance over a 3-voxel window: its edges."""
+    fraction = EDGE_FRACTION if fraction is None else fraction
     variance = local_variance(image, 3)
     values = variance.flatten() if inside is None else variance[inside]
     keep = max(1, int(len(values) * fraction))

@@ -1,11 +1,12 @@
 """Patch pipeline constants, then run bench/vs_optimisers.py: python docs/experiments/refine_budget/sweep.py NAME=VALUE ... -- <vs_optimisers args>
 
-NAME is a module constant of unireg.pipeline.register or .refine, AUTO_<FIELD> a field of STEP_PRESETS["auto"],
-KW_<arg> a default of refine_velocity, ALIGN_<arg> a default of align_pair."""
+NAME is a module constant of unireg.pipeline.register, .refine or .points, AUTO_<FIELD> a field of STEP_PRESETS["auto"],
+KW_<arg> a default of refine_velocity, ALIGN_<NAME> a constant of .align or a default of align_pair."""
 import sys
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[3] / "bench"))
 import unireg.pipeline.register as R
 import unireg.pipeline.refine as F
+import unireg.pipeline.points as P
 args = sys.argv[1:]
 split = args.index("--") if "--" in args else len(args)
 for kv in args[:split]:
@@ -23,7 +24,7 @@ for kv in args[:split]:
         field = k[5:].lower()
         F.STEP_PRESETS["auto"] = dataclasses.replace(F.STEP_PRESETS["auto"], **{field: val})
         print("preset auto", F.STEP_PRESETS["auto"]); continue
-    for mod in (R, F):
+    for mod in (R, F, P):
         if hasattr(mod, k):
             setattr(mod, k, val); print("patched", mod.__name__, k, val)
 import vs_optimisers
