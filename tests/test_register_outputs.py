@@ -140,3 +140,28 @@ def test_itk_file_formats_register_like_nifti(model, scans, network_only, tmp_pa
     result = model.register(paths["fixed"], paths["moving"], "inter | liver", refine=False, align="none")
     assert np.allclose(result.fixed.affine, AFFINE)
     assert np.allclose(result.displacement, network_only.displacement, atol=1e-4)
+
+
+def test_warped_scans_are_written_in_the_scans_stored_type(model, scans, tmp_path):
+    """An int16 CT is written back as int16 (rounded, within the type's range), the fixed scan carried onto
+    the moving grid likewise; scaled integers and floating-point scans as float32."""
+    from unireg.io import stored_like
+    fixed_hu, moving_hu = (np.rint(scans[k][0]).astype(np.int16) for k in ("fixed", "moving"))
+    result = model.register((fixed_hu, AFFINE), (moving_hu, AFFINE), "inter", refine=False, align="none")
+    paths = result.save(tmp_path / "out", inverse=True)
+    for key in ("warped", "inverse_warped"):
+        written = nib.load(paths[key])
+        assert written.get_data_dtype() == np.int16, key
+    warped = np.asanyarray(nib.load(paths["warped"]).dataobj)
+    assert np.array_equal(warped, np.rint(np.asanyarray(result.warped.dataobj)))
+
+    values = np.array([[[-40000.4, -1.5, 0.49, 2.5, 40000.0]]], dtype=np.float32)
+    as_int16 = stored_like(values, nib.Nifti1Image(np.zeros((1, 1, 5), np.int16), AFFINE))
+    assert as_int16.dtype == np.int16 and as_int16.tolist() == [[[-32768, -2, 0, 2, 32767]]]
+    path = tmp_path / "scaled.nii.gz"
+    scaled = nib.Nifti1Image(np.zeros((1, 1, 5), np.int16), AFFINE)
+    scaled.header.set_slope_inter(0.5, -1024.0)
+    nib.save(scaled, path)
+    for source in (nib.load(path), nib.Nifti1Image(np.zeros((1, 1, 5), np.float32), AFFINE)):
+        kept = stored_like(values, source)
+        assert kept.dtype == np.float32 and np.array_equal(kept, values)

@@ -13,7 +13,7 @@ import nibabel as nib
 import numpy as np
 
 from .errors import UserError
-from .io import InputError, load_image, load_labels, save_nifti, warp_volume, write_itk_displacement
+from .io import InputError, load_image, load_labels, save_nifti, stored_like, warp_volume, write_itk_displacement
 from .prompt import Prompt
 
 #: Files ``save`` writes; a folder holding anything else is not a previous UniReg output.
@@ -152,7 +152,7 @@ class RegistrationResult:
         # without a full-size float32 scan held beside them (512^2 x 400: 0.4 GB less at the peak).
         warped = self._warped.dataobj if self._warped is not None else \
             warp_volume(self.moving, self.displacement, self.affine)
-        save_nifti(np.asarray(warped, dtype=np.float32), self.affine, folder / names["warped"])
+        save_nifti(stored_like(np.asanyarray(warped), self.moving), self.affine, folder / names["warped"])
         del warped
         write_itk_displacement(self.displacement, self.affine, folder / names["displacement"])
         write_itk_affine(self.affine_matrix, folder / names["affine"])
@@ -162,7 +162,7 @@ class RegistrationResult:
         if inverse:
             names.update(inverse_displacement="inverse_displacement_itk.nii.gz", inverse_warped="inverse_warped.nii.gz")
             write_itk_displacement(self._inverse_field(), self.moving.affine, folder / names["inverse_displacement"])
-            save_nifti(np.asarray(self.warp_to_moving(self.fixed, labels=False).dataobj, dtype=np.float32),
+            save_nifti(stored_like(np.asanyarray(self.warp_to_moving(self.fixed, labels=False).dataobj), self.fixed),
                        self.moving.affine, folder / names["inverse_warped"])
             if self.fixed_labels is not None:
                 names["inverse_warped_labels"] = "inverse_warped_labels.nii.gz"
