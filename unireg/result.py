@@ -152,7 +152,8 @@ class RegistrationResult:
         # without a full-size float32 scan held beside them (512^2 x 400: 0.4 GB less at the peak).
         warped = self._warped.dataobj if self._warped is not None else \
             warp_volume(self.moving, self.displacement, self.affine)
-        save_nifti(stored_like(np.asanyarray(warped), self.moving), self.affine, folder / names["warped"])
+        warped = stored_like(np.asanyarray(warped), self.moving)   # the float32 scan let go before it is compressed
+        save_nifti(warped, self.affine, folder / names["warped"])
         del warped
         write_itk_displacement(self.displacement, self.affine, folder / names["displacement"])
         write_itk_affine(self.affine_matrix, folder / names["affine"])
