@@ -1,8 +1,10 @@
 """`unireg register`: one pair of scans -> warped scan, ITK field, affine, labels, metrics, overview (and, with
---inverse, the inverse field and the fixed scan and labels on the moving grid)."""
+--inverse, the inverse field and the fixed scan and labels on the moving grid); with --pairs, every pair of a CSV
+with one model (``unireg.batch``)."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from .common import add_model_flags, add_verb, resolve_device
@@ -10,11 +12,17 @@ from .common import add_model_flags, add_verb, resolve_device
 
 def add_parser(subparsers) -> None:
     p = add_verb(subparsers, "register", "register a moving CT onto a fixed CT", run)
-    p.add_argument("--fixed", required=True, help="fixed image (.nii/.nii.gz/.mha/.nrrd)")
-    p.add_argument("--moving", required=True, help="moving image")
-    p.add_argument("--prompt", default="", help='e.g. "intra-subject | liver, spleen | smooth=0.3 | rigid=vertebrae_L1"')
-    p.add_argument("--out", required=True, help="output folder (written atomically)")
-    p.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty --out")
+    p.add_argument("--fixed", help="fixed image (.nii/.nii.gz/.mha/.nrrd)")
+    p.add_argument("--moving", help="moving image")
+    p.add_argument("--pairs", help="instead of --fixed/--moving: a CSV of pairs, columns fixed,moving and optionally "
+                                   "name,prompt,fixed_labels,moving_labels (paths relative to the CSV); each pair "
+                                   "is written to --out/<name>/, finished pairs are skipped when run again, a "
+                                   "failing pair is listed in --out/summary.csv and the others go on")
+    p.add_argument("--prompt", default="", help='e.g. "intra-subject | liver, spleen | smooth=0.3 | rigid=vertebrae_L1"'
+                                                " (with --pairs: for the rows without a prompt)")
+    p.add_argument("--out", required=True, help="output folder (written atomically; with --pairs, one per pair)")
+    p.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty --out (with "
+                                                            "--pairs: register finished pairs again)")
     add_model_flags(p)
     p.add_argument("--moving-labels", help="label map on the moving image's grid, warped with the field")
     p.add_argument("--fixed-labels", help="label map on the fixed grid: places rigid= structures and --focus "
@@ -42,8 +50,16 @@ def add_parser(subparsers) -> None:
 
 def run(args) -> int:
     from ..api import UniReg
+    from ..errors import UserError
     from ..pipeline.register import check_align, check_refine
     from ..result import check_output_dir
+    if args.pairs:
+        if args.fixed or args.moving or args.fixed_labels or args.moving_labels:
+            raise UserError("--pairs lists the scans and label maps itself: leave out --fixed, --moving, "
+                            "--fixed-labels and --moving-labels (or give columns fixed_labels/moving_labels)")
+        return _run_pairs(args)
+    if not (args.fixed and args.moving):
+        raise UserError("give --fixed and --moving (or --pairs with a CSV of pairs)")
     out = Path(args.out)
     check_output_dir(out, args.overwrite)          # before any work: a bad --out must not cost a registration
     refine = check_refine(args.refine)
@@ -57,6 +73,26 @@ def run(args) -> int:
     paths = result.save(out, overwrite=args.overwrite, inverse=args.inverse)
     from ..result import json_safe
     print(json.dumps(json_safe({"outputs": {k: str(v) for k, v in paths.items()}, **result.summary()}), indent=2))
+    return 0
+
+
+def _run_pairs(args) -> int:
+    from ..api import UniReg
+    from ..batch import read_pair_csv, register_batch
+    from ..pipeline.register import check_align, check_refine
+    pairs = read_pair_csv(args.pairs, args.prompt)    # the whole list checked before any work
+    refine = check_refine(args.refine)
+    check_align(args.align)
+    model = UniReg.from_pretrained(args.model, device=resolve_device(args.device))
+    rows = register_batch(model, pairs, args.out, overwrite=args.overwrite, inverse=args.inverse,
+                          show_progress=not args.no_progress, refine=refine, align=args.align,
+                          similarity=args.similarity, focus=args.focus, adapter=args.adapter)
+    counts = {status: sum(r["status"] == status for r in rows) for status in ("done", "done before", "failed")}
+    print(json.dumps({"pairs": len(rows), **counts, "summary": str(Path(args.out) / "summary.csv")}, indent=2))
+    if counts["failed"]:
+        print(f"unireg register: {counts['failed']} of {len(rows)} pairs failed; their reasons are in "
+              f"{Path(args.out) / 'summary.csv'}", file=sys.stderr)
+        return 1
     return 0
 
 
