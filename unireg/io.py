@@ -195,7 +195,7 @@ def _read_path(path: Path, name: str) -> nib.Nifti1Image:
     if not path.exists():
         raise InputError(f"{name} not found: {path}")
     if path.is_dir():
-        raise InputError(f"{name} is a directory, not an image file: {path}")
+        return _read_dicom_series(path, name)
     suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
     if suffix in NIFTI_SUFFIXES:
         try:
@@ -233,7 +233,45 @@ def _read_itk(path: Path, name: str) -> nib.Nifti1Image:
         img = reader.Execute()
     except RuntimeError as exc:
         raise InputError(f"{name}: {path} is not a readable image ({_reason(exc)})") from None
-    data = np.transpose(sitk.GetArrayFromImage(img), tuple(reversed(range(img.GetDimension()))))
+    return _from_sitk(img, name)
+
+
+def _read_dicom_series(path: Path, name: str) -> nib.Nifti1Image:
+    """A folder holding one DICOM series, read by SimpleITK (GDCM): slices ordered by position, the rescale
+    slope and intercept applied (HU), the geometry from the image position and orientation tags."""
+    import SimpleITK as sitk
+    try:
+        series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path))
+    except RuntimeError as exc:
+        raise InputError(f"{name}: the folder {path} cannot be read as DICOM ({_reason(exc)})") from None
+    if not series:
+        raise InputError(f"{name} is a folder without a DICOM series: {path}; give an image file "
+                         f"({', '.join(NIFTI_SUFFIXES + ITK_SUFFIXES)}) or a folder holding one DICOM series")
+    if len(series) > 1:
+        raise InputError(f"{name}: the folder {path} holds {len(series)} DICOM series ({', '.join(series[:3])}"
+                         f"{', ...' if len(series) > 3 else ''}); give a folder with one series")
+    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), series[0])
+    if len(files) < 2:
+        raise InputError(f"{name}: the DICOM series in {path} has a single slice; UniReg registers 3-D volumes")
+    try:
+        first = sitk.ImageFileReader()
+        first.SetFileName(files[0])
+        first.ReadImageInformation()
+        item = sitk.Image([1, 1], first.GetPixelID()).GetSizeOfPixelComponent()
+        _check_size((len(files), *reversed(first.GetSize()[:2])), np.dtype(f"V{item}"), name, path)
+        reader = sitk.ImageSeriesReader()
+        reader.SetFileNames(files)
+        img = reader.Execute()
+    except RuntimeError as exc:
+        raise InputError(f"{name}: the DICOM series in {path} cannot be read ({_reason(exc)})") from None
+    return _from_sitk(img, name)
+
+
+def _from_sitk(img, name: str) -> nib.Nifti1Image:
+    """A SimpleITK image (LPS geometry) as a nibabel one (RAS affine, (i, j, k) voxel order)."""
+    import SimpleITK as sitk
+    dim = img.GetDimension()
+    data = np.transpose(sitk.GetArrayFromImage(img), tuple(reversed(range(dim))))
     if dim != 3:
         raise InputError(f"{name} is {dim}-D (shape {data.shape}); UniReg registers 3-D volumes")
     direction = np.array(img.GetDirection()).reshape(3, 3)

@@ -12,7 +12,7 @@ from .common import add_model_flags, add_verb, resolve_device
 
 def add_parser(subparsers) -> None:
     p = add_verb(subparsers, "register", "register a moving CT onto a fixed CT", run)
-    p.add_argument("--fixed", help="fixed image (.nii/.nii.gz/.mha/.nrrd)")
+    p.add_argument("--fixed", help="fixed image (.nii/.nii.gz/.mha/.nrrd, or a folder holding one DICOM series)")
     p.add_argument("--moving", help="moving image")
     p.add_argument("--pairs", help="instead of --fixed/--moving: a CSV of pairs, columns fixed,moving and optionally "
                                    "name,prompt,fixed_labels,moving_labels (paths relative to the CSV); each pair "

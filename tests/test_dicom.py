@@ -1,0 +1,82 @@
+"""A folder holding one DICOM series is a scan like a NIfTI file: same voxels in HU, same physical geometry,
+and registration takes it; folders that hold no series, or several, are refused with the reason."""
+import time
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from synthetic import blob_volume
+from unireg import UniReg
+from unireg.io import InputError, load_image, to_sitk
+
+pytestmark = pytest.mark.filterwarnings("ignore:monai.networks.blocks.Warp")
+
+
+def write_dicom_series(image: sitk.Image, folder, series_uid: str) -> None:
+    """One slice per file with the tags that place it: position, orientation, series (SimpleITK's "DICOM series
+    from array" recipe), signed 16-bit HU. (Rescale slope / intercept are applied by GDCM for CT Image Storage
+    files; SimpleITK's writer makes Secondary Capture ones, so this series stores HU as they are.)"""
+    folder.mkdir(parents=True, exist_ok=True)
+    stored = sitk.Cast(image, sitk.sitkInt16)
+    direction = image.GetDirection()
+    tags = [("0008|0060", "CT"), ("0020|000e", series_uid), ("0020|000d", series_uid + ".0"),
+            ("0008|0021", time.strftime("%Y%m%d")),
+            ("0020|0037", "\\".join(map(str, (*direction[0::3], *direction[1::3]))))]
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for k in range(image.GetDepth()):
+        plane = stored[:, :, k]
+        for tag, value in tags:
+            plane.SetMetaData(tag, value)
+        plane.SetMetaData("0020|0032", "\\".join(map(str, image.TransformIndexToPhysicalPoint((0, 0, k)))))
+        plane.SetMetaData("0020|0013", str(k + 1))
+        writer.SetFileName(str(folder / f"slice_{k:03d}.dcm"))
+        writer.Execute(plane)
+
+
+@pytest.fixture(scope="module")
+def scan(tmp_path_factory):
+    """A CT-like volume on an anisotropic grid away from the origin, as NIfTI and as a DICOM series."""
+    d = tmp_path_factory.mktemp("dicom")
+    hu, _ = blob_volume((40, 36, 24), seed=3)
+    affine = np.array([[-0.8, 0, 0, 90.0], [0, -0.8, 0, 120.0], [0, 0, 2.5, -300.0], [0, 0, 0, 1]])
+    nifti = nib.Nifti1Image(np.rint(hu).astype(np.int16), affine)
+    nib.save(nifti, d / "scan.nii.gz")
+    write_dicom_series(to_sitk(nifti), d / "series", "1.2.826.0.1.3680043.2.1125.1")
+    return d, nifti
+
+
+def test_a_dicom_folder_reads_as_the_same_scan(scan):
+    d, nifti = scan
+    from_dicom = load_image(d / "series", "fixed image")
+    assert from_dicom.shape == nifti.shape
+    assert np.allclose(from_dicom.affine, nifti.affine, atol=1e-4)
+    assert np.array_equal(np.asanyarray(from_dicom.dataobj), np.asanyarray(nifti.dataobj))
+
+
+def test_registration_takes_a_dicom_folder(scan):
+    d, nifti = scan
+    model = UniReg.from_config("tiny")
+    result = model.register(d / "series", d / "scan.nii.gz", "inter", refine=False, align="none")
+    assert result.displacement.shape == (*nifti.shape, 3)
+    assert np.allclose(result.affine, nifti.affine, atol=1e-4)
+
+
+def test_folders_without_one_series_are_refused(scan, tmp_path):
+    d, nifti = scan
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="is a folder without a DICOM series"):
+        load_image(tmp_path / "empty", "fixed image")
+    two = tmp_path / "two"
+    write_dicom_series(to_sitk(nifti), two, "1.2.826.0.1.3680043.2.1125.2")
+    write_dicom_series(to_sitk(nifti), tmp_path / "other", "1.2.826.0.1.3680043.2.1125.3")
+    for f in (tmp_path / "other").iterdir():            # a second series in the same folder
+        f.rename(two / f"b_{f.name}")
+    with pytest.raises(InputError, match="holds 2 DICOM series"):
+        load_image(two, "moving image")
+    one = tmp_path / "one"
+    write_dicom_series(to_sitk(nifti)[:, :, :1], one, "1.2.826.0.1.3680043.2.1125.4")
+    with pytest.raises(InputError, match="single slice"):
+        load_image(one, "moving image")
