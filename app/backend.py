@@ -14,6 +14,7 @@ import shutil
 import tempfile
 import threading
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,7 +85,8 @@ def check_upload(path, what: str, max_mb: float | None, required: bool = True) -
     """An uploaded file's path, or a clear error naming the input."""
     if path is None or path == "":
         if required:
-            raise InputError(f"{what}: no file given; upload a NIfTI file (.nii or .nii.gz) or pick an example")
+            raise InputError(f"{what}: no file given; upload a NIfTI file (.nii or .nii.gz), a .zip of a DICOM series "
+                             f"or pick an example")
         return None
     path = Path(getattr(path, "name", path))
     if not path.is_file():
@@ -92,6 +94,38 @@ def check_upload(path, what: str, max_mb: float | None, required: bool = True) -
     if max_mb is not None and path.stat().st_size > max_mb * 1e6:
         raise InputError(f"{what}: {path.name} is {path.stat().st_size / 1e6:.1f} MB, over the {max_mb:g} MB limit")
     return str(path)
+
+
+def load_scan(path: str, what: str, max_mb: float | None) -> nib.Nifti1Image:
+    """An uploaded scan: an image file, or a ``.zip`` of one DICOM series folder (browsers upload files,
+    not folders). The archive is unpacked into a temporary folder that is gone once the series is read;
+    members that would land outside it, and archives that unpack to more than the upload limit, are refused."""
+    if not str(path).lower().endswith(".zip"):
+        return load_image(path, what)
+    with tempfile.TemporaryDirectory(prefix="unireg-dicom-") as tmp:
+        return load_image(_unpack_series(Path(path), Path(tmp), what, max_mb), what)
+
+
+def _unpack_series(archive: Path, into: Path, what: str, max_mb: float | None) -> Path:
+    try:
+        with zipfile.ZipFile(archive) as zipped:
+            members = [m for m in zipped.infolist() if not m.is_dir()]
+            unpacked = sum(m.file_size for m in members)
+            if max_mb is not None and unpacked > max_mb * 1e6:
+                raise InputError(f"{what}: {archive.name} unpacks to {unpacked / 1e6:.0f} MB, over the {max_mb:g} MB limit")
+            root = into.resolve()
+            for member in members:
+                target = (into / member.filename).resolve()
+                if root not in target.parents:
+                    raise InputError(f"{what}: {archive.name} holds a path outside its folder ({member.filename!r})")
+            zipped.extractall(into, members)
+    except zipfile.BadZipFile:
+        raise InputError(f"{what}: {archive.name} is not a readable zip archive") from None
+    folders = sorted({(into / m.filename).parent for m in members if not Path(m.filename).name.startswith(".")})
+    if len(folders) != 1:
+        raise InputError(f"{what}: {archive.name} holds {'no files' if not folders else 'files in several folders'}; "
+                         f"zip the one folder of a DICOM series")
+    return folders[0]
 
 
 _ROLE = re.compile(r"(fixed_labels|moving_labels|fixed_seg|moving_seg|fixed|moving)\.nii(\.gz)?$", re.IGNORECASE)
@@ -161,7 +195,7 @@ def register_pair(model, fixed, moving, fixed_labels=None, moving_labels=None, p
     moving = check_upload(moving, "moving scan", max_mb)
     fixed_labels = check_upload(fixed_labels, "fixed labels", max_mb, required=False)
     moving_labels = check_upload(moving_labels, "moving labels", max_mb, required=False)
-    fixed_img, moving_img = load_image(fixed, "fixed scan"), load_image(moving, "moving scan")
+    fixed_img, moving_img = load_scan(fixed, "fixed scan", max_mb), load_scan(moving, "moving scan", max_mb)
     fixed_lab = load_labels(fixed_labels, fixed_img, "fixed labels") if fixed_labels else None
     moving_lab = load_labels(moving_labels, moving_img, "moving labels") if moving_labels else None
     kwargs = pipeline_options(model.register, pipeline)

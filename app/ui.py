@@ -34,7 +34,8 @@ EXAMPLE_PROMPTS = {"phantom pair A (inter-subject)": ("inter-subject", ["liver",
 FEWSHOT_TRAIN_START, FEWSHOT_HELD_OUT = 0, 10
 FILE_HEIGHT = 120     # example pair indices (disjoint subjects)
 INTRO = """### UniReg: prompted deformable registration of 3-D CT
-Pick an example pair or upload a fixed and a moving scan (NIfTI, optionally with label maps on their grids),
+Pick an example pair or upload a fixed and a moving scan (NIfTI, MHA, NRRD or a zipped DICOM series folder,
+optionally with label maps on their grids),
 say what to align, and register. Results are shown on the fixed grid; downloads work in ITK, ANTs and 3D Slicer,
 and include the other direction: the fixed labels carried onto the moving scan and the inverse field."""
 FEWSHOT_INTRO = """### Few-shot: teach UniReg a new structure from a few labelled pairs
@@ -177,8 +178,8 @@ def build_app(model: str = DEFAULT_MODEL, max_upload_mb: float = 512.0, device: 
                     example = gr.Dropdown([NO_EXAMPLE, *EXAMPLES], value=NO_EXAMPLE, label="Example pair",
                                           elem_id="example-pair")
                     with gr.Row():
-                        fixed = gr.File(label="Fixed scan (NIfTI)", height=FILE_HEIGHT, elem_id="fixed-file")
-                        moving = gr.File(label="Moving scan (NIfTI)", height=FILE_HEIGHT, elem_id="moving-file")
+                        fixed = gr.File(label="Fixed scan (NIfTI, MHA, NRRD or a DICOM series as .zip)", height=FILE_HEIGHT, elem_id="fixed-file")
+                        moving = gr.File(label="Moving scan (NIfTI, MHA, NRRD or a DICOM series as .zip)", height=FILE_HEIGHT, elem_id="moving-file")
                     with gr.Row():
                         fixed_labels = gr.File(label="Fixed labels (optional)", height=FILE_HEIGHT, elem_id="fixed-labels-file")
                         moving_labels = gr.File(label="Moving labels (optional)", height=FILE_HEIGHT, elem_id="moving-labels-file")

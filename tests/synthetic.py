@@ -1,5 +1,7 @@
-"""Small synthetic volumes made inside the tests: blobs with TotalSegmentator label ids."""
+"""Small synthetic volumes made inside the tests: blobs with TotalSegmentator label ids, a DICOM series."""
 from __future__ import annotations
+
+import time
 
 import numpy as np
 
@@ -39,3 +41,26 @@ def blob_volume(shape=(32, 32, 32), shift=(0.0, 0.0, 0.0), scale=1.0, seed=0):
 def dice(a: np.ndarray, b: np.ndarray, label: int) -> float:
     ma, mb = a == label, b == label
     return float(2 * (ma & mb).sum() / max(ma.sum() + mb.sum(), 1))
+
+
+def write_dicom_series(image, folder, series_uid: str) -> None:
+    """One slice per file with the tags that place it: position, orientation, series (SimpleITK's "DICOM series
+    from array" recipe), signed 16-bit HU. (Rescale slope / intercept are applied by GDCM for CT Image Storage
+    files; SimpleITK's writer makes Secondary Capture ones, so this series stores HU as they are.)"""
+    import SimpleITK as sitk
+    folder.mkdir(parents=True, exist_ok=True)
+    stored = sitk.Cast(image, sitk.sitkInt16)
+    direction = image.GetDirection()
+    tags = [("0008|0060", "CT"), ("0020|000e", series_uid), ("0020|000d", series_uid + ".0"),
+            ("0008|0021", time.strftime("%Y%m%d")),
+            ("0020|0037", "\\".join(map(str, (*direction[0::3], *direction[1::3]))))]
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for k in range(image.GetDepth()):
+        plane = stored[:, :, k]
+        for tag, value in tags:
+            plane.SetMetaData(tag, value)
+        plane.SetMetaData("0020|0032", "\\".join(map(str, image.TransformIndexToPhysicalPoint((0, 0, k)))))
+        plane.SetMetaData("0020|0013", str(k + 1))
+        writer.SetFileName(str(folder / f"slice_{k:03d}.dcm"))
+        writer.Execute(plane)

@@ -128,3 +128,36 @@ def test_metrics_text_says_when_the_optimiser_saw_the_label_maps():
     assert "Note:" not in metrics_markdown(summary)
     summary["dice_note"] = "instance optimisation used these label maps (Dice term)"
     assert metrics_markdown(summary).endswith("*Note: instance optimisation used these label maps (Dice term).*")
+
+
+def test_a_zipped_dicom_series_uploads_as_a_scan(tmp_path):
+    """Browsers upload files, not folders: a .zip of one DICOM series folder is read as that series; archives
+    that escape their folder, hold several folders or unpack past the upload limit are refused by name."""
+    import zipfile
+
+    from app.backend import load_scan
+    from synthetic import blob_volume, write_dicom_series
+    from unireg.io import to_sitk
+    hu, _ = blob_volume((24, 20, 16), seed=4)
+    nifti = nib.Nifti1Image(np.rint(hu).astype(np.int16), np.diag([1.5, 1.5, 3.0, 1.0]))
+    write_dicom_series(to_sitk(nifti), tmp_path / "series", "1.2.826.0.1.3680043.2.1125.7")
+    archive = tmp_path / "series.zip"
+    with zipfile.ZipFile(archive, "w") as zipped:
+        for f in sorted((tmp_path / "series").iterdir()):
+            zipped.write(f, f"CT_chest/{f.name}")
+        zipped.writestr("__MACOSX/CT_chest/._slice_000.dcm", b"resource fork")
+    scan = load_scan(str(archive), "fixed scan", max_mb=10)
+    assert np.array_equal(np.asanyarray(scan.dataobj), np.asanyarray(nifti.dataobj))
+    assert np.allclose(scan.affine, nifti.affine, atol=1e-4)
+    with pytest.raises(InputError, match="over the 0.01 MB limit"):
+        load_scan(str(archive), "fixed scan", max_mb=0.01)
+    for name, members, message in (("escape.zip", {"../outside.dcm": b"x"}, "a path outside its folder"),
+                                   ("two.zip", {"a/1.dcm": b"x", "b/1.dcm": b"x"}, "files in several folders")):
+        with zipfile.ZipFile(tmp_path / name, "w") as zipped:
+            for member, data in members.items():
+                zipped.writestr(member, data)
+        with pytest.raises(InputError, match=message):
+            load_scan(str(tmp_path / name), "moving scan", max_mb=10)
+    (tmp_path / "bad.zip").write_text("not a zip")
+    with pytest.raises(InputError, match="not a readable zip archive"):
+        load_scan(str(tmp_path / "bad.zip"), "moving scan", max_mb=10)

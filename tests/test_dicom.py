@@ -1,39 +1,14 @@
 """A folder holding one DICOM series is a scan like a NIfTI file: same voxels in HU, same physical geometry,
 and registration takes it; folders that hold no series, or several, are refused with the reason."""
-import time
-
 import nibabel as nib
 import numpy as np
 import pytest
-import SimpleITK as sitk
 
-from synthetic import blob_volume
+from synthetic import blob_volume, write_dicom_series
 from unireg import UniReg
 from unireg.io import InputError, load_image, to_sitk
 
 pytestmark = pytest.mark.filterwarnings("ignore:monai.networks.blocks.Warp")
-
-
-def write_dicom_series(image: sitk.Image, folder, series_uid: str) -> None:
-    """One slice per file with the tags that place it: position, orientation, series (SimpleITK's "DICOM series
-    from array" recipe), signed 16-bit HU. (Rescale slope / intercept are applied by GDCM for CT Image Storage
-    files; SimpleITK's writer makes Secondary Capture ones, so this series stores HU as they are.)"""
-    folder.mkdir(parents=True, exist_ok=True)
-    stored = sitk.Cast(image, sitk.sitkInt16)
-    direction = image.GetDirection()
-    tags = [("0008|0060", "CT"), ("0020|000e", series_uid), ("0020|000d", series_uid + ".0"),
-            ("0008|0021", time.strftime("%Y%m%d")),
-            ("0020|0037", "\\".join(map(str, (*direction[0::3], *direction[1::3]))))]
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    for k in range(image.GetDepth()):
-        plane = stored[:, :, k]
-        for tag, value in tags:
-            plane.SetMetaData(tag, value)
-        plane.SetMetaData("0020|0032", "\\".join(map(str, image.TransformIndexToPhysicalPoint((0, 0, k)))))
-        plane.SetMetaData("0020|0013", str(k + 1))
-        writer.SetFileName(str(folder / f"slice_{k:03d}.dcm"))
-        writer.Execute(plane)
 
 
 @pytest.fixture(scope="module")
