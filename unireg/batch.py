@@ -1,7 +1,7 @@
 """Many pairs with one model: ``unireg register --pairs pairs.csv`` (a cohort onto an atlas, every follow-up
 scan of a study).
 
-The CSV has a header row naming ``fixed`` and ``moving`` and, optionally, ``name`` (the pair's output folder;
+The CSV has a header row naming ``fixed`` and ``moving`` (image files or DICOM series folders) and, optionally, ``name`` (the pair's output folder;
 default ``pair_0001``, ``pair_0002`` ...), ``prompt`` (default: the batch's prompt), ``fixed_labels`` and
 ``moving_labels``; paths are relative to the CSV. The whole list is checked before the first registration
 (columns, names, files, prompts), so a typo in row 90 does not surface after an hour of work.
@@ -90,7 +90,7 @@ def read_pair_csv(path, default_prompt: str = "") -> list[BatchPair]:
                     problems.append(f"{where}: no {column} scan")
                 continue
             file = path.parent / value
-            if not file.is_file():
+            if not (file.is_file() or (file.is_dir() and column in ("fixed", "moving"))):   # a scan may be a DICOM folder
                 problems.append(f"{where}: {column} {value} not found")
             files[column] = str(file.resolve())
         prompt = row.get("prompt") or default_prompt
