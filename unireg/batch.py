@@ -1,9 +1,9 @@
 """Many pairs with one model: ``unireg register --pairs pairs.csv`` (a cohort onto an atlas, every follow-up
 scan of a study).
 
-The CSV has a header row naming ``fixed`` and ``moving`` (image files or DICOM series folders) and, optionally, ``name`` (the pair's output folder;
-default ``pair_0001``, ``pair_0002`` ...), ``prompt`` (default: the batch's prompt), ``fixed_labels`` and
-``moving_labels``; paths are relative to the CSV. The whole list is checked before the first registration
+The CSV has a header row naming ``fixed`` and ``moving`` (image files or DICOM series folders) and, optionally,
+``name`` (the pair's output folder; default ``pair_0001``, ``pair_0002`` ...), ``prompt`` (default: the batch's
+prompt), ``fixed_labels`` and ``moving_labels``; paths are relative to the CSV. The whole list is checked before the first registration
 (columns, names, files, prompts), so a typo in row 90 does not surface after an hour of work.
 
 Each pair is then registered and written atomically to ``out/<name>/`` (``RegistrationResult.save``). A pair
