@@ -3,8 +3,8 @@ scan of a study).
 
 The CSV has a header row naming ``fixed`` and ``moving`` (image files or DICOM series folders) and, optionally,
 ``name`` (the pair's output folder; default ``pair_0001``, ``pair_0002`` ...), ``prompt`` (default: the batch's
-prompt), ``fixed_labels`` and ``moving_labels``; paths are relative to the CSV. The whole list is checked before the first registration
-(columns, names, files, prompts), so a typo in row 90 does not surface after an hour of work.
+prompt), ``fixed_labels`` and ``moving_labels``; paths are relative to the CSV. The whole list is checked before
+the first registration (columns, names, files, prompts), so a typo in row 90 does not surface after an hour.
 
 Each pair is then registered and written atomically to ``out/<name>/`` (``RegistrationResult.save``). A pair
 whose folder already holds a finished run (its ``metrics.json``) is left alone unless ``overwrite``: a batch
