@@ -1,6 +1,7 @@
 """Small synthetic volumes made inside the tests: blobs with TotalSegmentator label ids, a DICOM series."""
 from __future__ import annotations
 
+import locale
 import time
 
 import numpy as np
@@ -56,11 +57,15 @@ def write_dicom_series(image, folder, series_uid: str) -> None:
             ("0020|0037", "\\".join(map(str, (*direction[0::3], *direction[1::3]))))]
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
-    for k in range(image.GetDepth()):
-        plane = stored[:, :, k]
-        for tag, value in tags:
-            plane.SetMetaData(tag, value)
-        plane.SetMetaData("0020|0032", "\\".join(map(str, image.TransformIndexToPhysicalPoint((0, 0, k)))))
-        plane.SetMetaData("0020|0013", str(k + 1))
-        writer.SetFileName(str(folder / f"slice_{k:03d}.dcm"))
-        writer.Execute(plane)
+    saved = locale.setlocale(locale.LC_ALL)      # GDCM's writer sets the process's locale to "C": every later
+    try:                                         # subprocess of the test run would then decode output as ASCII
+        for k in range(image.GetDepth()):
+            plane = stored[:, :, k]
+            for tag, value in tags:
+                plane.SetMetaData(tag, value)
+            plane.SetMetaData("0020|0032", "\\".join(map(str, image.TransformIndexToPhysicalPoint((0, 0, k)))))
+            plane.SetMetaData("0020|0013", str(k + 1))
+            writer.SetFileName(str(folder / f"slice_{k:03d}.dcm"))
+            writer.Execute(plane)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)

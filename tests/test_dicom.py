@@ -1,5 +1,7 @@
 """A folder holding one DICOM series is a scan like a NIfTI file: same voxels in HU, same physical geometry,
 and registration takes it; folders that hold no series, or several, are refused with the reason."""
+import locale
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -23,9 +25,18 @@ def scan(tmp_path_factory):
     return d, nifti
 
 
-def test_a_dicom_folder_reads_as_the_same_scan(scan):
+def test_a_dicom_folder_reads_as_the_same_scan(scan, monkeypatch):
     d, nifti = scan
+    import unireg.io
+    reader = unireg.io._read_dicom_series_as_is
+
+    def resetting_locale(*args):      # as GDCM's writer does: reading must not leave it so
+        locale.setlocale(locale.LC_ALL, "C")
+        return reader(*args)
+    monkeypatch.setattr(unireg.io, "_read_dicom_series_as_is", resetting_locale)
+    before = locale.setlocale(locale.LC_ALL)
     from_dicom = load_image(d / "series", "fixed image")
+    assert locale.setlocale(locale.LC_ALL) == before
     assert from_dicom.shape == nifti.shape
     assert np.allclose(from_dicom.affine, nifti.affine, atol=1e-4)
     assert np.array_equal(np.asanyarray(from_dicom.dataobj), np.asanyarray(nifti.dataobj))

@@ -10,7 +10,7 @@ LAYERS = [  # lowest first; a module may import its own layer and the ones below
               "similarity", "losses", "sampling", "memory"]),
     ("network", ["modeling"]),
     ("pipeline", ["pipeline", "result", "inverse", "visualize", "adapter"]),
-    ("api", ["api", "data", "evaluation", "steering", "demo"]),
+    ("api", ["api", "data", "evaluation", "steering", "demo", "batch"]),
     ("training", ["training", "adapt"]),
     ("cli", ["cli"]),
 ]

@@ -16,6 +16,7 @@ of the whole grid ever exists, and a resampling holds its output plus a few tens
 """
 from __future__ import annotations
 
+import locale
 import math
 import os
 import warnings
@@ -238,7 +239,18 @@ def _read_itk(path: Path, name: str) -> nib.Nifti1Image:
 
 def _read_dicom_series(path: Path, name: str) -> nib.Nifti1Image:
     """A folder holding one DICOM series, read by SimpleITK (GDCM): slices ordered by position, the rescale
-    slope and intercept applied (HU), the geometry from the image position and orientation tags."""
+    slope and intercept applied (HU), the geometry from the image position and orientation tags.
+
+    GDCM may set the process's locale to "C" (its writer does); the caller's locale is put back, so that
+    reading a scan never changes how the rest of the program decodes text."""
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        return _read_dicom_series_as_is(path, name)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
+def _read_dicom_series_as_is(path: Path, name: str) -> nib.Nifti1Image:
     import SimpleITK as sitk
     try:
         series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path))
