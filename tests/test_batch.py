@@ -109,6 +109,9 @@ def test_the_whole_list_is_checked_before_any_work(cohort, tmp_path):
     assert main(["register", "--pairs", str(cohort / "pairs.csv"), "--moving", str(cohort / "a.nii.gz"),
                  "--out", str(out), "--model", str(cohort / "model")]) == 2
     assert main(["register", "--out", str(out), "--model", str(cohort / "model")]) == 2
+    (tmp_path / "a_file").write_text("")
+    assert main(["register", "--pairs", str(cohort / "pairs.csv"), "--out", str(tmp_path / "a_file"),
+                 "--model", str(cohort / "model")]) == 2
 
 
 def test_overwrite_registers_finished_pairs_again(cohort, tmp_path):

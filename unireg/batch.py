@@ -118,6 +118,8 @@ def register_batch(model, pairs: list[BatchPair], out, *, overwrite: bool = Fals
 
     from .result import check_output_dir
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output folder {out} exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     for pair in tqdm(pairs, desc="pairs", unit="pair", disable=not show_progress):
