@@ -178,8 +178,8 @@ def build_app(model: str = DEFAULT_MODEL, max_upload_mb: float = 512.0, device: 
                     example = gr.Dropdown([NO_EXAMPLE, *EXAMPLES], value=NO_EXAMPLE, label="Example pair",
                                           elem_id="example-pair")
                     with gr.Row():
-                        fixed = gr.File(label="Fixed scan (NIfTI, MHA, NRRD or a DICOM series as .zip)", height=FILE_HEIGHT, elem_id="fixed-file")
-                        moving = gr.File(label="Moving scan (NIfTI, MHA, NRRD or a DICOM series as .zip)", height=FILE_HEIGHT, elem_id="moving-file")
+                        fixed = gr.File(label="Fixed scan (NIfTI, MHA, NRRD, DICOM .zip)", height=FILE_HEIGHT, elem_id="fixed-file")
+                        moving = gr.File(label="Moving scan (NIfTI, MHA, NRRD, DICOM .zip)", height=FILE_HEIGHT, elem_id="moving-file")
                     with gr.Row():
                         fixed_labels = gr.File(label="Fixed labels (optional)", height=FILE_HEIGHT, elem_id="fixed-labels-file")
                         moving_labels = gr.File(label="Moving labels (optional)", height=FILE_HEIGHT, elem_id="moving-labels-file")
@@ -191,8 +191,7 @@ def build_app(model: str = DEFAULT_MODEL, max_upload_mb: float = 512.0, device: 
                     with gr.Row():
                         custom_smooth = gr.Checkbox(False, label="set smoothness")
                         smooth = gr.Slider(0.0, 1.0, value=0.3, step=0.05, label="smoothness (0 = flexible, 1 = stiff)",
-                                           info="lower where organs slide (breathing), higher where the body moves "
-                                                "as one (repositioning)")
+                                           info="lower for sliding organs, higher for whole-body motion")
                     prompt = gr.Textbox("inter", label="Prompt (composed above, or type your own)",
                                         placeholder='e.g. "intra-subject | liver, spleen | smooth=0.3"',
                                         elem_id="prompt-box")
