@@ -21,7 +21,8 @@ CORE = [
 ]
 TRAIN = ["deepspeed>=0.14"]
 APP = ["gradio>=6.0"]  # api_visibility= on events; gradio_client comes with it
-DEV = ["pytest>=8", "pytest-timeout", "playwright>=1.40"]  # playwright drives the system chromium
+DEV = ["pytest>=8", "pytest-timeout", "playwright>=1.40",  # playwright drives the system chromium
+       "pydicom>=3.0"]                                        # writes the DICOM series the tests read
 # bench/vs_optimisers.py: the classical optimisers UniReg is measured against; never core, not in
 # "all" (antspyx 0.6 pins numpy<2.4 and scipy<1.16: installing this extra downgrades them; the
 # suite passes with either)

@@ -1,9 +1,6 @@
 """Small synthetic volumes made inside the tests: blobs with TotalSegmentator label ids, a DICOM series."""
 from __future__ import annotations
 
-import locale
-import time
-
 import numpy as np
 
 from unireg.organs import ORGAN_TO_ID
@@ -44,28 +41,33 @@ def dice(a: np.ndarray, b: np.ndarray, label: int) -> float:
     return float(2 * (ma & mb).sum() / max(ma.sum() + mb.sum(), 1))
 
 
-def write_dicom_series(image, folder, series_uid: str) -> None:
-    """One slice per file with the tags that place it: position, orientation, series (SimpleITK's "DICOM series
-    from array" recipe), signed 16-bit HU. (Rescale slope / intercept are applied by GDCM for CT Image Storage
-    files; SimpleITK's writer makes Secondary Capture ones, so this series stores HU as they are.)"""
-    import SimpleITK as sitk
+def write_dicom_series(volume: np.ndarray, affine: np.ndarray, folder, series_uid: str,
+                       intercept: float = -1024.0) -> None:
+    """A scanner-like CT series, one file per slice (pydicom): CT Image Storage, unsigned 16-bit stored values
+    ``HU - intercept`` with that rescale intercept, and the position / orientation / spacing tags that place
+    each slice. ``volume`` is HU in nibabel (i, j, k) order, ``affine`` its RAS affine (axes orthogonal)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
     folder.mkdir(parents=True, exist_ok=True)
-    stored = sitk.Cast(image, sitk.sitkInt16)
-    direction = image.GetDirection()
-    tags = [("0008|0060", "CT"), ("0020|000e", series_uid), ("0020|000d", series_uid + ".0"),
-            ("0008|0021", time.strftime("%Y%m%d")),
-            ("0020|0037", "\\".join(map(str, (*direction[0::3], *direction[1::3]))))]
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    saved = locale.setlocale(locale.LC_ALL)      # GDCM's writer sets the process's locale to "C": every later
-    try:                                         # subprocess of the test run would then decode output as ASCII
-        for k in range(image.GetDepth()):
-            plane = stored[:, :, k]
-            for tag, value in tags:
-                plane.SetMetaData(tag, value)
-            plane.SetMetaData("0020|0032", "\\".join(map(str, image.TransformIndexToPhysicalPoint((0, 0, k)))))
-            plane.SetMetaData("0020|0013", str(k + 1))
-            writer.SetFileName(str(folder / f"slice_{k:03d}.dcm"))
-            writer.Execute(plane)
-    finally:
-        locale.setlocale(locale.LC_ALL, saved)
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
+    spacing = np.linalg.norm(lps[:3, :3], axis=0)
+    along_i, along_j = lps[:3, 0] / spacing[0], lps[:3, 1] / spacing[1]
+    stored = np.rint(volume - intercept).astype(np.uint16)
+    for k in range(volume.shape[2]):
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = CTImageStorage
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = f"{series_uid}.{k + 1}"
+        ds.SeriesInstanceUID, ds.StudyInstanceUID, ds.FrameOfReferenceUID = series_uid, f"{series_uid}.0", f"{series_uid}.9"
+        ds.Modality, ds.PatientID, ds.InstanceNumber = "CT", "phantom", k + 1
+        ds.ImagePositionPatient = [float(x) for x in lps[:3, :3] @ np.array([0.0, 0.0, k]) + lps[:3, 3]]
+        ds.ImageOrientationPatient = [float(x) for x in (*along_i, *along_j)]
+        ds.PixelSpacing = [float(spacing[1]), float(spacing[0])]        # between rows (j), between columns (i)
+        ds.SliceThickness = float(spacing[2])
+        ds.Rows, ds.Columns = volume.shape[1], volume.shape[0]
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+        ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = intercept, 1.0, "HU"
+        ds.PixelData = np.ascontiguousarray(stored[:, :, k].T).tobytes()   # rows along j, columns along i
+        ds.save_as(folder / f"slice_{k:03d}.dcm", enforce_file_format=True)

@@ -8,7 +8,7 @@ import pytest
 
 from synthetic import blob_volume, write_dicom_series
 from unireg import UniReg
-from unireg.io import InputError, load_image, to_sitk
+from unireg.io import InputError, load_image
 
 pytestmark = pytest.mark.filterwarnings("ignore:monai.networks.blocks.Warp")
 
@@ -21,7 +21,7 @@ def scan(tmp_path_factory):
     affine = np.array([[-0.8, 0, 0, 90.0], [0, -0.8, 0, 120.0], [0, 0, 2.5, -300.0], [0, 0, 0, 1]])
     nifti = nib.Nifti1Image(np.rint(hu).astype(np.int16), affine)
     nib.save(nifti, d / "scan.nii.gz")
-    write_dicom_series(to_sitk(nifti), d / "series", "1.2.826.0.1.3680043.2.1125.1")
+    write_dicom_series(hu, affine, d / "series", "1.2.826.0.1.3680043.2.1125.1")
     return d, nifti
 
 
@@ -39,6 +39,8 @@ def test_a_dicom_folder_reads_as_the_same_scan(scan, monkeypatch):
     assert locale.setlocale(locale.LC_ALL) == before
     assert from_dicom.shape == nifti.shape
     assert np.allclose(from_dicom.affine, nifti.affine, atol=1e-4)
+    # HU: the stored values (HU + 1024, unsigned) with the series' rescale intercept applied, as int16
+    assert from_dicom.get_data_dtype() == np.int16
     assert np.array_equal(np.asanyarray(from_dicom.dataobj), np.asanyarray(nifti.dataobj))
 
 
@@ -56,13 +58,14 @@ def test_folders_without_one_series_are_refused(scan, tmp_path):
     with pytest.raises(InputError, match="is a folder without a DICOM series"):
         load_image(tmp_path / "empty", "fixed image")
     two = tmp_path / "two"
-    write_dicom_series(to_sitk(nifti), two, "1.2.826.0.1.3680043.2.1125.2")
-    write_dicom_series(to_sitk(nifti), tmp_path / "other", "1.2.826.0.1.3680043.2.1125.3")
+    hu, affine = np.asanyarray(nifti.dataobj), nifti.affine
+    write_dicom_series(hu, affine, two, "1.2.826.0.1.3680043.2.1125.2")
+    write_dicom_series(hu, affine, tmp_path / "other", "1.2.826.0.1.3680043.2.1125.3")
     for f in (tmp_path / "other").iterdir():            # a second series in the same folder
         f.rename(two / f"b_{f.name}")
     with pytest.raises(InputError, match="holds 2 DICOM series"):
         load_image(two, "moving image")
     one = tmp_path / "one"
-    write_dicom_series(to_sitk(nifti)[:, :, :1], one, "1.2.826.0.1.3680043.2.1125.4")
+    write_dicom_series(hu[:, :, :1], affine, one, "1.2.826.0.1.3680043.2.1125.4")
     with pytest.raises(InputError, match="single slice"):
         load_image(one, "moving image")

@@ -276,7 +276,12 @@ def _read_dicom_series_as_is(path: Path, name: str) -> nib.Nifti1Image:
         img = reader.Execute()
     except RuntimeError as exc:
         raise InputError(f"{name}: the DICOM series in {path} cannot be read ({_reason(exc)})") from None
-    return _from_sitk(img, name)
+    scan = _from_sitk(img, name)
+    data = np.asanyarray(scan.dataobj)
+    # GDCM widens unsigned 16-bit values with a rescale intercept to int32; HU fit int16 (half the memory)
+    if data.dtype.kind in "iu" and data.dtype.itemsize > 2 and data.min() >= -32768 and data.max() <= 32767:
+        scan = _nifti(data.astype(np.int16), scan.affine)
+    return scan
 
 
 def _from_sitk(img, name: str) -> nib.Nifti1Image:
