@@ -30,8 +30,9 @@ from .prompt import parse_prompt
 
 logger = logging.getLogger(__name__)
 
-COLUMNS = ("fixed", "moving", "name", "prompt", "fixed_labels", "moving_labels")
-FILE_COLUMNS = ("fixed", "moving", "fixed_labels", "moving_labels")
+SCAN_COLUMNS = ("fixed", "moving")
+COLUMNS = (*SCAN_COLUMNS, "name", "prompt", "fixed_labels", "moving_labels")
+FILE_COLUMNS = (*SCAN_COLUMNS, "fixed_labels", "moving_labels")
 SUMMARY_FIELDS = ("name", "status", "reason", "seconds", "mean_dice_before", "mean_dice_after",
                   "nonpositive_jacobian_pct", "max_displacement_mm", "folder")
 #: Most problems one pre-flight error message lists.
@@ -63,7 +64,7 @@ def read_pair_csv(path, default_prompt: str = "") -> list[BatchPair]:
             rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items() if k} for row in reader]
     except (UnicodeDecodeError, csv.Error) as exc:
         raise InputError(f"{path} is not a readable CSV file ({exc})") from None
-    if not {"fixed", "moving"} <= set(fields):
+    if not set(SCAN_COLUMNS) <= set(fields):
         raise InputError(f"{path}: the header row must name the columns fixed and moving (optionally "
                          f"{', '.join(COLUMNS[2:])}); got {', '.join(fields) or 'nothing'}")
     unknown = [f for f in fields if f not in COLUMNS]
@@ -86,11 +87,11 @@ def read_pair_csv(path, default_prompt: str = "") -> list[BatchPair]:
         for column in FILE_COLUMNS:
             value = row.get(column, "")
             if not value:
-                if column in ("fixed", "moving"):
+                if column in SCAN_COLUMNS:
                     problems.append(f"{where}: no {column} scan")
                 continue
             file = path.parent / value
-            if not (file.is_file() or (file.is_dir() and column in ("fixed", "moving"))):   # a scan may be a DICOM folder
+            if not (file.is_file() or (file.is_dir() and column in SCAN_COLUMNS)):   # a scan may be a DICOM folder
                 problems.append(f"{where}: {column} {value} not found")
             files[column] = str(file.resolve())
         prompt = row.get("prompt") or default_prompt
