@@ -145,10 +145,15 @@ def _nifti(data: np.ndarray, affine: np.ndarray, header=None) -> nib.Nifti1Image
     return nib.Nifti1Image(data, affine, header, dtype=data.dtype)
 
 
+def _is_scaled(proxy) -> bool:
+    """Whether an image's voxels are read through a slope / intercept (a NIfTI file's scaled integers)."""
+    return nib.is_proxy(proxy) and (getattr(proxy, "slope", 1.0) != 1.0 or getattr(proxy, "inter", 0.0) != 0.0)
+
+
 def _image_array(img: nib.spatialimages.SpatialImage) -> np.ndarray:
     """Voxels as stored; scaled data (slope / intercept) as float32 rather than nibabel's float64."""
     proxy = img.dataobj
-    if nib.is_proxy(proxy) and (getattr(proxy, "slope", 1.0) != 1.0 or getattr(proxy, "inter", 0.0) != 0.0):
+    if _is_scaled(proxy):
         return np.asarray(proxy, dtype=np.float32)
     return np.asanyarray(proxy)
 
@@ -203,8 +208,7 @@ def _read_path(path: Path, name: str) -> nib.Nifti1Image:
             img = nib.load(str(path))  # the header only
         except Exception as exc:
             raise InputError(f"{name}: {path} is not a readable NIfTI image ({_reason(exc)})") from None
-        dtype = np.dtype(np.float32) if nib.is_proxy(img.dataobj) and (
-            img.dataobj.slope != 1.0 or img.dataobj.inter != 0.0) else img.get_data_dtype()
+        dtype = np.dtype(np.float32) if _is_scaled(img.dataobj) else img.get_data_dtype()
         _check_size(img.shape, dtype, name, path)
         try:
             data = _image_array(img)
@@ -768,10 +772,8 @@ def stored_like(data: np.ndarray, source: nib.spatialimages.SpatialImage) -> np.
     A CT stored as int16 stays int16 when warped (SimpleITK's resampling also keeps the pixel type): at most half a unit
     (0.5 HU) of rounding, and on a 512^2 x 400 scan a third of the file and of the time to write it (gzipped,
     237 -> 74 MB, 7.0 -> 2.4 s). Scaled integers (slope / intercept) and floating-point scans stay float32."""
-    proxy = source.dataobj
-    dtype = np.dtype(proxy.dtype)
-    scaled = nib.is_proxy(proxy) and (getattr(proxy, "slope", 1.0) != 1.0 or getattr(proxy, "inter", 0.0) != 0.0)
-    if dtype.kind not in "iu" or scaled:
+    dtype = np.dtype(source.dataobj.dtype)
+    if dtype.kind not in "iu" or _is_scaled(source.dataobj):
         return np.asarray(data, dtype=np.float32)
     info = np.iinfo(dtype)
     out = np.empty(data.shape, dtype)
