@@ -16,7 +16,7 @@ def _run(*args, env_extra=None):
 
 def test_every_verb_is_registered():
     sub = next(a for a in build_parser()._actions if a.dest == "command")
-    assert set(sub.choices) == {"register", "prepare", "train", "eval", "export", "card", "demo", "adapt", "app"}
+    assert set(sub.choices) == {"register", "apply", "prepare", "train", "eval", "export", "card", "demo", "adapt", "app"}
 
 
 @pytest.fixture(scope="module")

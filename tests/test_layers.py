@@ -9,8 +9,8 @@ LAYERS = [  # lowest first; a module may import its own layer and the ones below
     ("base", ["errors", "organs", "organ_presence", "config", "preprocessing", "prompt", "hub", "io", "metrics",
               "similarity", "losses", "sampling", "memory"]),
     ("network", ["modeling"]),
-    ("pipeline", ["pipeline", "result", "inverse", "visualize", "adapter"]),
-    ("api", ["api", "data", "evaluation", "steering", "demo", "batch"]),
+    ("pipeline", ["pipeline", "registration_map", "result", "saved", "inverse", "visualize", "adapter"]),
+    ("api", ["api", "data", "evaluation", "steering", "demo", "batch", "apply"]),
     ("training", ["training", "adapt"]),
     ("cli", ["cli"]),
 ]

@@ -12,7 +12,8 @@ __version__ = "0.1.0"
 
 #: public name -> the module that defines it
 _EXPORTS = {"UniReg": ".api", "UniRegConfig": ".config", "Prompt": ".prompt", "PromptError": ".prompt",
-            "parse_prompt": ".prompt", "RegistrationResult": ".result"}
+            "parse_prompt": ".prompt", "RegistrationResult": ".result", "load_registration": ".saved",
+            "SavedRegistration": ".saved"}
 __all__ = list(_EXPORTS)
 
 

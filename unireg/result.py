@@ -13,7 +13,8 @@ import nibabel as nib
 import numpy as np
 
 from .errors import UserError
-from .io import InputError, load_image, load_labels, save_nifti, stored_like, warp_volume, write_itk_displacement
+from .io import save_nifti, stored_like, warp_volume, write_itk_displacement
+from .registration_map import Grid, Mapping
 from .prompt import Prompt
 
 #: Files ``save`` writes; a folder holding anything else is not a previous UniReg output.
@@ -22,7 +23,7 @@ OUTPUT_NAMES = ("warped.nii.gz", "displacement_itk.nii.gz", "warped_labels.nii.g
 
 
 @dataclass
-class RegistrationResult:
+class RegistrationResult(Mapping):
     """``warped(x) = moving(x + displacement(x))`` for each voxel x of the fixed grid.
 
     ``displacement`` is the total mapping (pre-alignment ∘ deformable) in mm (RAS) on the fixed
@@ -33,7 +34,8 @@ class RegistrationResult:
     The other direction (``unireg.inverse``): ``moving_points_to_fixed`` carries moving-space points
     back, ``inverse_displacement`` is the inverse mapping on the moving grid and ``warp_to_moving``
     puts fixed-space images and label maps (``fixed_labels``: the ones given to ``register``) onto
-    the moving grid; ``save(..., inverse=True)`` writes them too.
+    the moving grid; ``save(..., inverse=True)`` writes them too. These operations are
+    ``unireg.registration_map.Mapping``'s, shared with a saved folder read back by ``unireg.load_registration``.
     """
     fixed: nib.Nifti1Image
     moving: nib.Nifti1Image
@@ -49,79 +51,18 @@ class RegistrationResult:
     _inverse: "np.ndarray | object | None" = field(default=None, repr=False)   # array or inverse.LatticeField
 
     @property
-    def affine(self) -> np.ndarray:
-        return self.fixed.affine
+    def fixed_grid(self) -> Grid:
+        return Grid.of(self.fixed)
+
+    @property
+    def moving_grid(self) -> Grid:
+        return Grid.of(self.moving)
 
     @property
     def warped(self) -> nib.Nifti1Image:
         if self._warped is None:
             self._warped = nib.Nifti1Image(warp_volume(self.moving, self.displacement, self.affine), self.affine)
         return self._warped
-
-    def warp(self, image, labels: bool | None = None) -> nib.Nifti1Image:
-        """Warp another image or label map of the moving scan's grid into the fixed grid."""
-        img, labels = _load_on(image, labels, self.moving, "the image to warp must lie on the moving image's grid")
-        return nib.Nifti1Image(warp_volume(img, self.displacement, self.affine, labels=labels), self.affine)
-
-    def warp_points(self, points_mm) -> np.ndarray:
-        """Fixed-space points (world mm, RAS, [N, 3] or one point [3]) -> moving-space points."""
-        points = _points_array(points_mm)
-        from scipy import ndimage
-        inv = np.linalg.inv(self.affine)
-        ijk = inv[:3, :3] @ points.T + inv[:3, 3:4]
-        disp = np.stack([ndimage.map_coordinates(self.displacement[..., c], ijk, order=1, mode="nearest")
-                         for c in range(3)], axis=1)
-        moved = points + disp
-        return moved[0] if np.ndim(points_mm) == 1 else moved
-
-    # ------------------------------------------------------------------------------ inverse
-    def moving_points_to_fixed(self, points_mm) -> np.ndarray:
-        """Moving-space points (world mm, RAS, [N, 3] or one point [3]) -> the fixed-space points that map onto
-        them (``warp_points`` undone: a lesion or landmark found in the moving scan, located in the fixed one)."""
-        from .inverse import invert_points
-        self._check_invertible()
-        points = _points_array(points_mm)
-        fixed_points, stats = invert_points(self.displacement, self.affine, self.affine_matrix, points)
-        _check_inverse(stats)
-        return fixed_points[0] if np.ndim(points_mm) == 1 else fixed_points
-
-    @property
-    def inverse_displacement(self) -> np.ndarray:
-        """The inverse mapping on the moving grid, [X, Y, Z, 3] float32 mm (RAS): moving voxel y corresponds to
-        fixed point ``y + inverse_displacement(y)``. Solved on first use (``unireg.inverse.inverse_field``;
-        ``metrics["inverse"]`` says how it converged); on a grid finer than 2 mm each access interpolates
-        the whole array anew from the solved lattice, so keep it rather than reading it twice."""
-        return np.asarray(self._inverse_field())
-
-    def _inverse_field(self):
-        """The inverse as found (an array, or a ``LatticeField`` read block by block), solved once."""
-        if self._inverse is None:
-            from .inverse import inverse_field
-            self._check_invertible()
-            self._inverse, stats = inverse_field(self.displacement, self.affine, self.affine_matrix,
-                                                 self.moving.shape[:3], self.moving.affine)
-            _check_inverse(stats)
-            self.metrics["inverse"] = stats.as_dict()
-        return self._inverse
-
-    @property
-    def invertible(self) -> bool:
-        """False when the field folds (det J <= 0 somewhere): it maps several fixed points onto one moving point."""
-        return not float((self.jacobian or {}).get("nonpositive_jacobian_pct") or 0.0) > 0
-
-    def _check_invertible(self) -> None:
-        if not self.invertible:
-            folded = float(self.jacobian["nonpositive_jacobian_pct"])
-            raise UserError(f"the registration's field folds at {folded:.3g} % of its voxels (det J <= 0), so it has no "
-                            f"inverse there; register with a larger smooth= (or instance optimisation) for one")
-
-    def warp_to_moving(self, image, labels: bool | None = None) -> nib.Nifti1Image:
-        """Carry an image or label map of the fixed scan's grid onto the moving grid (planning contours onto the
-        day's scan, an atlas's labels onto a subject) through ``inverse_displacement``."""
-        img, labels = _load_on(image, labels, self.fixed,
-                               "the image to carry onto the moving grid must lie on the fixed image's grid")
-        moving_affine = self.moving.affine
-        return nib.Nifti1Image(warp_volume(img, self._inverse_field(), moving_affine, labels=labels), moving_affine)
 
     # ------------------------------------------------------------------------------ writing
     def save(self, out_dir: str | Path, overwrite: bool = True, inverse: bool = False) -> dict[str, Path]:
@@ -176,28 +117,13 @@ class RegistrationResult:
     def summary(self) -> dict:
         return {"prompt": str(self.prompt), "seconds": round(self.seconds, 3), "jacobian": self.jacobian,
                 "max_displacement_mm": max_norm(self.displacement),
-                **self.metrics}
+                **self.metrics,
+                # where the two scans lay: `unireg apply` / load_registration check images against them
+                "grids": {"fixed": self.fixed_grid.as_dict(), "moving": self.moving_grid.as_dict()}}
 
     def moving_in_fixed_grid(self) -> np.ndarray:
         """The moving image resampled into the fixed grid without deformation (for comparisons)."""
         return warp_volume(self.moving, None, self.affine, shape=self.displacement.shape[:3])
-
-
-def _load_on(image, labels: bool | None, grid: nib.Nifti1Image, off_grid: str) -> tuple[nib.Nifti1Image, bool]:
-    """An image or label map (integer types count as labels unless ``labels`` says) that must lie on ``grid``."""
-    img = load_labels(image, grid, "labels to warp") if labels else load_image(image, "image to warp", grid.affine)
-    if labels is None and np.issubdtype(img.get_data_dtype(), np.integer):
-        labels = True
-    if img.shape[:3] != grid.shape[:3] or not np.allclose(img.affine, grid.affine, atol=1e-3):
-        raise InputError(off_grid)
-    return img, bool(labels)
-
-
-def _check_inverse(stats) -> None:
-    """Points the inversion could not bring onto their target are an error, not a silently wrong answer."""
-    if stats.unconverged:
-        raise UserError(f"the registration's mapping could not be inverted at {stats.unconverged} of {stats.points} "
-                        f"points (largest residual {stats.max_residual_mm:.2f} mm): it is not invertible there")
 
 
 def max_norm(field: np.ndarray, slab: int = 16) -> float:
@@ -226,21 +152,6 @@ def _replace_dir(new: Path, out: Path) -> None:
     os.rename(new, out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def _points_array(points) -> np.ndarray:
-    try:
-        arr = np.asarray(points, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise InputError(f"points must be numbers in an array of shape (N, 3) (world mm, RAS); got "
-                         f"{type(points).__name__}") from None
-    if arr.ndim == 1 and arr.shape == (3,):
-        arr = arr[None]
-    if arr.ndim != 2 or arr.shape[1] != 3:
-        raise InputError(f"points must have shape (N, 3) (one x, y, z row per point), got shape {arr.shape}")
-    if not np.isfinite(arr).all():
-        raise InputError("points contain NaN or inf")
-    return arr
 
 
 def json_safe(value):

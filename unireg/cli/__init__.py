@@ -1,4 +1,4 @@
-"""`unireg <verb>`: one command line for register, prepare, train, eval, export, card, demo, adapt, app.
+"""`unireg <verb>`: one command line for register, apply, prepare, train, eval, export, card, demo, adapt, app.
 
 One parser module per verb, each with ``add_parser(subparsers)`` and ``run(args) -> int``.
 One error path: a problem the user can fix (bad file, unknown organ, invalid config, missing
@@ -10,11 +10,11 @@ from __future__ import annotations
 import logging
 import sys
 
-from . import adapt, app, card, demo, evaluate, export, prepare, register, train
+from . import adapt, app, apply, card, demo, evaluate, export, prepare, register, train
 from .common import Parser, user_errors
 
 #: Verbs in help order.
-VERBS = (register, prepare, train, evaluate, export, card, demo, adapt, app)
+VERBS = (register, apply, prepare, train, evaluate, export, card, demo, adapt, app)
 
 
 def build_parser() -> Parser:
