@@ -113,6 +113,39 @@ def test_a_wider_smoothness_range_stiffens_smooth_1_and_leaves_smooth_0():
         RegistrationLoss(smoothness_range=(1.0, 0.5))
 
 
+def test_the_steering_margin_asks_the_named_field_to_beat_the_whole_body_one():
+    fixed = torch.zeros(1, 1, 8, 8, 8)
+    fixed[..., 2:6, 2:6, 2:6] = 1.0
+    shifted = torch.roll(fixed, 2, dims=2)                       # Dice 0.5 against ``fixed``
+    valid = torch.ones(1, 1)
+    loss = RegistrationLoss(margin=0.05)
+    assert float(loss.steering_margin(fixed, shifted, fixed, valid)) == 0.0     # named ahead by 0.5: satisfied
+    named = shifted.clone().requires_grad_(True)
+    gap = loss.steering_margin(named, shifted, fixed, valid)                       # level: the margin is owed
+    assert float(gap) == pytest.approx(0.05, abs=1e-3)
+    gap.backward()
+    assert float(named.grad.abs().sum()) > 0
+
+
+def test_registration_step_adds_the_margin_for_organ_prompts_only():
+    fixed_hu, fixed_lab, moving_hu, moving_lab = opposite_pair(0)
+    torch.manual_seed(0)
+    model = UniReg(UniRegConfig.from_preset("tiny", vit_img_size=64, vit_depth=2, working_spacing_mm=1.0))
+    batch = {"fixed": normalize_ct(_tensor(fixed_hu).float()).repeat(2, 1, 1, 1, 1),
+             "moving": normalize_ct(_tensor(moving_hu).float()).repeat(2, 1, 1, 1, 1),
+             "fixed_seg": _tensor(fixed_lab).long().repeat(2, 1, 1, 1, 1),
+             "moving_seg": _tensor(moving_lab).long().repeat(2, 1, 1, 1, 1),
+             "organs": [["liver"], ["liver", "spleen"]],
+             "prompt": [Prompt(type="inter", organs=("liver",)), Prompt(type="inter")]}
+    plain = registration_step(model, batch, RegistrationLoss(lncc_kernel=5))
+    with_margin = registration_step(model, batch, RegistrationLoss(lncc_kernel=5, margin_weight=1.0, margin=0.05))
+    # an untrained model's named and whole-body fields barely differ: the liver's margin is owed almost whole
+    assert 0.03 < float(with_margin["margin"]) <= 0.05 + 1e-4
+    assert float(with_margin["loss"]) == pytest.approx(float(plain["loss"]) + float(with_margin["margin"]), abs=1e-5)
+    whole_only = dict(batch, organs=[["liver", "spleen"]] * 2, prompt=[Prompt(type="inter")] * 2)
+    assert float(registration_step(model, whole_only, RegistrationLoss(lncc_kernel=5, margin_weight=1.0))["margin"]) == 0
+
+
 @pytest.mark.slow
 def test_tiny_model_learns_to_follow_the_prompt():
     """Trained a few hundred steps on pairs whose two organs move in opposite directions, the model

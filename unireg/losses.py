@@ -67,8 +67,9 @@ class RegistrationLoss(nn.Module):
     def __init__(self, lncc_kernel: int = 9, similarity_weight: float = 1.0, dice_weight: float = 1.0,
                  smoothness_scale: float = 1.0, global_weight: float = 0.25, focus_dilation: int = 2,
                  lncc_eps: float = LNCC_EPS, smoothness_range=SMOOTHNESS_RANGE, affine_weight: float = 0.0,
-                 map_weight: float = 1.0, map_hidden_organs=()):
+                 map_weight: float = 1.0, map_hidden_organs=(), margin_weight: float = 0.0, margin: float = 0.05):
         super().__init__()
+        self.margin_weight, self.margin = margin_weight, margin
         self.affine_weight = affine_weight
         self.map_weight = map_weight
         self.map_hidden_organs = tuple(map_hidden_organs)   # never shown to the organ map (zero-shot organs)
@@ -129,6 +130,16 @@ class RegistrationLoss(nn.Module):
         the background."""
         bce = F.binary_cross_entropy_with_logits(logits.float(), target.float())
         return bce + self.map_dice(logits.float(), target.float()).mean()
+
+    def steering_margin(self, named: torch.Tensor, whole_body: torch.Tensor, fixed_masks: torch.Tensor,
+                        valid: torch.Tensor) -> torch.Tensor:
+        """Hinge on how much better the named organs' warped masks ``named`` [B,K,...] match ``fixed_masks``
+        than the whole-body field's ``whole_body`` (no gradient) do: ``relu(margin - (Dice_named - Dice_whole))``
+        per valid organ, mean. The rest of the objective never asks the prompt to *differ*; this does."""
+        dice_named = 1 - self.dice(named.float(), fixed_masks.float()).flatten(2).mean(2)
+        dice_whole = 1 - self.dice(whole_body.float(), fixed_masks.float()).flatten(2).mean(2)
+        gap = F.relu(self.margin - (dice_named - dice_whole.detach())) * valid
+        return gap.sum() / valid.sum().clamp(min=1)
 
     @staticmethod
     def affine_error(affine: torch.Tensor, target: torch.Tensor, shape) -> torch.Tensor:

@@ -77,6 +77,8 @@ class LossSection:
     affine_weight: float = 0.0           # affine head vs the loader's known rigid motion (mean voxel error); needs one
     affine_only: bool = False            # that error alone, the rest of the network not run (model.train_only: [affine])
     map_weight: float = 1.0              # a model's organ map vs the prompt's organs in the label maps (BCE + Dice)
+    margin_weight: float = 0.0           # steering margin: named organs' Dice under their prompt must beat the
+    margin: float = 0.05                 # whole-body field's (no grad) by this much (unireg.training.objective)
 
 
 @dataclass

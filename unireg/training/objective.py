@@ -12,6 +12,8 @@ these are ignored.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 
@@ -53,6 +55,12 @@ def registration_step(model, batch: dict, loss_fn: RegistrationLoss, forward=Non
     focused = torch.tensor([bool(p.organs) for p in prompts], device=fixed.device)  # whole body: global objective
     terms = loss_fn(fixed, warped, out.velocity, lam, fixed_masks, warped_masks, valid, focused=focused,
                     affine=out.affine, affine_target=batch.get("motion"))
+    if loss_fn.margin_weight:          # logged on every step (the training log's columns stay fixed)
+        gap = terms["loss"].new_zeros(())
+        if fixed_masks is not None and bool(focused.any()):
+            gap = steering_margin(model, batch, prompts, organs, warped_masks, fixed_masks, valid, focused, loss_fn)
+        terms["loss"] = terms["loss"] + loss_fn.margin_weight * gap
+        terms["margin"] = gap.detach()
     if out.organ_maps is not None and "fixed_seg" in batch and loss_fn.map_weight:
         error = organ_map_error(model, batch, out, prompts, loss_fn)
         if error is not None:
@@ -60,6 +68,20 @@ def registration_step(model, batch: dict, loss_fn: RegistrationLoss, forward=Non
             terms["organ_map"] = error.detach()
     terms["displacement"] = out.displacement
     return terms
+
+
+def steering_margin(model, batch: dict, prompts: list[Prompt], organs, warped_masks, fixed_masks, valid, focused,
+                    loss_fn: RegistrationLoss) -> torch.Tensor:
+    """The pairs whose prompt names organs, run again with the whole-body prompt of the same type and λ (no
+    gradient, the module itself rather than the engine), and their named organs scored under both fields
+    (``RegistrationLoss.steering_margin``)."""
+    keep = torch.nonzero(focused).flatten()
+    whole = [replace(prompts[b], organs=(), text="") for b in keep.tolist()]
+    with torch.no_grad():
+        ref = model(batch["fixed"][keep], batch["moving"][keep], whole)
+        moving_masks = organ_masks(batch["moving_seg"], organs)[0][keep]       # the batch's K organ slots
+        ref_masks = model.warp(moving_masks.to(batch["fixed"].dtype), ref.displacement)
+    return loss_fn.steering_margin(warped_masks[keep], ref_masks, fixed_masks[keep], valid[keep])
 
 
 def organ_map_error(model, batch: dict, out, prompts: list[Prompt], loss_fn: RegistrationLoss):
