@@ -37,7 +37,7 @@ def apply_to_image(mapping: Mapping, image, out: "str | Path", interpolation: st
     (an int16 CT stays int16), label maps their ids."""
     if interpolation not in INTERPOLATIONS:
         raise UserError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {interpolation!r}")
-    out = _checked_out(out, NIFTI_SUFFIXES, "an image", overwrite)
+    out = check_out(out, "image", overwrite)
     img = load_image(image, "image to apply the registration to")
     labels = looks_like_labels(img) if interpolation == "auto" else interpolation == "nearest"
     moved = mapping.warp_to_moving(img, labels=labels) if inverse else mapping.warp(img, labels=labels)
@@ -95,7 +95,7 @@ def apply_to_points(mapping: Mapping, points: PointsFile, out: "str | Path", inv
     """Carry the points into the other scan (fixed -> moving; with ``inverse``, moving -> fixed), write them to
     ``out`` (same rows and columns, the coordinates replaced; atomically) and, given ``target`` (the points'
     true matches, row for row), each point's error and the summary before and after registration."""
-    out = _checked_out(out, (".csv",), "a points file", overwrite)
+    out = check_out(out, "points", overwrite)
     if target is not None and len(target.points) != len(points.points):
         raise InputError(f"{target.path} holds {len(target.points)} points and {points.path} {len(points.points)}: "
                          f"the target file must list each point's true match in the same row")
@@ -135,11 +135,16 @@ def _write_points(source: PointsFile, points: np.ndarray, extra: dict, path: Pat
 
 
 # ---------------------------------------------------------------------------------------------- writing
-def _checked_out(out: "str | Path", suffixes: tuple, what: str, overwrite: bool) -> Path:
-    """Refuse a bad output path before any work."""
-    out = Path(out)
+#: What each kind of output is written as.
+OUTPUT_SUFFIXES = {"image": NIFTI_SUFFIXES, "points": (".csv",)}
+
+
+def check_out(out: "str | Path", kind: str, overwrite: bool) -> Path:
+    """Refuse a bad output path (``kind`` "image" or "points") before any work."""
+    out, suffixes = Path(out), OUTPUT_SUFFIXES[kind]
     if not out.name.lower().endswith(suffixes):
-        raise UserError(f"--out {out} must name {what} ({' or '.join(suffixes)})")
+        raise UserError(f"--out {out} must name {'an image' if kind == 'image' else 'a points file'} "
+                        f"({' or '.join(suffixes)})")
     if out.is_dir():
         raise UserError(f"--out {out} is a folder; give a file name")
     if out.exists() and not overwrite:

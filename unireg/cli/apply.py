@@ -32,11 +32,12 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    from ..apply import apply_to_image, apply_to_points, read_points
+    from ..apply import apply_to_image, apply_to_points, check_out, read_points
     from ..errors import UserError
     from ..saved import load_registration
     if args.image and args.target:
         raise UserError("--target scores points: use it with --points")
+    check_out(args.out, "points" if args.points else "image", args.overwrite)   # before the (large) field is read
     if args.points:          # every file read and checked before the registration is loaded
         points = read_points(args.points, lps=args.lps)
         target = read_points(args.target, lps=args.lps) if args.target else None
