@@ -1,7 +1,7 @@
 """Seconds and peak memory per stage for a clinical-size pair (512x512x400 int16 by default).
 
     python bench/full_size.py [--size 512 512 400] [--threads 2] [--out DIR] [--data DIR] [--full] [--inverse]
-                              [--device cpu|cuda] [--no-save]
+                              [--device cpu|cuda] [--no-save] [--apply]
 
 A CT-like pair (two phantom subjects rendered coarse and upsampled to ``--size`` at
 0.8 x 0.8 x 1.0 mm, int16 HU, uint8 labels, ``.nii.gz``) is generated once into ``--data`` in a
@@ -10,7 +10,9 @@ model, runs ``register`` with the network alone (``refine=False, align="none"`` 
 ``register`` has them; ``--full``: its defaults) and ``result.save`` (``--inverse``: with the inverse
 field and the fixed scan and labels on the moving grid), and prints a table. ``--device cuda`` puts
 the model on the GPU (each stage waits for the GPU before it is timed; the GPU's own peak memory is
-printed too); ``--no-save`` leaves ``result.save`` out.
+printed too); ``--no-save`` leaves ``result.save`` out. ``--apply`` then applies the saved folder as a user
+coming back to it would (``unireg apply``: ``load_registration``, the moving scan and its labels onto the fixed
+grid), in a fresh child process whose seconds and peak memory are its own.
 
 Stages are timed by wrapping the io / network / visualisation functions wherever the package
 imported them (outermost call wins, so the slices the overview warps count as "overview").
@@ -230,6 +232,28 @@ def measure(paths: dict[str, Path], out: Path, full_pipeline: bool = False, with
         print("files (MB): " + ", ".join(f"{name} {mb:.1f}" for name, mb in sizes.items()))
 
 
+def apply_saved(out: Path, paths: dict[str, Path]) -> dict:
+    """``unireg apply``'s work on the saved folder (run in a fresh process): seconds per step, peak RSS."""
+    from unireg.apply import apply_to_image
+    from unireg.saved import load_registration
+    seconds = {}
+    start = time.perf_counter()
+    saved = load_registration(out)
+    seconds["load_registration"] = time.perf_counter() - start
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in ("moving", "moving_labels"):
+            start = time.perf_counter()
+            apply_to_image(saved, paths[name], Path(tmp) / f"{name}_on_fixed.nii.gz")
+            seconds[f"apply {name}"] = time.perf_counter() - start
+    return {"seconds": seconds, "peak_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
+
+
+def print_apply(report: dict) -> None:
+    print("unireg apply on the saved folder (fresh process): " + ", ".join(
+        f"{k} {v:.2f} s" for k, v in report["seconds"].items())
+          + f"; total {sum(report['seconds'].values()):.2f} s, process peak {report['peak_kb'] * 1024 / 1e9:.2f} GB")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, nargs=3, default=(512, 512, 400), metavar=("I", "J", "K"))
@@ -240,6 +264,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="folder for result.save (default: a temporary one)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the model runs")
     parser.add_argument("--no-save", action="store_true", help="register only: leave result.save out")
+    parser.add_argument("--apply", action="store_true", help="then apply the saved folder to the moving scan and "
+                                                             "its labels in a fresh process (unireg apply)")
     args = parser.parse_args()
     if args.device == "cuda":
         import torch   # here only for the check: the pair is generated before this process loads anything large
@@ -252,8 +278,17 @@ def main() -> None:
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
+    if args.apply and args.no_save:
+        parser.error("--apply applies the saved folder: leave out --no-save")
+    # The process that applies the saved folder is started now, while this one is small: a child's peak memory
+    # (getrusage's ru_maxrss) starts from its parent's size at the fork.
+    applier = multiprocessing.get_context("spawn").Pool(1) if args.apply else None
     with tempfile.TemporaryDirectory() as tmp:
-        measure(paths, args.out or Path(tmp) / "out", args.full, args.inverse, args.device, not args.no_save)
+        out = args.out or Path(tmp) / "out"
+        measure(paths, out, args.full, args.inverse, args.device, not args.no_save)
+        if applier is not None:
+            with applier:
+                print_apply(applier.apply(apply_saved, (out, paths)))
 
 
 if __name__ == "__main__":

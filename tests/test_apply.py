@@ -184,12 +184,30 @@ def test_a_damaged_or_mixed_folder_is_named(registration, tmp_path):
     (copy / "displacement_itk.nii.gz").write_bytes(b"not a nifti")
     with pytest.raises(InputError, match="cannot be read as a NIfTI displacement field"):
         load_registration(copy)
+    whole = (folder / "displacement_itk.nii.gz").read_bytes()
+    (copy / "displacement_itk.nii.gz").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(InputError, match="cannot be read as a NIfTI displacement field"):
+        load_registration(copy)
     shutil.copy(folder / "displacement_itk.nii.gz", copy / "displacement_itk.nii.gz")
     metrics = json.loads((copy / "metrics.json").read_text())
     metrics["grids"]["fixed"]["shape"] = [31, 32, 32]
     (copy / "metrics.json").write_text(json.dumps(metrics))
     with pytest.raises(InputError, match="mixes files of different registrations"):
         load_registration(copy)
+
+
+def test_a_field_written_by_simpleitk_reads_the_same(registration, tmp_path):
+    """The field as another ITK program would write it (float64 vectors, SimpleITK's own header) maps alike."""
+    import shutil
+    result, folder = registration
+    other = tmp_path / "other"
+    shutil.copytree(folder, other)
+    field = sitk.ReadImage(str(folder / "displacement_itk.nii.gz"), sitk.sitkVectorFloat64)
+    sitk.WriteImage(field, str(other / "displacement_itk.nii.gz"))
+    saved = load_registration(other)
+    assert np.abs(saved.displacement - result.displacement).max() < 1e-5
+    points = _points()
+    assert np.abs(saved.warp_points(points) - result.warp_points(points)).max() < 1e-4
 
 
 def test_a_folder_without_recorded_grids_still_warps_but_names_what_it_lacks(registration, tmp_path):

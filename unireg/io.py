@@ -725,6 +725,7 @@ def write_itk_displacement(field_mm_ras: np.ndarray, affine: np.ndarray, path: s
     header.set_qform(affine, code=1)
     header.set_sform(affine, code=1)
     header.set_xyzt_units("mm", "sec")
+    header.set_data_offset(352)       # the voxels follow the 348-byte header and its 4-byte extension flag
     options = {"compresslevel": compresslevel} if path.name.endswith(".gz") else {}
     k_slabs = list(_slabs(field_mm_ras.shape[2::-1]))                        # planes along k: NIfTI order
     with ImageOpener(str(path), "wb", **options) as f:

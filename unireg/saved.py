@@ -23,6 +23,8 @@ DISPLACEMENT = "displacement_itk.nii.gz"
 INVERSE_DISPLACEMENT = "inverse_displacement_itk.nii.gz"
 AFFINE = "affine.mat"
 METRICS = "metrics.json"
+#: Bytes read from a field file at a time.
+READ_BLOCK = 1 << 26
 #: ITK's LPS <-> UniReg's RAS (x and y change sign).
 _LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -73,7 +75,7 @@ def read_itk_displacement(path: Path) -> tuple[np.ndarray, Grid]:
     """An ITK displacement field (NIfTI vector image, LPS vectors) -> (float32 mm RAS [X,Y,Z,3], its grid)."""
     try:
         img = nib.load(str(path))
-        data = np.asanyarray(img.dataobj)
+        data = _read_into_memory(img, path)
     except Exception as exc:  # nibabel's many error types for a damaged file
         raise InputError(f"{path} cannot be read as a NIfTI displacement field ({exc})") from None
     if data.ndim == 5 and data.shape[3] == 1:
@@ -82,12 +84,35 @@ def read_itk_displacement(path: Path) -> tuple[np.ndarray, Grid]:
         raise InputError(f"{path} is not a 3-D displacement field (shape {data.shape}, {data.dtype}); expected "
                          f"[X,Y,Z,1,3] floating-point vectors")
     field_mm = data.astype(np.float32, copy=False)
-    if not field_mm.flags.writeable:
+    if not field_mm.flags.writeable:                           # another program's file, read by nibabel
         field_mm = field_mm.copy()
     field_mm[..., :2] *= -1.0                                  # LPS -> RAS, in place on the array just read
-    if not np.isfinite(field_mm).all():
+    slabs = range(0, field_mm.shape[2], 16)                    # no full-size mask
+    if not all(np.isfinite(field_mm[:, :, k:k + 16]).all() for k in slabs):
         raise InputError(f"{path} holds NaN or inf displacements")
     return field_mm, Grid(tuple(int(n) for n in data.shape[:3]), np.asarray(img.affine, dtype=np.float64))
+
+
+def _read_into_memory(img, path: Path) -> np.ndarray:
+    """The voxels of a NIfTI file as one writable array. Unscaled little-endian float32 (what UniReg writes) is
+    read straight into it: nibabel would first hold the file's bytes and then a writable copy, twice the field
+    (2.5 GB at 512x512x400)."""
+    header = img.header
+    slope, inter = header.get_slope_inter()
+    if header.get_data_dtype() != np.dtype("<f4") or slope not in (None, 1.0) or inter not in (None, 0.0):
+        return np.asanyarray(img.dataobj)
+    from nibabel.openers import ImageOpener
+    out = np.empty(header.get_data_shape(), dtype="<f4", order="F")           # NIfTI's own voxel order
+    buffer = memoryview(out.ravel(order="K")).cast("B")                        # a view: no copy
+    with ImageOpener(str(path), "rb") as f:
+        f.seek(int(img.dataobj.offset))                                        # where nibabel reads from
+        filled = 0
+        while filled < len(buffer):   # in blocks: gzip's readinto reads a whole request into a temporary first
+            n = f.readinto(buffer[filled:filled + READ_BLOCK])
+            if not n:
+                raise InputError(f"{path} ends after {filled} of its {len(buffer)} bytes of voxels (a truncated file)")
+            filled += n
+    return out
 
 
 def read_itk_affine(path: Path) -> np.ndarray:
