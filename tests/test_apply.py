@@ -157,6 +157,8 @@ def test_unireg_apply_refuses_what_it_cannot_apply(registration, tmp_path, capsy
 
     assert "is not a UniReg registration folder: it has no displacement_itk.nii.gz" in error(
         tmp_path, "--points", points, "--out", tmp_path / "o.csv")
+    (tmp_path / "summary.csv").write_text("name,status\n")
+    assert "give one pair's folder" in error(tmp_path, "--points", points, "--out", tmp_path / "o.csv")
     assert "must lie on the moving image's grid" in error(
         folder, "--image", folder.parent / "fixed_labels.nii.gz", "--out", tmp_path / "o.nii.gz")
     assert "must name an image (.nii or .nii.gz)" in error(

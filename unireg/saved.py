@@ -50,8 +50,10 @@ def load_registration(folder: "str | Path") -> SavedRegistration:
         raise InputError(f"{folder} is not a folder; give the --out folder of `unireg register`")
     missing = [name for name in (DISPLACEMENT, AFFINE, METRICS) if not (folder / name).is_file()]
     if missing:
+        hint = ("; it holds a `unireg register --pairs` summary: give one pair's folder, " f"{folder}/<name>"
+                if (folder / "summary.csv").is_file() else "")
         raise InputError(f"{folder} is not a UniReg registration folder: it has no {', '.join(missing)} "
-                         f"(what `unireg register --out` writes)")
+                         f"(what `unireg register --out` writes){hint}")
     metrics = _read_metrics(folder / METRICS)
     displacement, fixed_grid = read_itk_displacement(folder / DISPLACEMENT)
     grids = metrics.get("grids") or {}
