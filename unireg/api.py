@@ -16,7 +16,7 @@ from .result import RegistrationResult
 class UniReg(UniRegModel):
     def register(self, fixed, moving, prompt: "str | Prompt | None" = None, moving_labels=None, fixed_labels=None,
                  *, refine="auto", align="auto", similarity="auto", focus=False, adapter=None, fixed_affine=None,
-                 moving_affine=None, progress=None) -> RegistrationResult:
+                 moving_affine=None, progress=None, fixed_mask=None, moving_mask=None) -> RegistrationResult:
         """Register ``moving`` onto ``fixed`` (paths, nibabel images, (array, affine) or arrays).
 
         ``refine``: "auto" (instance optimisation from the network's field, the default), "fast" (about
@@ -33,11 +33,14 @@ class UniReg(UniRegModel):
         (another subject's anatomy, sliding organs); it costs accuracy where the whole scan moves
         smoothly (``bench/organ_focus.py``).
         ``adapter``: a few-shot adapter (path or :class:`unireg.adapt.Adapter`).
+        ``fixed_mask`` / ``moving_mask`` (on their scans' grids, non-zero inside): pre-alignment and instance
+        optimisation compare the scans only at fixed voxels inside the fixed mask that land inside the moving
+        one (a table, metal artefacts, a lesion that changed left out); the network still sees both scans.
         """
         return RegistrationPipeline(self).register(
             fixed, moving, prompt, moving_labels=moving_labels, fixed_labels=fixed_labels, refine=refine,
             align=align, adapter=adapter, fixed_affine=fixed_affine, moving_affine=moving_affine,
-            similarity=similarity, focus=focus, progress=progress)
+            similarity=similarity, focus=focus, progress=progress, fixed_mask=fixed_mask, moving_mask=moving_mask)
 
 
 __all__ = ["UniReg", "UniRegConfig", "Prompt", "parse_prompt"]

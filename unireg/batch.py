@@ -3,8 +3,9 @@ scan of a study).
 
 The CSV has a header row naming ``fixed`` and ``moving`` (image files or DICOM series folders) and, optionally,
 ``name`` (the pair's output folder; default ``pair_0001``, ``pair_0002`` ...), ``prompt`` (default: the batch's
-prompt), ``fixed_labels`` and ``moving_labels``; paths are relative to the CSV. The whole list is checked before
-the first registration (columns, names, files, prompts), so a typo in row 90 does not surface after an hour.
+prompt), ``fixed_labels``, ``moving_labels``, ``fixed_mask`` and ``moving_mask``; paths are relative to the CSV.
+The whole list is checked before the first registration (columns, names, files, prompts), so a typo in row 90
+does not surface after an hour.
 
 Each pair is then registered and written atomically to ``out/<name>/`` (``RegistrationResult.save``). A pair
 whose folder already holds a finished run (its ``metrics.json``) is left alone unless ``overwrite``: a batch
@@ -31,8 +32,8 @@ from .prompt import parse_prompt
 logger = logging.getLogger(__name__)
 
 SCAN_COLUMNS = ("fixed", "moving")
-COLUMNS = (*SCAN_COLUMNS, "name", "prompt", "fixed_labels", "moving_labels")
-FILE_COLUMNS = (*SCAN_COLUMNS, "fixed_labels", "moving_labels")
+COLUMNS = (*SCAN_COLUMNS, "name", "prompt", "fixed_labels", "moving_labels", "fixed_mask", "moving_mask")
+FILE_COLUMNS = (*SCAN_COLUMNS, "fixed_labels", "moving_labels", "fixed_mask", "moving_mask")
 SUMMARY_FIELDS = ("name", "status", "reason", "seconds", "mean_dice_before", "mean_dice_after",
                   "nonpositive_jacobian_pct", "max_displacement_mm", "folder")
 #: Most problems one pre-flight error message lists.
@@ -49,6 +50,8 @@ class BatchPair:
     prompt: str = ""
     fixed_labels: str | None = None
     moving_labels: str | None = None
+    fixed_mask: str | None = None
+    moving_mask: str | None = None
 
 
 def read_pair_csv(path, default_prompt: str = "") -> list[BatchPair]:
@@ -56,7 +59,7 @@ def read_pair_csv(path, default_prompt: str = "") -> list[BatchPair]:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"pair list not found: {path} (a CSV with a header row fixed,moving[,name,prompt,"
-                         f"fixed_labels,moving_labels])")
+                         f"fixed_labels,moving_labels,fixed_mask,moving_mask])")
     try:
         with open(path, newline="", encoding="utf-8-sig") as handle:
             reader = csv.DictReader(handle)
@@ -100,7 +103,7 @@ def read_pair_csv(path, default_prompt: str = "") -> list[BatchPair]:
         except UserError as exc:
             problems.append(f"{where}: {exc}")
         pairs.append(BatchPair(name, files.get("fixed", ""), files.get("moving", ""), prompt,
-                               files.get("fixed_labels"), files.get("moving_labels")))
+                               *(files.get(c) for c in FILE_COLUMNS[2:])))
     if problems:
         shown = "; ".join(problems[:MAX_PROBLEMS_SHOWN])
         more = f"; and {len(problems) - MAX_PROBLEMS_SHOWN} more" if len(problems) > MAX_PROBLEMS_SHOWN else ""
@@ -132,7 +135,8 @@ def register_batch(model, pairs: list[BatchPair], out, *, overwrite: bool = Fals
             try:
                 check_output_dir(folder, overwrite)        # before the work, as for one pair
                 result = model.register(pair.fixed, pair.moving, prompt=pair.prompt, fixed_labels=pair.fixed_labels,
-                                        moving_labels=pair.moving_labels, **register_kwargs)
+                                        moving_labels=pair.moving_labels, fixed_mask=pair.fixed_mask,
+                                        moving_mask=pair.moving_mask, **register_kwargs)
                 result.save(folder, overwrite=overwrite, inverse=inverse)
                 rows.append(_row(pair, folder, "done", metrics=result.summary()))
             except (UserError, OSError) as exc:           # bad input: the reason is the message

@@ -15,9 +15,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--fixed", help="fixed image (.nii/.nii.gz/.mha/.nrrd, or a folder holding one DICOM series)")
     p.add_argument("--moving", help="moving image")
     p.add_argument("--pairs", help="instead of --fixed/--moving: a CSV of pairs, columns fixed,moving and optionally "
-                                   "name,prompt,fixed_labels,moving_labels (paths relative to the CSV); each pair "
-                                   "is written to --out/<name>/, finished pairs are skipped when run again, a "
-                                   "failing pair is listed in --out/summary.csv and the others go on")
+                                   "name,prompt,fixed_labels,moving_labels,fixed_mask,moving_mask (paths relative to "
+                                   "the CSV); each pair is written to --out/<name>/, finished pairs are skipped when "
+                                   "run again, a failing pair is listed in --out/summary.csv and the others go on")
     p.add_argument("--prompt", default="", help='e.g. "intra-subject | liver, spleen | smooth=0.3 | rigid=vertebrae_L1"'
                                                 " (with --pairs: for the rows without a prompt)")
     p.add_argument("--out", required=True, help="output folder (written atomically; with --pairs, one per pair)")
@@ -27,6 +27,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--moving-labels", help="label map on the moving image's grid, warped with the field")
     p.add_argument("--fixed-labels", help="label map on the fixed grid: places rigid= structures and --focus "
                                           "organs; with --moving-labels, Dice before/after is reported")
+    p.add_argument("--fixed-mask", help="mask on the fixed image's grid (non-zero inside): pre-alignment and instance "
+                                        "optimisation compare the scans only there (leave out a table, metal "
+                                        "artefacts, a lesion that changed); the network still sees both scans whole")
+    p.add_argument("--moving-mask", help="mask on the moving image's grid, the same for the moving scan")
     p.add_argument("--refine", default="auto",
                    help="instance optimisation: auto (default), fast (about 0.8x the time, a little less accurate), "
                         "accurate (about 10%% lower error in 1.2x the time), off (network alone) or a number of steps")
@@ -54,9 +58,10 @@ def run(args) -> int:
     from ..pipeline.register import check_align, check_refine
     from ..result import check_output_dir
     if args.pairs:
-        if args.fixed or args.moving or args.fixed_labels or args.moving_labels:
-            raise UserError("--pairs lists the scans and label maps itself: leave out --fixed, --moving, "
-                            "--fixed-labels and --moving-labels (or give columns fixed_labels/moving_labels)")
+        if args.fixed or args.moving or args.fixed_labels or args.moving_labels or args.fixed_mask or args.moving_mask:
+            raise UserError("--pairs lists the scans, label maps and masks itself: leave out --fixed, --moving, "
+                            "--fixed-labels, --moving-labels and the masks (or give columns fixed_labels, "
+                            "moving_labels, fixed_mask, moving_mask)")
         return _run_pairs(args)
     if not (args.fixed and args.moving):
         raise UserError("give --fixed and --moving (or --pairs with a CSV of pairs)")
@@ -67,7 +72,8 @@ def run(args) -> int:
     model = UniReg.from_pretrained(args.model, device=resolve_device(args.device))
     with _progress_bar(disabled=args.no_progress or refine == 0) as progress:
         result = model.register(args.fixed, args.moving, prompt=args.prompt, moving_labels=args.moving_labels,
-                                fixed_labels=args.fixed_labels, refine=refine,
+                                fixed_labels=args.fixed_labels, fixed_mask=args.fixed_mask,
+                                moving_mask=args.moving_mask, refine=refine,
                                 align=args.align, similarity=args.similarity, focus=args.focus, adapter=args.adapter,
                                 progress=progress)
     paths = result.save(out, overwrite=args.overwrite, inverse=args.inverse)

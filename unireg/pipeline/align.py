@@ -67,7 +67,7 @@ import torch.nn.functional as F
 
 from ..io import InputError
 from ..sampling import grid_sample
-from ..similarity import box_filter, lncc_loss, mutual_information_loss
+from ..similarity import box_filter, lncc_loss, lncc_map, mutual_information_loss
 
 ALIGN_MODES = ("auto", "none", "moments", "rigid", "affine")
 SIMILARITIES = ("lncc", "mi")
@@ -148,9 +148,13 @@ def _world_points(shape, affine, device) -> torch.Tensor:
     return idx @ a[:3, :3].T + a[:3, 3]
 
 
-def body_centre(image: torch.Tensor, affine, threshold: float = BODY_THRESHOLD) -> np.ndarray:
-    """Intensity centre of mass (world mm) of the voxels above air: where the anatomy is."""
+def body_centre(image: torch.Tensor, affine, threshold: float = BODY_THRESHOLD,
+                region: torch.Tensor | None = None) -> np.ndarray:
+    """Intensity centre of mass (world mm) of the voxels above air (within ``region``, [1,1,...], when given):
+    where the anatomy is."""
     weight = image[0, 0].double() * (image[0, 0] > threshold)
+    if region is not None:
+        weight = weight * (region[0, 0] != 0)
     if float(weight.sum()) <= 0:
         raise InputError("an image has no voxel above air; cannot pre-align it (is it normalised CT?)")
     points = _world_points(image.shape[2:], affine, image.device)
@@ -166,6 +170,8 @@ class _Level:
     moving: torch.Tensor
     moving_affine: np.ndarray
     body: torch.Tensor  # bool [D,H,W] of the fixed level
+    fixed_mask: torch.Tensor | None = None    # [1,1,...] 0/1 on the fixed level: where the similarity may look
+    moving_mask: torch.Tensor | None = None   # [1,1,...] 0/1 on the moving level, read through the transform
 
 
 def _pool(image: torch.Tensor, affine: np.ndarray, factors) -> tuple[torch.Tensor, np.ndarray]:
@@ -184,7 +190,13 @@ def _factors(shape, spacing, target_mm: float) -> list[int]:
     return [int(min(max(1, round(target_mm / s)), max(1, n // 4))) for n, s in zip(shape, spacing)]
 
 
-def _pyramid(fixed, fixed_affine, moving, moving_affine, levels_mm, max_voxels, threshold) -> list[_Level]:
+def _pool_mask(mask: torch.Tensor | None, affine, factors) -> torch.Tensor | None:
+    """A 0/1 mask on a pyramid level: the cells at least half inside."""
+    return None if mask is None else (_pool(mask.float(), affine, factors)[0] >= 0.5).float()
+
+
+def _pyramid(fixed, fixed_affine, moving, moving_affine, levels_mm, max_voxels, threshold,
+             fixed_mask=None, moving_mask=None) -> list[_Level]:
     fixed_spacing, moving_spacing = voxel_spacing(fixed_affine), voxel_spacing(moving_affine)
     levels, seen = [], set()
     for target in levels_mm:
@@ -201,7 +213,9 @@ def _pyramid(fixed, fixed_affine, moving, moving_affine, levels_mm, max_voxels, 
         moving_factors = _factors(moving.shape[2:], moving_spacing, target)
         f, fa = _pool(fixed, fixed_affine, factors)
         m, ma = _pool(moving, moving_affine, moving_factors)
-        levels.append(_Level(float(np.max(voxel_spacing(fa))), f, fa, m, ma, f[0, 0] > threshold))
+        levels.append(_Level(float(np.max(voxel_spacing(fa))), f, fa, m, ma, f[0, 0] > threshold,
+                             _pool_mask(fixed_mask, fixed_affine, factors),
+                             _pool_mask(moving_mask, moving_affine, moving_factors)))
     return levels
 
 
@@ -237,9 +251,17 @@ def _loss(level: _Level, matrix: torch.Tensor, similarity: str, kernel: int) -> 
     warped = grid_sample(level.moving, grid, mode="bilinear", padding_mode="border", align_corners=True)
     inside = (grid.detach().abs() <= 1.0).all(dim=-1)[:, None].float()
     inside = (box_filter(inside, kernel) > 0.999).float()
+    if level.fixed_mask is not None:      # the user's masks count voxel by voxel (a body mask keeps its contour)
+        inside = inside * level.fixed_mask
     if similarity == "mi":
         return mutual_information_loss(level.fixed, warped, mask=inside)
-    return lncc_loss(level.fixed, warped, kernel=kernel, mask=inside)
+    if level.moving_mask is None:
+        return lncc_loss(level.fixed, warped, kernel=kernel, mask=inside)
+    # A fixed voxel the transform puts outside the moving mask scores nothing, and still counts in the mean: were
+    # it left out of the mean, the optimiser could lower the loss by moving badly matching voxels out of the mask
+    # (a test pair ran 40 mm away so).
+    landed = grid_sample(level.moving_mask, grid.detach(), mode="nearest", padding_mode="zeros", align_corners=True)
+    return -(lncc_map(level.fixed, warped, kernel) * inside * landed).sum() / inside.sum().clamp(min=1.0)
 
 
 def _optimise(levels, transform: _LinearTransform, affine: bool, similarity: str, kernel: int,
@@ -279,20 +301,30 @@ def align_pair(fixed: torch.Tensor, fixed_affine: np.ndarray, moving: torch.Tens
                mode: str = "auto", similarity: str = "lncc", *, same_subject: bool = False,
                levels_mm=(8.0, 4.0), steps=(60, 30), max_voxels: int = 48 ** 3, kernel: int = 5,
                tolerance_mm: float = 1.0, min_gain: float = 0.01, min_bone_gain: float = 0.02,
-               body_threshold: float = BODY_THRESHOLD) -> AlignResult:
+               body_threshold: float = BODY_THRESHOLD, fixed_mask: torch.Tensor | None = None,
+               moving_mask: torch.Tensor | None = None) -> AlignResult:
     """Linear transform from the fixed to the moving scan; see the module docstring for the rule of "auto"
     (and its skeleton check for ``same_subject`` pairs).
 
     ``steps`` are Adam steps per pyramid level of each stage (rigid, then affine); ``kernel`` the
-    LNCC window in voxels of each level.
+    LNCC window in voxels of each level. ``fixed_mask`` / ``moving_mask`` ([1,1,...] like their images,
+    non-zero inside) keep the similarity to the fixed voxels inside the one that land inside the other (an
+    artefact, a table or a lesion that changed between the scans left out).
     """
     start = time.perf_counter()
     _check_inputs(fixed, fixed_affine, moving, moving_affine, mode, similarity)
+    if moving_mask is not None and similarity == "mi":
+        raise InputError("a moving mask needs the LNCC similarity (with mutual information, give a fixed mask)")
+    for name, mask, image in (("fixed_mask", fixed_mask, fixed), ("moving_mask", moving_mask, moving)):
+        if mask is not None and tuple(mask.shape) != tuple(image.shape):
+            raise InputError(f"{name} must be [1,1,D,H,W] like its image {tuple(image.shape)}, got {tuple(mask.shape)}")
     device = fixed.device
     fixed, moving = fixed.float(), moving.float()
     fixed_affine = np.asarray(fixed_affine, dtype=np.float64)
     moving_affine = np.asarray(moving_affine, dtype=np.float64)
-    levels = _pyramid(fixed, fixed_affine, moving, moving_affine, levels_mm, max_voxels, body_threshold)
+    levels = _pyramid(fixed, fixed_affine, moving, moving_affine, levels_mm, max_voxels, body_threshold,
+                      None if fixed_mask is None else (fixed_mask != 0).float(),
+                      None if moving_mask is None else (moving_mask != 0).float())
     coarse, fine = levels[0], levels[-1]
     steps = tuple(steps) + (steps[-1],) * max(0, len(levels) - len(steps))
 
@@ -316,8 +348,11 @@ def align_pair(fixed: torch.Tensor, fixed_affine: np.ndarray, moving: torch.Tens
     if bone_before is not None and bone_before >= BONE_IN_PLACE:
         bone_check = "in place"
         return finish(identity, "none")
-    centre_f = body_centre(fixed, fixed_affine, body_threshold)
-    shift = body_centre(moving, moving_affine, body_threshold) - centre_f
+    # With masks, the rotation turns about the masked anatomy's centre (a half-body mask rotated about the whole
+    # body's centre swings out of place), and the moments compare masked anatomy with masked anatomy.
+    centre_f = body_centre(fixed, fixed_affine, body_threshold, fixed_mask)
+    shift = np.zeros(3) if fixed_mask is not None and moving_mask is None else \
+        body_centre(moving, moving_affine, body_threshold, moving_mask) - centre_f
     moments = np.eye(4)
     moments[:3, 3] = shift
     if mode == "moments":
@@ -325,7 +360,8 @@ def align_pair(fixed: torch.Tensor, fixed_affine: np.ndarray, moving: torch.Tens
     if loss_at(coarse, moments) > loss_at(coarse, identity):
         shift = np.zeros(3)
 
-    body_points = _world_points(fine.fixed.shape[2:], fine.fixed_affine, device)[fine.body]
+    body = fine.body if fine.fixed_mask is None else fine.body & (fine.fixed_mask[0, 0] > 0)
+    body_points = _world_points(fine.fixed.shape[2:], fine.fixed_affine, device)[body]
     radius = float((body_points - torch.as_tensor(centre_f, device=device)).norm(dim=-1).pow(2).mean().sqrt())
     radius = max(radius, 10.0)
     transform = _LinearTransform(centre_f, shift, device)

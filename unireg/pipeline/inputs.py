@@ -22,16 +22,19 @@ class ScanPair:
     moving: nib.Nifti1Image
     fixed_labels: nib.Nifti1Image | None = None
     moving_labels: nib.Nifti1Image | None = None
+    fixed_mask: nib.Nifti1Image | None = None      # uint8 0/1: where the similarity may look (ANTs' -x masks)
+    moving_mask: nib.Nifti1Image | None = None
 
 
 def load_pair(fixed, moving, fixed_labels=None, moving_labels=None, fixed_affine=None,
-              moving_affine=None) -> ScanPair:
+              moving_affine=None, fixed_mask=None, moving_mask=None) -> ScanPair:
     """Paths / nibabel images / (array, affine) / arrays -> a checked :class:`ScanPair`."""
     fixed_img = load_image(fixed, "fixed image", fixed_affine)
     moving_img = load_image(moving, "moving image", moving_affine)
     pair = ScanPair(fixed_img, moving_img,
                     load_labels(fixed_labels, fixed_img, "fixed labels") if fixed_labels is not None else None,
-                    load_labels(moving_labels, moving_img, "moving labels") if moving_labels is not None else None)
+                    load_labels(moving_labels, moving_img, "moving labels") if moving_labels is not None else None,
+                    _load_mask(fixed_mask, fixed_img, "fixed mask"), _load_mask(moving_mask, moving_img, "moving mask"))
     if not fields_of_view_overlap(fixed_img, moving_img):
         raise InputError("fixed and moving images do not overlap in physical space; their affines cannot be "
                          "related (check origins and orientation in the headers)")
@@ -39,6 +42,18 @@ def load_pair(fixed, moving, fixed_labels=None, moving_labels=None, fixed_affine
         if labels is not None:
             _warn_unknown_ids(np.asanyarray(labels.dataobj), name)
     return pair
+
+
+def _load_mask(source, image: nib.Nifti1Image, name: str) -> nib.Nifti1Image | None:
+    """A mask on its scan's grid: any non-zero voxel is inside. One with no voxel inside is refused."""
+    if source is None:
+        return None
+    mask = load_labels(source, image, name)
+    inside = np.asanyarray(mask.dataobj) != 0
+    if not inside.any():
+        raise InputError(f"{name} has no voxel inside (every voxel is 0): the similarity would have nothing to "
+                         f"measure; a mask marks with non-zero values where the scans should be compared")
+    return nib.Nifti1Image(inside.astype(np.uint8), mask.affine)
 
 
 def _warn_unknown_ids(labels: np.ndarray, name: str) -> None:

@@ -295,6 +295,7 @@ class _Scans:
     rigid_mask: torch.Tensor | None = None
     coverage: torch.Tensor | None = None
     focus: torch.Tensor | None = None
+    region: torch.Tensor | None = None
     features: tuple | None = None
 
     def descriptors(self, similarity: str, intensity_weight: float) -> tuple:
@@ -333,6 +334,9 @@ class _LevelLoss:
         # the moving scan's edge sees its padding).
         mask = None if scans.coverage is None else \
             (box_filter(_resample(scans.coverage, shape), lncc_kernel) > 0.999).float()
+        if scans.region is not None:   # the user's masks: voxel by voxel, not eroded (ANTs' and elastix's rule)
+            region = (_resample(scans.region, shape) >= 0.5).float()
+            mask = region if mask is None else mask * region
         f_feat = m_feat = None
         if similarity in DESCRIPTORS:
             features = scans.descriptors(similarity, intensity_weight)
@@ -506,7 +510,7 @@ def _plan_steps(steps, shapes, device: torch.device) -> list[int]:
 
 
 def _check(fixed, moving, velocity, fixed_masks, moving_masks, rigid_mask, moving_coverage, similarity, levels,
-           smoothness, focus=None, own_grids: bool = False) -> None:
+           smoothness, focus=None, own_grids: bool = False, region=None) -> None:
     if similarity not in SIMILARITIES:
         raise InputError(f"refine similarity must be one of {', '.join(SIMILARITIES)}; got {similarity!r}")
     if fixed.dim() != 5 or fixed.shape[:2] != (1, 1) or moving.dim() != 5 or moving.shape[:2] != (1, 1) \
@@ -523,6 +527,8 @@ def _check(fixed, moving, velocity, fixed_masks, moving_masks, rigid_mask, movin
                          f"{tuple(fixed_masks.shape)} and {tuple(moving_masks.shape)}")
     if moving_coverage is not None and moving_coverage.shape != fixed.shape:
         raise InputError(f"moving coverage must be [1,1,D,H,W] like the images, got {tuple(moving_coverage.shape)}")
+    if region is not None and (region.shape != fixed.shape or not bool((region > 0).any())):
+        raise InputError(f"region must be a non-empty [1,1,D,H,W] mask like the images, got {tuple(region.shape)}")
     if rigid_mask is not None and rigid_mask.shape != fixed.shape:
         raise InputError(f"rigid mask must be [1,1,D,H,W] like the images, got {tuple(rigid_mask.shape)}")
     if focus is not None and (focus.shape != fixed.shape or not bool((focus > 0).any())):
@@ -539,7 +545,7 @@ def refine_velocity(fixed: torch.Tensor, moving: torch.Tensor, velocity: torch.T
                     fixed_masks: torch.Tensor | None = None, moving_masks: torch.Tensor | None = None,
                     rigid_mask: torch.Tensor | None = None, moving_coverage: torch.Tensor | None = None,
                     focus: torch.Tensor | None = None, focus_gain: float | None = None,
-                    fixed_to_moving=None,
+                    fixed_to_moving=None, region: torch.Tensor | None = None,
                     rigid_weight: float = 10.0, dice_weight: float = 1.0,
                     intensity_weight: float = INTENSITY_WEIGHT,
                     lr: float = 0.1, lncc_kernel: int = 7, integration_steps: int = 7,
@@ -560,14 +566,16 @@ def refine_velocity(fixed: torch.Tensor, moving: torch.Tensor, velocity: torch.T
     (None: the preset's, "auto"'s for a number of steps; 0: every voxel). ``edge_voxels``: sampled
     levels also read this many among their edges at every step (None: the preset's). ``focus``
     [1,1,D,H,W] (1 in the region that matters most, on this grid) and ``focus_gain`` (None:
-    ``FOCUS_GAIN``): see the module docstring. ``fixed_to_moving`` (4x4, voxel indices (d, h, w) of
+    ``FOCUS_GAIN``): see the module docstring. ``region`` [1,1,D,H,W] (1 where the similarity may look, the
+    user's fixed and moving masks on this grid): like ``moving_coverage``, but not eroded.
+    ``fixed_to_moving`` (4x4, voxel indices (d, h, w) of
     ``fixed``'s grid -> those of ``moving``'s): ``moving`` lies on its own grid (any shape) and is read
     through this map (a pre-alignment composed in: the scan is interpolated once, where the whole
     mapping lands, not resampled through the alignment first and warped again); the masks stay on
     the fixed grid.
     """
     _check(fixed, moving, velocity, fixed_masks, moving_masks, rigid_mask, moving_coverage, similarity, levels,
-           smoothness, focus, fixed_to_moving is not None)
+           smoothness, focus, fixed_to_moving is not None, region)
     if sample_voxels is None:
         sample_voxels = step_preset(steps).sample_voxels
     if edge_voxels is None:
@@ -601,7 +609,7 @@ def refine_velocity(fixed: torch.Tensor, moving: torch.Tensor, velocity: torch.T
     if not use_rigid:
         rigid_mask = None
     scans = _Scans(fixed, moving, fixed_to_moving, *(None if m is None else m.detach().float().to(device) for m in (
-        fixed_masks, moving_masks, rigid_mask, moving_coverage, focus)))
+        fixed_masks, moving_masks, rigid_mask, moving_coverage, focus, region)))
     history, check = [], {}
     last_level = max((i for i, n in enumerate(plan) if n > 0), default=-1)  # where the final check is taken
 

@@ -105,19 +105,21 @@ class RegistrationPipeline:
     def register(self, fixed, moving, prompt: "str | Prompt | None" = None, *, moving_labels=None,
                  fixed_labels=None, refine: "str | int | bool" = "auto", align: str = "auto", adapter=None,
                  fixed_affine=None, moving_affine=None, similarity: str = "auto", focus: bool = False,
-                 progress: "Callable[[int, int, float], None] | None" = None) -> RegistrationResult:
+                 progress: "Callable[[int, int, float], None] | None" = None, fixed_mask=None,
+                 moving_mask=None) -> RegistrationResult:
         with torch.inference_mode(False):  # the optimisation stages need autograd even under a caller's inference_mode
             return self._register(fixed, moving, prompt, moving_labels, fixed_labels, refine, align, adapter,
-                                  fixed_affine, moving_affine, similarity, focus, progress)
+                                  fixed_affine, moving_affine, similarity, focus, progress, fixed_mask, moving_mask)
 
     def _register(self, fixed, moving, prompt, moving_labels, fixed_labels, refine, align, adapter, fixed_affine,
-                  moving_affine, similarity, focus, progress) -> RegistrationResult:
+                  moving_affine, similarity, focus, progress, fixed_mask, moving_mask) -> RegistrationResult:
         start = time.perf_counter()
         refine_steps = check_refine(refine)
         align = check_align(align)
         similarity = check_similarity(similarity)
         prompt = parse_prompt(prompt)
-        pair = load_pair(fixed, moving, fixed_labels, moving_labels, fixed_affine, moving_affine)
+        pair = load_pair(fixed, moving, fixed_labels, moving_labels, fixed_affine, moving_affine, fixed_mask,
+                         moving_mask)
         if prompt.rigid and pair.fixed_labels is None and pair.moving_labels is None:
             raise UserError(f"rigid={', '.join(prompt.rigid)} needs a label map that contains it: "
                             f"pass fixed_labels (or moving_labels)")
@@ -202,8 +204,11 @@ class RegistrationPipeline:
                 fixed_t = fixed_t.cpu()
             moving_grid = working_grid(pair.moving, cfg)
             moving_own = scan_tensor(pair.moving, moving_grid, cfg, cpu)
+            masks = {name: None if mask is None else label_tensor(mask, on, cpu).float()
+                     for name, mask, on in (("fixed_mask", pair.fixed_mask, grid),
+                                            ("moving_mask", pair.moving_mask, moving_grid))}
             res = align_pair(fixed_t, tensor_affine(grid), moving_own, tensor_affine(moving_grid), mode=mode,
-                             same_subject=prompt.type == "intra")
+                             same_subject=prompt.type == "intra", **masks)
             info.update(mode=res.mode, bone_check=res.bone_check, loss_before=res.loss_before,
                         loss_after=res.loss_after)
         return res.matrix, {"mode": res.mode, "matrix": np.round(res.matrix, 6).tolist()}
@@ -222,6 +227,7 @@ class RegistrationPipeline:
                 coverage = None        # the moving scan covers the fixed one: nothing to mask
             else:
                 info["moving_coverage_pct"] = round(100 * covered, 1)
+            region = _similarity_region(pair, fine, device, matrix, coverage, fixed_coverage, info)
             fixed_masks = moving_masks = rigid_mask = focus_mask = None
             if pair.fixed_labels is not None and pair.moving_labels is not None:
                 fixed_lab = label_tensor(pair.fixed_labels, fine, device)
@@ -246,12 +252,34 @@ class RegistrationPipeline:
                                   velocity_factor=_velocity_factor(prompt, fine.spacing, between_subjects),
                                   fixed_masks=fixed_masks, focus=focus_mask,
                                   moving_masks=moving_masks, rigid_mask=rigid_mask, moving_coverage=coverage,
+                                  region=region,
                                   fixed_to_moving=fixed_to_moving, progress=progress,
                                   intensity_weight=INTER_INTENSITY_WEIGHT if between_subjects else INTENSITY_WEIGHT)
             release_freed_memory()     # before the caller's full-size outputs (see unireg.memory)
             info.update(grid=list(fine.shape), spacing_mm=round(fine.spacing, 3), similarity=similarity,
                         levels=res.history, **res.check)
         return res.displacement, fine
+
+
+def _similarity_region(pair: ScanPair, fine, device, matrix, coverage, fixed_coverage,
+                       info: dict) -> torch.Tensor | None:
+    """The user's masks on the refinement grid (None: no mask given): the fixed mask, and the moving mask
+    seen through the pre-alignment (the deformation moves the moving scan by millimetres beyond it, so
+    its mask is read where the alignment puts it, as the moving scan's coverage is)."""
+    if pair.fixed_mask is None and pair.moving_mask is None:
+        return None
+    region = torch.ones((1, 1, *fine.shape[::-1]), device=device)
+    if pair.fixed_mask is not None:
+        region = region * (label_tensor(pair.fixed_mask, fine, device) > 0)
+    if pair.moving_mask is not None:
+        region = region * (label_tensor(pair.moving_mask, fine, device, matrix) > 0)
+    compared = region if coverage is None else region * coverage
+    if not bool((compared > 0).any()):
+        raise UserError("the masks leave no voxel where both scans can be compared (check that they mark the "
+                        "anatomy to register, on the right scans)")
+    # the share of the fixed scan's own voxels compared (the refinement grid may reach past the scan)
+    info["similarity_region_pct"] = round(100 * float((compared * fixed_coverage).sum() / fixed_coverage.sum()), 1)
+    return region.float()
 
 
 #: The moving scan is refined on its own grid unless that grid would hold more than this many times the
