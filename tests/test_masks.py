@@ -89,6 +89,9 @@ def test_bad_masks_are_named(model, artefact_pair):
         model.register((clean, AFFINE), (with_metal, AFFINE), "intra", fixed_mask=(np.zeros_like(mask), AFFINE))
     with pytest.raises(InputError, match="moving mask grid"):
         model.register((clean, AFFINE), (with_metal, AFFINE), "intra", moving_mask=(mask[:-1], AFFINE[:]))
+    with pytest.raises(UserError, match="with align='none' and refine=False neither runs"):
+        model.register((clean, AFFINE), (with_metal, AFFINE), "intra", align="none", refine=False,
+                       moving_mask=(mask, AFFINE))
     apart = np.zeros_like(mask)
     apart[:3] = 1
     other = np.zeros_like(mask)

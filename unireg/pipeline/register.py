@@ -127,6 +127,9 @@ class RegistrationPipeline:
             raise UserError("rigid= acts during instance optimisation; it cannot be used with refine=False")
         if focus:
             _check_focus(prompt, pair, refine_steps, self.model.organ_map is not None)
+        if (pair.fixed_mask is not None or pair.moving_mask is not None) and refine_steps == 0 and align == "none":
+            raise UserError("masks shape the similarity of pre-alignment and instance optimisation; with align='none' "
+                            "and refine=False neither runs (the network sees the scans whole)")
         stages: list[dict] = []
         cfg, device = self.model.config, self.device
         dtype = next(self.model.parameters()).dtype
