@@ -247,3 +247,12 @@ def test_itk_affine_files_with_a_centre_read_as_itk_applies_them(tmp_path):
     (tmp_path / "bad.mat").write_text("garbage")
     with pytest.raises(InputError, match="cannot be read as an ITK transform"):
         read_itk_affine(tmp_path / "bad.mat")
+
+
+def test_an_empty_label_map_warps_to_an_empty_one(registration):
+    """A segmentation with nothing in it (a lesion absent at one time point) is carried, not refused."""
+    result, folder = registration
+    empty = nib.Nifti1Image(np.zeros((30, 34, 28), np.uint8), MOVING_AFFINE)
+    for mapping in (result, load_registration(folder)):
+        warped = mapping.warp(empty, labels=True)
+        assert warped.shape == (32, 32, 32) and not np.asanyarray(warped.dataobj).any()

@@ -77,8 +77,9 @@ def load_image(source, name: str = "image", affine: np.ndarray | None = None) ->
     return img
 
 
-def load_labels(source, reference: nib.Nifti1Image, name: str = "labels") -> nib.Nifti1Image:
-    """Label map that must lie on ``reference``'s grid (same shape and affine).
+def load_labels(source, reference: nib.Nifti1Image, name: str = "labels",
+                off_grid: str | None = None) -> nib.Nifti1Image:
+    """Label map that must lie on ``reference``'s grid (same shape and affine; ``off_grid``: the message when not).
 
     Integer ids keep their stored type (int32 ids above 32767 stay intact); floating-point
     maps must hold whole numbers and become int32 (int64 when an id needs it).
@@ -88,7 +89,7 @@ def load_labels(source, reference: nib.Nifti1Image, name: str = "labels") -> nib
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.shape != reference.shape[:3] or not np.allclose(img.affine, reference.affine, atol=1e-3):
-        raise InputError(f"{name} grid (shape {data.shape}) differs from its image's grid "
+        raise InputError(off_grid or f"{name} grid (shape {data.shape}) differs from its image's grid "
                          f"(shape {reference.shape[:3]}) or affine; a label map must share its image's grid")
     _check_numeric(data.dtype, name)
     if np.issubdtype(data.dtype, np.floating):

@@ -143,6 +143,8 @@ class Mapping:
 def _load_on(image, labels: bool | None, grid: Grid | None, off_grid: str) -> tuple[nib.Nifti1Image, bool]:
     """An image or label map (``looks_like_labels`` unless ``labels`` says) that must lie on ``grid``
     (on any grid when ``grid`` is None: a saved registration that does not record the moving one)."""
+    if labels and grid is not None:     # a label map may hold no label at all (an absent lesion): not refused
+        return load_labels(image, grid, "labels to warp", off_grid), True
     img = load_image(image, "labels to warp" if labels else "image to warp", grid.affine if grid is not None else None)
     if grid is not None and not grid.holds(img):
         raise InputError(off_grid)
