@@ -256,3 +256,35 @@ def test_an_empty_label_map_warps_to_an_empty_one(registration):
     for mapping in (result, load_registration(folder)):
         warped = mapping.warp(empty, labels=True)
         assert warped.shape == (32, 32, 32) and not np.asanyarray(warped.dataobj).any()
+
+
+SLICER_HEADER = ("# Markups fiducial file version = 4.11\n# CoordinateSystem = LPS\n"
+                 "# columns = id,x,y,z,ow,ox,oy,oz,vis,sel,lock,label,desc,associatedNodeID\n")
+
+
+def _write_fcsv(path, points_ras):
+    rows = "".join(f"vtkMRMLMarkupsFiducialNode_{i},{-p[0]},{-p[1]},{p[2]},0,0,0,1,1,1,0,F-{i + 1},,\n"
+                   for i, p in enumerate(points_ras))
+    path.write_text(SLICER_HEADER + rows)
+    return path
+
+
+def test_slicer_markups_files_are_read_and_written_as_slicer_writes_them(registration, tmp_path, capsys):
+    result, folder = registration
+    points = _points(6)
+    truth = result.warp_points(points)
+    source, target = _write_fcsv(tmp_path / "F.fcsv", points), _write_fcsv(tmp_path / "T.fcsv", truth)
+    out = tmp_path / "mapped.fcsv"
+    assert main(["apply", str(folder), "--points", str(source), "--target", str(target), "--out", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out)["error_mm"]["max"] < 0.01
+    text = out.read_text()
+    assert text.startswith(SLICER_HEADER)                                    # Slicer's header, LPS kept
+    rows = [line.split(",") for line in text.splitlines() if not line.startswith("#")]
+    mapped_lps = np.array([[float(r[1]), float(r[2]), float(r[3])] for r in rows])
+    assert np.abs(mapped_lps * [-1, -1, 1] - truth).max() < 1e-3
+    assert [r[11] for r in rows] == [f"F-{i + 1}" for i in range(6)] and rows[0][12].startswith("error_mm ")
+    assert main(["apply", str(folder), "--points", str(source), "--out", str(tmp_path / "mapped.csv")]) == 2
+    assert "must be a .fcsv file like F.fcsv" in capsys.readouterr().err
+    (tmp_path / "bad.fcsv").write_text("# CoordinateSystem = LPS\n1,2,3\n")
+    assert main(["apply", str(folder), "--points", str(tmp_path / "bad.fcsv"), "--out", str(tmp_path / "o.fcsv")]) == 2
+    assert "no '# columns = ...' line" in capsys.readouterr().err

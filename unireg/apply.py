@@ -5,7 +5,8 @@ and the target registration error of points whose true matches are known.
 folder read back by :func:`unireg.saved.load_registration`, or a fresh ``RegistrationResult``).
 
 Points files are CSV with ``x``, ``y``, ``z`` columns in world mm (RAS, as NIfTI; or LPS, as ITK and DICOM,
-with ``lps=True``), one point per row; other columns (an id, a name) are carried through unchanged. The
+with ``lps=True``), one point per row; other columns (an id, a name) are carried through unchanged. 3D Slicer's
+markups files (.fcsv) are read and written as Slicer writes them, in the coordinate system their header names. The
 error of a registration at a landmark is the distance between where it puts the landmark and the landmark's
 known match; DIR-Lab and Learn2Reg report its mean, spread and tail over a scan's landmarks, and so does
 :func:`error_summary`.
@@ -50,23 +51,39 @@ def apply_to_image(mapping: Mapping, image, out: "str | Path", interpolation: st
 # ---------------------------------------------------------------------------------------------- points
 @dataclass
 class PointsFile:
-    """A points CSV: its columns, its rows (as read) and the points [N, 3] in world mm RAS."""
+    """A points file: its columns, its rows (as read) and the points [N, 3] in world mm RAS. A 3D Slicer
+    markups file (.fcsv) also keeps its comment lines and says whether it is in LPS."""
     path: Path
     columns: list[str]
     rows: list[dict]
     points: np.ndarray
+    preamble: tuple[str, ...] = ()
+    lps: bool = False
+
+    @property
+    def slicer(self) -> bool:
+        return self.path.name.lower().endswith(".fcsv")
 
 
 def read_points(path: "str | Path", lps: bool = False) -> PointsFile:
-    """A CSV with x, y, z columns (any case; other columns kept) -> its points in RAS mm."""
+    """A CSV with x, y, z columns (any case; other columns kept; ``lps``: its coordinates are LPS), or a 3D Slicer
+    markups file (.fcsv: its ``# columns`` and ``# CoordinateSystem`` lines decide) -> its points in RAS mm."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"points file {path} does not exist")
+    preamble: list[str] = []
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            columns = list(reader.fieldnames or [])
-            rows = list(reader)
+            if path.name.lower().endswith(".fcsv"):
+                lines = f.read().splitlines()
+                preamble = [line for line in lines if line.startswith("#")]
+                columns, lps = _slicer_header(preamble, path)
+                rows = list(csv.DictReader([line for line in lines if line and not line.startswith("#")],
+                                           fieldnames=columns))
+            else:
+                reader = csv.DictReader(f)
+                columns = list(reader.fieldnames or [])
+                rows = list(reader)
     except (UnicodeDecodeError, csv.Error) as exc:
         raise InputError(f"points file {path} is not a readable CSV ({exc})") from None
     lower = {c.strip().lower(): c for c in columns}
@@ -87,7 +104,21 @@ def read_points(path: "str | Path", lps: bool = False) -> PointsFile:
     if not np.isfinite(points).all():
         bad = int(np.argwhere(~np.isfinite(points))[0, 0]) + 2
         raise InputError(f"points file {path}, row {bad}: a coordinate is NaN or inf")
-    return PointsFile(path, columns, rows, points * _LPS if lps else points)
+    return PointsFile(path, columns, rows, points * _LPS if lps else points, tuple(preamble), lps)
+
+
+def _slicer_header(preamble: list[str], path: Path) -> tuple[list[str], bool]:
+    """A Slicer markups file's columns and coordinate system (``LPS``/``RAS``, or Slicer 4's ``1``/``0``)."""
+    fields = {}
+    for line in preamble:
+        key, _, value = line.lstrip("#").partition("=")
+        fields[key.strip().lower()] = value.strip()
+    if "columns" not in fields:
+        raise InputError(f"points file {path} is not a 3D Slicer markups file: no '# columns = ...' line")
+    system = fields.get("coordinatesystem", "RAS").upper()
+    if system not in ("LPS", "RAS", "0", "1"):
+        raise InputError(f"points file {path}: coordinate system {system!r} is neither LPS nor RAS")
+    return [c.strip() for c in fields["columns"].split(",")], system in ("LPS", "1")
 
 
 def apply_to_points(mapping: Mapping, points: PointsFile, out: "str | Path", inverse: bool = False,
@@ -96,6 +127,8 @@ def apply_to_points(mapping: Mapping, points: PointsFile, out: "str | Path", inv
     ``out`` (same rows and columns, the coordinates replaced; atomically) and, given ``target`` (the points'
     true matches, row for row), each point's error and the summary before and after registration."""
     out = check_out(out, "points", overwrite)
+    if points.slicer != out.name.lower().endswith(".fcsv"):
+        raise UserError(f"--out {out} must be {'a .fcsv' if points.slicer else 'a .csv'} file like {points.path.name}")
     if target is not None and len(target.points) != len(points.points):
         raise InputError(f"{target.path} holds {len(target.points)} points and {points.path} {len(points.points)}: "
                          f"the target file must list each point's true match in the same row")
@@ -107,6 +140,7 @@ def apply_to_points(mapping: Mapping, points: PointsFile, out: "str | Path", inv
         extra = {"error_mm": errors}
         summary.update(error_mm=error_summary(errors),
                        error_before_mm=error_summary(np.linalg.norm(points.points - target.points, axis=1)))
+    lps = points.lps if points.slicer else lps
     _atomic(out, lambda tmp: _write_points(points, moved * _LPS if lps else moved, extra, tmp))
     return summary
 
@@ -120,23 +154,30 @@ def error_summary(errors: np.ndarray) -> dict:
 
 
 def _write_points(source: PointsFile, points: np.ndarray, extra: dict, path: Path) -> None:
+    """The source's rows with the coordinates replaced, in its own format: a CSV gains the ``extra`` columns; a
+    Slicer file keeps its header and columns (which Slicer fixes) and carries ``extra`` in its ``desc`` column."""
     lower = {c.strip().lower(): c for c in source.columns}
-    columns = source.columns + [name for name in extra if name not in source.columns]
+    columns = source.columns if source.slicer else source.columns + [n for n in extra if n not in source.columns]
     with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
+        if source.slicer:
+            f.write("".join(line + "\n" for line in source.preamble))
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+        if not source.slicer:
+            writer.writeheader()
         for i, row in enumerate(source.rows):
             row = dict(row)
             for j, c in enumerate(COORDINATES):
                 row[lower[c]] = f"{points[i, j]:.4f}"
             for name, values in extra.items():
                 row[name] = f"{values[i]:.4f}"
+            if source.slicer and extra and "desc" in lower:
+                row[lower["desc"]] = "; ".join(f"{name} {values[i]:.3f}" for name, values in extra.items())
             writer.writerow(row)
 
 
 # ---------------------------------------------------------------------------------------------- writing
 #: What each kind of output is written as.
-OUTPUT_SUFFIXES = {"image": NIFTI_SUFFIXES, "points": (".csv",)}
+OUTPUT_SUFFIXES = {"image": NIFTI_SUFFIXES, "points": (".csv", ".fcsv")}
 
 
 def check_out(out: "str | Path", kind: str, overwrite: bool) -> Path:
@@ -156,7 +197,7 @@ def check_out(out: "str | Path", kind: str, overwrite: bool) -> Path:
 
 def _atomic(out: Path, write) -> None:
     """``write(tmp)`` to a temporary name beside ``out`` (same suffix), then rename: no half-written file."""
-    suffix = next(s for s in (".nii.gz", ".nii", ".csv") if out.name.lower().endswith(s))
+    suffix = next(s for s in (".nii.gz", ".nii", ".fcsv", ".csv") if out.name.lower().endswith(s))
     handle, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", suffix=suffix, dir=out.parent)
     os.close(handle)
     try:

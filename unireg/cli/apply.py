@@ -13,11 +13,12 @@ def add_parser(subparsers) -> None:
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--image", help="image or label map on the moving scan's grid (with --inverse: on the fixed "
                                       "scan's), resampled onto the other grid")
-    what.add_argument("--points", help="CSV with x, y, z columns (world mm, RAS unless --lps), one point of the fixed "
-                                       "scan per row (with --inverse: of the moving scan), carried into the other "
-                                       "scan; other columns are kept")
+    what.add_argument("--points", help="CSV with x, y, z columns (world mm, RAS unless --lps) or a 3D Slicer .fcsv, "
+                                       "one point of the fixed scan per row (with --inverse: of the moving scan), "
+                                       "carried into the other scan and written in the same format; other columns "
+                                       "are kept")
     p.add_argument("--out", required=True, help="output file, written atomically: .nii/.nii.gz for --image, .csv "
-                                                "for --points")
+                                                "(.fcsv for a Slicer file) for --points")
     p.add_argument("--inverse", action="store_true",
                    help="the other direction: moving-scan points to the fixed scan, a fixed-grid image onto the "
                         "moving grid (solved from the field, or read from a folder saved with --inverse)")
@@ -27,7 +28,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--target", help="with --points: CSV of each point's true match in the other scan, row for row; "
                                     "adds an error_mm column and prints the target registration error before and "
                                     "after registration")
-    p.add_argument("--lps", action="store_true", help="points files are in LPS (ITK, DICOM) instead of RAS (NIfTI)")
+    p.add_argument("--lps", action="store_true", help="points CSVs are in LPS (ITK, DICOM) instead of RAS (NIfTI); "
+                                                      "3D Slicer .fcsv files say which in their header")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
 
