@@ -49,8 +49,9 @@ class Grid:
             raise InputError(f"the {name} grid recorded in metrics.json is not a shape and a 4x4 affine")
         return cls(shape, affine)
 
-    def holds(self, image: nib.spatialimages.SpatialImage) -> bool:
-        return image.shape[:3] == self.shape and np.allclose(image.affine, self.affine, atol=1e-3)
+    def holds(self, image: "nib.spatialimages.SpatialImage | Grid") -> bool:
+        """Whether an image (or another grid) lies on this grid: same shape, affines within 1e-3."""
+        return tuple(image.shape[:3]) == self.shape and np.allclose(image.affine, self.affine, atol=1e-3)
 
 
 class Mapping:

@@ -57,7 +57,7 @@ def load_registration(folder: "str | Path") -> SavedRegistration:
     metrics = _read_metrics(folder / METRICS)
     displacement, fixed_grid = read_itk_displacement(folder / DISPLACEMENT)
     grids = metrics.get("grids") or {}
-    if "fixed" in grids and not _same_grid(Grid.from_dict(grids["fixed"], "fixed"), fixed_grid):
+    if "fixed" in grids and not Grid.from_dict(grids["fixed"], "fixed").holds(fixed_grid):
         raise InputError(f"{DISPLACEMENT} does not lie on the fixed grid {METRICS} records: the folder mixes files "
                          f"of different registrations")
     moving_grid = Grid.from_dict(grids["moving"], "moving") if "moving" in grids else None
@@ -66,7 +66,7 @@ def load_registration(folder: "str | Path") -> SavedRegistration:
         inverse, inverse_grid = read_itk_displacement(folder / INVERSE_DISPLACEMENT)
         if moving_grid is None:
             moving_grid = inverse_grid
-        elif not _same_grid(moving_grid, inverse_grid):
+        elif not moving_grid.holds(inverse_grid):
             raise InputError(f"{INVERSE_DISPLACEMENT} does not lie on the moving grid {METRICS} records: the folder "
                              f"mixes files of different registrations")
     return SavedRegistration(folder, displacement, fixed_grid, moving_grid, read_itk_affine(folder / AFFINE),
@@ -143,7 +143,3 @@ def _read_metrics(path: Path) -> dict:
     if not isinstance(metrics, dict):
         raise InputError(f"{path} is not a UniReg metrics file (a JSON object)")
     return metrics
-
-
-def _same_grid(a: Grid, b: Grid) -> bool:
-    return a.shape == b.shape and np.allclose(a.affine, b.affine, atol=1e-3)

@@ -47,7 +47,7 @@ def registration_step(model, batch: dict, loss_fn: RegistrationLoss, forward=Non
     warped = model.warp(moving, out.displacement)
     lam = torch.tensor([model.condition.smoothness_of(p) for p in prompts], device=fixed.device)
     organs = batch.get("organs") or [list(p.organs) for p in prompts]
-    fixed_masks = warped_masks = valid = None
+    fixed_masks = moving_masks = warped_masks = valid = None
     if "fixed_seg" in batch and any(organs):
         fixed_masks, valid = organ_masks(batch["fixed_seg"], organs)
         moving_masks, _ = organ_masks(batch["moving_seg"], organs)
@@ -58,7 +58,8 @@ def registration_step(model, batch: dict, loss_fn: RegistrationLoss, forward=Non
     if loss_fn.margin_weight:          # logged on every step (the training log's columns stay fixed)
         gap = terms["loss"].new_zeros(())
         if fixed_masks is not None and bool(focused.any()):
-            gap = steering_margin(model, batch, prompts, organs, warped_masks, fixed_masks, valid, focused, loss_fn)
+            gap = steering_margin(model, batch, prompts, moving_masks, warped_masks, fixed_masks, valid, focused,
+                                  loss_fn)
         terms["loss"] = terms["loss"] + loss_fn.margin_weight * gap
         terms["margin"] = gap.detach()
     if out.organ_maps is not None and "fixed_seg" in batch and loss_fn.map_weight:
@@ -70,8 +71,8 @@ def registration_step(model, batch: dict, loss_fn: RegistrationLoss, forward=Non
     return terms
 
 
-def steering_margin(model, batch: dict, prompts: list[Prompt], organs, warped_masks, fixed_masks, valid, focused,
-                    loss_fn: RegistrationLoss) -> torch.Tensor:
+def steering_margin(model, batch: dict, prompts: list[Prompt], moving_masks, warped_masks, fixed_masks, valid,
+                    focused, loss_fn: RegistrationLoss) -> torch.Tensor:
     """The pairs whose prompt names organs, run again with the whole-body prompt of the same type and λ (no
     gradient, the module itself rather than the engine), and their named organs scored under both fields
     (``RegistrationLoss.steering_margin``)."""
@@ -79,8 +80,7 @@ def steering_margin(model, batch: dict, prompts: list[Prompt], organs, warped_ma
     whole = [replace(prompts[b], organs=(), text="") for b in keep.tolist()]
     with torch.no_grad():
         ref = model(batch["fixed"][keep], batch["moving"][keep], whole)
-        moving_masks = organ_masks(batch["moving_seg"], organs)[0][keep]       # the batch's K organ slots
-        ref_masks = model.warp(moving_masks.to(batch["fixed"].dtype), ref.displacement)
+        ref_masks = model.warp(moving_masks[keep].to(batch["fixed"].dtype), ref.displacement)
     return loss_fn.steering_margin(warped_masks[keep], ref_masks, fixed_masks[keep], valid[keep])
 
 
